@@ -1,0 +1,7 @@
+"""python -m disttrain ... (also what torchrun runs with `torchrun ... -m disttrain train CONFIG`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""Command line: parse argv once, call into the library. No training logic here.
+
+    disttrain train  CONFIG [--nproc N] [--set section.key=value ...]
+    disttrain verify CONFIG [--nproc N] [--set ...] [--json]
+    disttrain config CONFIG [--set ...]            print the resolved config
+
+Exit codes: 0 success; 1 verify found no equivalence, or a worker failed; 2 a user error (bad config,
+impossible batch split, missing file, wrong usage), reported in one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import Config, ConfigError, check_world_size, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disttrain", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config}")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="YAML config file (see configs/)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable); the value is parsed as YAML")
+
+    p = sub.add_parser("train", help="train; under torchrun, or with --nproc N local workers")
+    common(p)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="start N local worker processes with torch's elastic launcher (not under torchrun)")
+    p = sub.add_parser("verify", help="N workers vs one process on the same global batches: the verdict")
+    common(p)
+    p.add_argument("--nproc", type=int, default=2, help="worker processes of the distributed run (default 2)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the table")
+    p = sub.add_parser("config", help="print the resolved config (defaults < YAML < --set)")
+    common(p)
+    return parser
+
+
+def _check_nproc(nproc: int | None, cfg: Config) -> None:
+    from .dist import launched_by_torchrun, resolve_device
+
+    if nproc is not None:
+        if launched_by_torchrun():
+            raise ConfigError("--nproc cannot be used under torchrun: torchrun's --nproc_per_node sets the workers")
+        if nproc < 1:
+            raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
+        check_world_size(cfg, nproc)
+    if cfg.train.device == "cuda":
+        try:
+            resolve_device("cuda", 0)
+        except RuntimeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _train(cfg: Config, nproc: int | None) -> int:
+    from .dist import distributed
+    from .launcher import launch_local
+    from .train import run
+
+    if nproc is not None and nproc > 1:
+        launch_local(cfg, nproc)
+    else:
+        with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
+            run(cfg, env)
+    return EXIT_OK
+
+
+def _verify(cfg: Config, nproc: int, as_json: bool) -> int:
+    from .dist import launched_by_torchrun
+    from .verify import verify
+
+    if launched_by_torchrun():
+        raise ConfigError("verify starts its own workers: run it directly, not under torchrun")
+    print(f"verify: training with {nproc} processes and with 1 process ({cfg.train.steps} steps, "
+          f"global batch {cfg.train.global_batch_size}, {cfg.train.dtype})", file=sys.stderr, flush=True)
+    report = verify(cfg, nproc)
+    print(report.to_json() if as_json else report.table(), flush=True)
+    return EXIT_OK if report.equivalent else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .launcher import WorkerFailure
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(cfg.to_yaml(), end="")
+            return EXIT_OK
+        _check_nproc(args.nproc, cfg)
+        if args.command == "train":
+            return _train(cfg, args.nproc)
+        return _verify(cfg, args.nproc, args.json)
+    except ConfigError as exc:
+        print(f"disttrain: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WorkerFailure as exc:
+        print(f"disttrain: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("disttrain: interrupted", file=sys.stderr)
+        return 130

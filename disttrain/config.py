@@ -1,0 +1,284 @@
+"""Typed, validated run configuration.
+
+One dataclass per YAML section. Precedence: dataclass defaults < YAML file < ``--set section.key=value``.
+Every user error raises :class:`ConfigError` with one line naming the key and what is allowed;
+the CLI turns it into exit code 2.
+
+The batch size in the config is *global* (samples per optimizer step over all ranks); per-rank sizes
+are derived from it and the world size at run time (:func:`check_world_size`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: one line, naming the key."""
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class DataConfig:
+    name: Literal["synthetic", "digits"] = field(
+        default="synthetic", metadata=_doc("dataset: seeded in-process synthetic data, or scikit-learn's 8x8 digits"))
+    num_samples: int = field(
+        default=512, metadata=_doc("samples in the dataset (digits: at most 1797, a seeded subset)"))
+    num_classes: int = field(default=10, metadata=_doc("classes of the synthetic dataset (digits has 10)"))
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mlp", "cnn"] = field(default="mlp", metadata=_doc("mlp on vectors, or a small cnn on images"))
+    norm: Literal["none", "bn", "syncbn"] = field(
+        default="none", metadata=_doc("norm layer slot: none, per-rank BatchNorm (bn), or SyncBatchNorm (syncbn)"))
+    hidden: int = field(default=64, metadata=_doc("hidden width (mlp) / channels of the last conv (cnn)"))
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = field(default="sgd", metadata=_doc("optimizer"))
+    lr: float = field(default=0.1, metadata=_doc("learning rate, > 0"))
+    momentum: float = field(default=0.9, metadata=_doc("sgd momentum, in [0, 1)"))
+    weight_decay: float = field(default=1e-4, metadata=_doc("weight decay, >= 0"))
+    nesterov: bool = field(default=False, metadata=_doc("sgd Nesterov momentum (needs momentum > 0)"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_doc("adamw betas, each in [0, 1)"))
+    eps: float = field(default=1e-8, metadata=_doc("adamw epsilon, > 0"))
+
+
+@dataclass
+class CommConfig:
+    impl: Literal["ddp", "allreduce"] = field(
+        default="ddp", metadata=_doc("DistributedDataParallel, or explicit bucketed all_reduce after backward"))
+    reduce: Literal["mean", "sum", "max"] = field(
+        default="mean", metadata=_doc("gradient reduction: count-weighted mean (exact), sum or max (for contrast)"))
+    bucket_mb: float = field(default=25.0, metadata=_doc("gradient bucket size in MiB (both implementations), > 0"))
+    timeout_s: float = field(
+        default=300.0, metadata=_doc("collective timeout in seconds: a dead peer ends the run with an error, > 0"))
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = field(default=32, metadata=_doc("samples per optimizer step over all ranks"))
+    steps: int = field(default=20, metadata=_doc("optimizer steps"))
+    dtype: Literal["float32", "float64"] = field(default="float32", metadata=_doc("parameter and data dtype"))
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto", metadata=_doc("auto: cuda:LOCAL_RANK when CUDA is available, else cpu"))
+    out_dir: str = field(default="runs/demo", metadata=_doc("run directory: config.yaml, metrics.jsonl, final.pt"))
+    log_every: int = field(default=1, metadata=_doc("print a log line every N steps (metrics.jsonl has every step)"))
+
+
+@dataclass
+class Config:
+    seed: int = field(default=0, metadata=_doc("seeds model init and the per-epoch data permutation"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- building from plain data
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    # bool is a subclass of int in Python: never let true/false pass as a number, or 1 as a bool.
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this file, not user error
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s} (allowed in {where}: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", raw[name], tp)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from plain data (e.g. a resolved config sent to workers)."""
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """defaults < YAML file at ``path`` < ``overrides`` ("section.key=value"), then validate."""
+    raw = _read_yaml(path) if path is not None else {}
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+DIGITS_SAMPLES = 1797  # sklearn.datasets.load_digits
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that do not depend on the world size."""
+    d, m, o, c, t = cfg.data, cfg.model, cfg.optim, cfg.comm, cfg.train
+    _require(cfg.seed >= 0, f"seed: must be >= 0, got {cfg.seed}")
+    _require(d.num_samples >= 1, f"data.num_samples: must be >= 1, got {d.num_samples}")
+    if d.name == "digits":
+        _require(d.num_samples <= DIGITS_SAMPLES,
+                 f"data.num_samples: {d.num_samples} exceeds the {DIGITS_SAMPLES} samples of the digits dataset")
+    _require(d.num_classes >= 2, f"data.num_classes: must be >= 2, got {d.num_classes}")
+    _require(m.hidden >= 1, f"model.hidden: must be >= 1, got {m.hidden}")
+    _require(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
+    _require(0 <= o.momentum < 1, f"optim.momentum: must be in [0, 1), got {o.momentum}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
+    _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+             "optim.nesterov: true needs optim.name=sgd and optim.momentum > 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optim.betas: must be two numbers in [0, 1), got {o.betas}")
+    _require(o.eps > 0, f"optim.eps: must be > 0, got {o.eps}")
+    _require(c.bucket_mb > 0, f"comm.bucket_mb: must be > 0, got {c.bucket_mb}")
+    _require(c.timeout_s > 0, f"comm.timeout_s: must be > 0, got {c.timeout_s}")
+    _require(t.global_batch_size >= 1, f"train.global_batch_size: must be >= 1, got {t.global_batch_size}")
+    _require(t.global_batch_size <= d.num_samples,
+             f"train.global_batch_size: {t.global_batch_size} exceeds data.num_samples={d.num_samples}; "
+             "a global batch may not repeat a sample")
+    _require(t.steps >= 1, f"train.steps: must be >= 1, got {t.steps}")
+    _require(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
+    _require(bool(t.out_dir.strip()), "train.out_dir: must not be empty")
+    _require(m.norm != "syncbn",
+             "model.norm: syncbn is not available yet (use none or bn)")
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Reject batch splits that cannot work: every rank needs at least one sample per step."""
+    b = cfg.train.global_batch_size
+    _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
+    _require(b >= world_size,
+             f"train.global_batch_size={b} cannot be split over world size {world_size}: "
+             f"every rank needs at least one sample (global_batch_size >= world size)")
+
+
+def reference_table() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every config key: the README's config reference."""
+    rows = []
+
+    def walk(cls: type, prefix: str, instance: Any) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.", value)
+            else:
+                rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), repr(value), f.metadata.get("help", "")))
+
+    walk(Config, "", Config())
+    return rows
+
+
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "CommConfig", "TrainConfig",
+           "load_config", "config_from_dict", "validate", "check_world_size", "reference_table"]

@@ -1,0 +1,98 @@
+"""Process-group bootstrap and teardown.
+
+Three situations, one entry point (:func:`distributed`):
+- launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): create the group;
+- a process group already exists (a user's own launcher, the test harness): use it, do not destroy it;
+- no launcher at all: world size 1, no process group, nothing to communicate.
+
+The device comes from LOCAL_RANK (the index of this process on its node), never from RANK (its index
+in the whole job): on node 2 of a 2-node job RANK is 8..15 but the GPUs are still cuda:0..7.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None: no process group (single process)
+    group: dist.ProcessGroup | None = None  # None with a backend: the default group
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto", timeout_s: float = 300.0) -> Iterator[DistEnv]:
+    """Yield this process's DistEnv; tear down the process group on exit if (and only if) we created it."""
+    created = False
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        backend = dist.get_backend()
+    elif launched_by_torchrun():
+        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+        if missing:
+            raise RuntimeError(f"incomplete torchrun environment: {', '.join(missing)} not set")
+        rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+        dev = resolve_device(device, local_rank)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        # The timeout bounds every collective: a peer that died makes the others fail after at most
+        # timeout_s instead of waiting forever (gloo usually notices a closed socket much sooner).
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None)
+        created = True
+    else:
+        rank, world, local_rank, backend = 0, 1, 0, None
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world,
+                  device=resolve_device(device, local_rank), backend=backend)
+    try:
+        yield env
+    finally:
+        if created:  # the one place a process group is destroyed
+            dist.destroy_process_group()

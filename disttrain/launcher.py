@@ -1,0 +1,55 @@
+"""`disttrain train/verify --nproc N` outside torchrun: N local workers through torch's elastic launcher.
+
+This is the same agent torchrun runs (torch.distributed.launcher.api), with a c10d rendezvous on a free
+loopback port (port 0: the store picks it), no restarts, and workers started with spawn.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from .config import Config, config_from_dict
+
+
+class WorkerFailure(RuntimeError):
+    """A worker process failed; the message names the rank and its exception in one line."""
+
+
+def _train_worker(cfg_dict: dict[str, Any], console: bool) -> list[float]:
+    # Runs in each spawned worker: the elastic agent has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*.
+    from .dist import distributed
+    from .train import run
+
+    cfg = config_from_dict(cfg_dict)
+    with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
+        return run(cfg, env, console=console).losses
+
+
+def launch_local(cfg: Config, nproc: int, console: bool = True) -> list[float]:
+    """Train ``cfg`` with ``nproc`` local worker processes; return the per-step global losses.
+
+    ``console``: rank 0 prints its per-step log lines (metrics.jsonl is written either way).
+    """
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    try:
+        results = elastic_launch(launch, _train_worker)(cfg.to_dict(), console)
+    except ChildFailedError as exc:
+        raise WorkerFailure(_describe(exc)) from None
+    return results[0]
+
+
+def _describe(exc: ChildFailedError) -> str:
+    parts = []
+    for rank, failure in sorted(exc.failures.items()):
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        message = (message or f"exit code {failure.exitcode}").strip().splitlines()[-1]
+        parts.append(f"rank {rank}: {message}")
+    return "worker failed: " + "; ".join(parts)
