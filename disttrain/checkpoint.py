@@ -1,4 +1,7 @@
-"""The final checkpoint: {"model": state_dict, "step": int, "config": dict}, loadable with weights_only=True."""
+"""The final checkpoint, loadable with ``torch.load(path, weights_only=True)``:
+
+    {"model": state_dict, "step": int, "config": dict, "world_size": int}
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,9 @@ import torch
 from torch import nn
 
 
-def save_final(path: str | Path, model: nn.Module, step: int, config: dict[str, Any]) -> None:
+def save_final(path: str | Path, model: nn.Module, step: int, config: dict[str, Any], world_size: int) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": state, "step": int(step), "config": config}, Path(path))
+    torch.save({"model": state, "step": int(step), "config": config, "world_size": int(world_size)}, Path(path))
 
 
 def load_final(path: str | Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Command line: parse argv once, call into the library. No training logic here.
 
     disttrain train  CONFIG [--nproc N] [--set section.key=value ...]
-    disttrain verify CONFIG [--nproc N] [--set ...] [--json]
+    disttrain verify CONFIG [--nproc N | --against RUN_DIR] [--set ...] [--json]
     disttrain config CONFIG [--set ...]            print the resolved config
 
 Exit codes: 0 success; 1 verify found no equivalence, or a worker failed; 2 a user error (bad config,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import Config, ConfigError, check_world_size, load_config
 
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="N workers vs one process on the same global batches: the verdict")
     common(p)
     p.add_argument("--nproc", type=int, default=2, help="worker processes of the distributed run (default 2)")
+    p.add_argument("--against", type=Path, default=None, metavar="RUN_DIR",
+                   help="compare an existing run (final.pt + metrics.jsonl, e.g. from torchrun) instead of "
+                        "launching workers")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the table")
     p = sub.add_parser("config", help="print the resolved config (defaults < YAML < --set)")
     common(p)
@@ -70,15 +74,17 @@ def _train(cfg: Config, nproc: int | None) -> int:
     return EXIT_OK
 
 
-def _verify(cfg: Config, nproc: int, as_json: bool) -> int:
+def _verify(cfg: Config, nproc: int, against: Path | None, as_json: bool) -> int:
     from .dist import launched_by_torchrun
     from .verify import verify
 
     if launched_by_torchrun():
-        raise ConfigError("verify starts its own workers: run it directly, not under torchrun")
-    print(f"verify: training with {nproc} processes and with 1 process ({cfg.train.steps} steps, "
-          f"global batch {cfg.train.global_batch_size}, {cfg.train.dtype})", file=sys.stderr, flush=True)
-    report = verify(cfg, nproc)
+        raise ConfigError("verify starts its own workers: run it directly, not under torchrun "
+                          "(to check a torchrun run, use verify --against RUN_DIR)")
+    what = f"the run in {against}" if against else f"training with {nproc} processes"
+    print(f"verify: {what} against 1 process ({cfg.train.steps} steps, global batch "
+          f"{cfg.train.global_batch_size}, {cfg.train.dtype})", file=sys.stderr, flush=True)
+    report = verify(cfg, nproc, against)
     print(report.to_json() if as_json else report.table(), flush=True)
     return EXIT_OK if report.equivalent else EXIT_FAILED
 
@@ -95,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_nproc(args.nproc, cfg)
         if args.command == "train":
             return _train(cfg, args.nproc)
-        return _verify(cfg, args.nproc, args.json)
+        return _verify(cfg, args.nproc, args.against, args.json)
     except ConfigError as exc:
         print(f"disttrain: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

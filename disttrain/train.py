@@ -90,6 +90,6 @@ def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
 
     model = unwrap(sync.module)
     if env.is_main:
-        save_final(out_dir / "final.pt", model, t.steps, cfg.to_dict())
+        save_final(out_dir / "final.pt", model, t.steps, cfg.to_dict(), env.world_size)
     result.model = model
     return result

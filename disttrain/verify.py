@@ -17,10 +17,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 import torch
 
 from .checkpoint import load_final
-from .config import Config
+from .config import Config, ConfigError
 from .dist import distributed
 from .launcher import launch_local
 from .metrics import read_metrics
@@ -77,8 +78,9 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def compare_runs(cfg: Config, world_size: int, dist_dir: Path, ref_dir: Path) -> VerifyReport:
+def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
     dist_ckpt, ref_ckpt = load_final(dist_dir / "final.pt"), load_final(ref_dir / "final.pt")
+    world_size = dist_ckpt["world_size"]
     dist_losses = [m["loss"] for m in read_metrics(dist_dir)]
     ref_losses = [m["loss"] for m in read_metrics(ref_dir)]
     steps = [{"step": i, "loss_distributed": d, "loss_reference": r, "rel_diff": abs(d - r) / max(abs(r), 1e-300)}
@@ -96,14 +98,49 @@ def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out_dir)))
 
 
-def verify(cfg: Config, nproc: int) -> VerifyReport:
-    """Train with ``nproc`` workers and with one process; compare. Runs go to {out_dir}/distributed, /reference."""
+def verify(cfg: Config, nproc: int, against: Path | None = None) -> VerifyReport:
+    """Train with ``nproc`` workers and with one process; compare. Runs go to {out_dir}/distributed, /reference.
+
+    ``against``: compare an existing run directory (e.g. written by torchrun on several nodes) instead of
+    launching local workers; it must have been trained with the same config.
+    """
     root = Path(cfg.train.out_dir)
-    dist_dir, ref_dir = root / "distributed", root / "reference"
-    launch_local(_with_out_dir(cfg, dist_dir), nproc, console=False)
+    ref_dir = root / "reference"
+    if against is None:
+        dist_dir = root / "distributed"
+        launch_local(_with_out_dir(cfg, dist_dir), nproc, console=False)
+    else:
+        dist_dir = Path(against)
+        _check_comparable(cfg, dist_dir)
     ref_cfg = _with_out_dir(cfg, ref_dir)
     with distributed(ref_cfg.train.device, ref_cfg.comm.timeout_s) as env:
         if env.world_size != 1:
             raise RuntimeError("the reference run must be a single process")
         run(ref_cfg, env, console=False)
-    return compare_runs(cfg, nproc, dist_dir, ref_dir)
+    return compare_runs(cfg, dist_dir, ref_dir)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# Keys that change where and how a run reports, not what it computes.
+_PRESENTATION = {"train.out_dir", "train.log_every", "train.device", "comm.timeout_s"}
+
+
+def _check_comparable(cfg: Config, run_dir: Path) -> None:
+    """The run at ``run_dir`` must exist and have been trained with ``cfg`` (presentation keys aside)."""
+    for name in ("final.pt", "metrics.jsonl"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"--against {run_dir}: no {name} there (train into it first)")
+    theirs = _flatten(load_final(run_dir / "final.pt")["config"])
+    ours = _flatten(cfg.to_dict())
+    differ = sorted(k for k in ours.keys() | theirs.keys() if k not in _PRESENTATION and ours.get(k) != theirs.get(k))
+    if differ:
+        raise ConfigError(f"--against {run_dir}: trained with a different config ({', '.join(differ)} differ)")
