@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="start N local worker processes with torch's elastic launcher (not under torchrun)")
     p = sub.add_parser("verify", help="N workers vs one process on the same global batches: the verdict")
     common(p)
-    p.add_argument("--nproc", type=int, default=2, help="worker processes of the distributed run (default 2)")
+    p.add_argument("--nproc", type=int, default=None, help="worker processes of the distributed run (default 2)")
     p.add_argument("--against", type=Path, default=None, metavar="RUN_DIR",
                    help="compare an existing run (final.pt + metrics.jsonl, e.g. from torchrun) instead of "
                         "launching workers")
@@ -74,13 +74,9 @@ def _train(cfg: Config, nproc: int | None) -> int:
     return EXIT_OK
 
 
-def _verify(cfg: Config, nproc: int, against: Path | None, as_json: bool) -> int:
-    from .dist import launched_by_torchrun
+def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool) -> int:
     from .verify import verify
 
-    if launched_by_torchrun():
-        raise ConfigError("verify starts its own workers: run it directly, not under torchrun "
-                          "(to check a torchrun run, use verify --against RUN_DIR)")
     what = f"the run in {against}" if against else f"training with {nproc} processes"
     print(f"verify: {what} against 1 process ({cfg.train.steps} steps, global batch "
           f"{cfg.train.global_batch_size}, {cfg.train.dtype})", file=sys.stderr, flush=True)
@@ -91,6 +87,7 @@ def _verify(cfg: Config, nproc: int, against: Path | None, as_json: bool) -> int
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .dist import PeerFailure, launched_by_torchrun
     from .launcher import WorkerFailure
 
     try:
@@ -98,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             print(cfg.to_yaml(), end="")
             return EXIT_OK
+        if args.command == "verify":
+            if launched_by_torchrun():
+                raise ConfigError("verify starts its own workers: run it directly, not under torchrun "
+                                  "(to check a torchrun run, use verify --against RUN_DIR)")
+            if args.against is not None and args.nproc is not None:
+                raise ConfigError("verify: give --nproc or --against, not both")
+            if args.against is None and args.nproc is None:
+                args.nproc = 2
         _check_nproc(args.nproc, cfg)
         if args.command == "train":
             return _train(cfg, args.nproc)
@@ -105,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"disttrain: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except WorkerFailure as exc:
+    except (WorkerFailure, PeerFailure) as exc:
         print(f"disttrain: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

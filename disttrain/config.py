@@ -11,6 +11,7 @@ are derived from it and the world size at run time (:func:`check_world_size`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +96,12 @@ class Config:
 
 # --------------------------------------------------------------------------- building from plain data
 
+_FLOAT_LITERAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
+        return " / ".join(str(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
@@ -126,6 +130,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        # PyYAML follows YAML 1.1, where 1e-3 (no dot) is a string: accept such numeric literals.
+        if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

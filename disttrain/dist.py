@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -62,12 +64,56 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+class PeerFailure(RuntimeError):
+    """A collective could not complete because another rank died or stopped responding."""
+
+
+def _peer_failure(exc: RuntimeError, rank: int | str, timeout_s: float) -> PeerFailure | None:
+    """Name a failed collective or rendezvous in one line; None if ``exc`` is something else."""
+    text = str(exc)
+    if "Timed out" in text or "timed out" in text:
+        return PeerFailure(f"rank {rank}: no answer from a peer within comm.timeout_s={timeout_s:g} s "
+                           "(a peer is dead, stuck, or never started)")
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return PeerFailure(f"rank {rank}: a peer process died (its connection closed)")
+    return None
 
 
 @contextlib.contextmanager
 def distributed(device: str = "auto", timeout_s: float = 300.0) -> Iterator[DistEnv]:
-    """Yield this process's DistEnv; tear down the process group on exit if (and only if) we created it."""
+    """Yield this process's DistEnv; tear down the process group on exit if (and only if) we created it.
+
+    A collective that fails because a peer died or timed out surfaces as :class:`PeerFailure`, one line.
+    """
+    created = False
+    rank = os.environ.get("RANK", "0")
+    try:
+        with _name_peer_failures(rank, timeout_s):
+            env, created = _setup(device, timeout_s)
+        with _name_peer_failures(env.rank, timeout_s):
+            yield env
+    finally:
+        if created:  # the one place a process group is destroyed
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _name_peer_failures(rank: int | str, timeout_s: float) -> Iterator[None]:
+    try:
+        yield
+    except PeerFailure:
+        raise
+    except RuntimeError as exc:
+        failure = _peer_failure(exc, rank, timeout_s)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _setup(device: str, timeout_s: float) -> tuple[DistEnv, bool]:
     created = False
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -76,7 +122,7 @@ def distributed(device: str = "auto", timeout_s: float = 300.0) -> Iterator[Dist
     elif launched_by_torchrun():
         missing = [v for v in TORCHRUN_VARS if v not in os.environ]
         if missing:
-            raise RuntimeError(f"incomplete torchrun environment: {', '.join(missing)} not set")
+            raise ConfigError(f"incomplete torchrun environment: {', '.join(missing)} not set")
         rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
         dev = resolve_device(device, local_rank)
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -91,8 +137,4 @@ def distributed(device: str = "auto", timeout_s: float = 300.0) -> Iterator[Dist
         rank, world, local_rank, backend = 0, 1, 0, None
     env = DistEnv(rank=rank, local_rank=local_rank, world_size=world,
                   device=resolve_device(device, local_rank), backend=backend)
-    try:
-        yield env
-    finally:
-        if created:  # the one place a process group is destroyed
-            dist.destroy_process_group()
+    return env, created

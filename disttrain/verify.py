@@ -98,7 +98,7 @@ def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out_dir)))
 
 
-def verify(cfg: Config, nproc: int, against: Path | None = None) -> VerifyReport:
+def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> VerifyReport:
     """Train with ``nproc`` workers and with one process; compare. Runs go to {out_dir}/distributed, /reference.
 
     ``against``: compare an existing run directory (e.g. written by torchrun on several nodes) instead of
@@ -107,6 +107,7 @@ def verify(cfg: Config, nproc: int, against: Path | None = None) -> VerifyReport
     root = Path(cfg.train.out_dir)
     ref_dir = root / "reference"
     if against is None:
+        assert nproc is not None, "verify needs nproc or against"
         dist_dir = root / "distributed"
         launch_local(_with_out_dir(cfg, dist_dir), nproc, console=False)
     else:
