@@ -87,6 +87,7 @@ def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .clip import NonFiniteGradient
     from .dist import PeerFailure, launched_by_torchrun
     from .launcher import WorkerFailure
 
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"disttrain: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (WorkerFailure, PeerFailure) as exc:
+    except (WorkerFailure, PeerFailure, NonFiniteGradient) as exc:
         print(f"disttrain: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

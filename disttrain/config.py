@@ -68,9 +68,41 @@ class CommConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    warmup: Literal["none", "linear", "constant", "exponential"] = field(
+        default="none", metadata=_doc("warmup shape over the first warmup_steps optimizer steps"))
+    warmup_steps: int = field(default=5, metadata=_doc("optimizer steps of warmup, >= 0"))
+    warmup_start_factor: float = field(default=0.1, metadata=_doc("lr factor at step 0, in (0, 1]"))
+    decay: Literal["constant", "cosine", "linear", "poly", "step"] = field(
+        default="constant", metadata=_doc("shape after warmup, reaching min_lr at train.steps"))
+    min_lr: float = field(default=0.0, metadata=_doc("final lr of cosine/linear/poly decay, in [0, base lr]"))
+    power: float = field(default=1.0, metadata=_doc("poly decay exponent, > 0"))
+    milestones: list[int] = field(default_factory=list, metadata=_doc("step decay: steps where lr *= gamma"))
+    gamma: float = field(default=0.1, metadata=_doc("step decay factor, > 0"))
+    scale_lr: bool = field(
+        default=False, metadata=_doc("linear scaling rule: base lr = optim.lr * global_batch_size / reference"))
+    reference_batch_size: int = field(default=256, metadata=_doc("the batch size optim.lr was tuned for, >= 1"))
+
+
+@dataclass
+class ClipConfig:
+    mode: Literal["none", "norm", "value"] = field(
+        default="none", metadata=_doc("clip the averaged gradient by global norm, or elementwise by value"))
+    max_norm: float = field(default=1.0, metadata=_doc("mode=norm: largest global gradient norm, > 0"))
+    norm_type: float = field(default=2.0, metadata=_doc("mode=norm: p of the p-norm (inf allowed), > 0"))
+    value: float = field(default=1.0, metadata=_doc("mode=value: clip each gradient entry to [-value, value]"))
+    nonfinite: Literal["skip", "error"] = field(
+        default="skip", metadata=_doc("inf/nan gradient norm: skip the step on every rank, or stop with an error"))
+    before_average: bool = field(
+        default=False, metadata=_doc("demonstration only: clip each rank's gradient before averaging (wrong)"))
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = field(default=32, metadata=_doc("samples per optimizer step over all ranks"))
     steps: int = field(default=20, metadata=_doc("optimizer steps"))
+    accumulation_steps: int = field(
+        default=1, metadata=_doc("micro-batches per optimizer step on each rank; gradients communicated once"))
     dtype: Literal["float32", "float64"] = field(default="float32", metadata=_doc("parameter and data dtype"))
     device: Literal["auto", "cpu", "cuda"] = field(
         default="auto", metadata=_doc("auto: cuda:LOCAL_RANK when CUDA is available, else cpu"))
@@ -85,6 +117,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,7 +266,7 @@ DIGITS_SAMPLES = 1797  # sklearn.datasets.load_digits
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that do not depend on the world size."""
-    d, m, o, c, t = cfg.data, cfg.model, cfg.optim, cfg.comm, cfg.train
+    d, m, o, c, t, sc, cl = cfg.data, cfg.model, cfg.optim, cfg.comm, cfg.train, cfg.schedule, cfg.clip
     _require(cfg.seed >= 0, f"seed: must be >= 0, got {cfg.seed}")
     _require(d.num_samples >= 1, f"data.num_samples: must be >= 1, got {d.num_samples}")
     if d.name == "digits":
@@ -257,17 +291,45 @@ def validate(cfg: Config) -> None:
     _require(t.steps >= 1, f"train.steps: must be >= 1, got {t.steps}")
     _require(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
     _require(bool(t.out_dir.strip()), "train.out_dir: must not be empty")
+    _require(t.accumulation_steps >= 1, f"train.accumulation_steps: must be >= 1, got {t.accumulation_steps}")
+    _require(t.accumulation_steps <= t.global_batch_size,
+             f"train.accumulation_steps={t.accumulation_steps} exceeds train.global_batch_size="
+             f"{t.global_batch_size}: every micro-batch needs at least one sample")
+    _require(sc.warmup_steps >= 0, f"schedule.warmup_steps: must be >= 0, got {sc.warmup_steps}")
+    _require(sc.warmup == "none" or sc.warmup_steps <= t.steps,
+             f"schedule.warmup_steps={sc.warmup_steps} exceeds train.steps={t.steps}")
+    _require(0 < sc.warmup_start_factor <= 1,
+             f"schedule.warmup_start_factor: must be in (0, 1], got {sc.warmup_start_factor}")
+    _require(sc.power > 0, f"schedule.power: must be > 0, got {sc.power}")
+    _require(sc.gamma > 0, f"schedule.gamma: must be > 0, got {sc.gamma}")
+    _require(all(m >= 1 for m in sc.milestones) and sc.milestones == sorted(set(sc.milestones)),
+             f"schedule.milestones: must be increasing steps >= 1, got {sc.milestones}")
+    _require(sc.reference_batch_size >= 1,
+             f"schedule.reference_batch_size: must be >= 1, got {sc.reference_batch_size}")
+    eta = o.lr * t.global_batch_size / sc.reference_batch_size if sc.scale_lr else o.lr
+    _require(0 <= sc.min_lr <= eta, f"schedule.min_lr: must be in [0, base lr={eta:g}], got {sc.min_lr}")
+    _require(cl.max_norm > 0, f"clip.max_norm: must be > 0, got {cl.max_norm}")
+    _require(cl.norm_type > 0, f"clip.norm_type: must be > 0, got {cl.norm_type}")
+    _require(cl.value > 0, f"clip.value: must be > 0, got {cl.value}")
+    _require(not cl.before_average or c.impl == "allreduce",
+             "clip.before_average: true needs comm.impl=allreduce (DDP reduces gradients during backward, "
+             "before anything could clip them)")
     _require(m.norm != "syncbn",
              "model.norm: syncbn is not available yet (use none or bn)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
-    """Reject batch splits that cannot work: every rank needs at least one sample per step."""
-    b = cfg.train.global_batch_size
+    """Reject batch splits that cannot work: every rank, and every micro-batch, needs at least one sample."""
+    b, k = cfg.train.global_batch_size, cfg.train.accumulation_steps
     _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
     _require(b >= world_size,
              f"train.global_batch_size={b} cannot be split over world size {world_size}: "
              f"every rank needs at least one sample (global_batch_size >= world size)")
+    smallest = b // world_size  # the smallest local batch (ranks >= B % W hold B // W samples)
+    _require(smallest >= k,
+             f"train.global_batch_size={b} over world size {world_size} gives local batches of "
+             f"{smallest}{'' if b % world_size == 0 else f' to {smallest + 1}'} samples, which cannot be split "
+             f"into train.accumulation_steps={k} micro-batches of at least one sample")
 
 
 def reference_table() -> list[tuple[str, str, str, str]]:
@@ -287,5 +349,6 @@ def reference_table() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "CommConfig", "TrainConfig",
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "CommConfig", "ScheduleConfig",
+           "ClipConfig", "TrainConfig",
            "load_config", "config_from_dict", "validate", "check_world_size", "reference_table"]

@@ -119,3 +119,8 @@ class GlobalBatches:
     def batch(self, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.indices(step))
         return self.dataset.x[idx].to(device), self.dataset.y[idx].to(device)
+
+    def micro_batches(self, step: int, device: torch.device, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batch cut into ``k`` contiguous micro-batches, sized like rank slices (b//k, +1 first)."""
+        x, y = self.batch(step, device)
+        return [(x[s], y[s]) for s in (local_slice(len(y), k, j) for j in range(k))]

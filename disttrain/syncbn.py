@@ -82,13 +82,13 @@ def _merge_moments(n_r: float, mu_r: torch.Tensor, m2_r: torch.Tensor, group: di
     if collective == "all_gather":
         table = _gather_rows(torch.cat([count, mu_r, m2_r]), group)  # (W, 2C+1), rank order
         n_all, mu_all, m2_all = table[:, :1], table[:, 1:channels + 1], table[:, channels + 1:]
-        n = n_all.sum(0)
+        n = n_all.sum()
         mean = (n_all * mu_all).sum(0) / n.clamp(min=1)
-        m2 = m2_all.sum(0) + (n_all * (mu_all - mean) ** 2).sum(0)  # no cancellation: all terms >= 0
+        m2 = m2_all.sum(0)  # no cancellation: all terms >= 0
     else:
         sums = torch.cat([count, n_r * mu_r, m2_r + n_r * mu_r ** 2])
         dist.all_reduce(sums, group=group)
-        n, s1, s2 = sums[:1], sums[1:channels + 1], sums[channels + 1:]
+        n, s1, s2 = sums[0], sums[1:channels + 1], sums[channels + 1:]
         mean = s1 / n.clamp(min=1)
         m2 = (s2 - s1 * mean).clamp(min=0)  # cancels only in the between-rank term, in float64
     return n, mean, m2
@@ -145,6 +145,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, weight, pivot, mean, invstd, n)
         ctx.group, ctx.collective = group, collective
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.to(x.dtype)
 
     @staticmethod
@@ -165,7 +166,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(weight.dtype)
+            grad_bias = sum_dy.to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
             total = _sum_over_ranks(torch.cat([sum_dy, sum_dy_xmu]), ctx.group, ctx.collective)
             g_dy, g_dy_xmu = total[:channels] / n.clamp(min=1), total[channels:] / n.clamp(min=1)

@@ -1,12 +1,14 @@
 """The step function and the training loop.
 
 Data flow: config -> process group (dist.py) -> this rank's slice of the global batch (data.py) -> model
-(models.py) -> step: forward/backward, gradient reduction (comm.py), optimizer step -> metrics
-reduced over ranks (metrics.py) -> final checkpoint on rank 0 (checkpoint.py).
+(models.py) -> step: forward/backward per micro-batch, gradient reduction (comm.py), clipping of the global
+gradient (clip.py), optimizer step, next lr (schedule.py) -> metrics reduced over ranks (metrics.py) -> final
+checkpoint on rank 0 (checkpoint.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import save_final
+from .clip import clip_gradients, should_step
 from .comm import GradSync, build_grad_sync, unwrap
-from .config import Config, OptimConfig, check_world_size
+from .config import ClipConfig, Config, OptimConfig, check_world_size
 from .data import GlobalBatches, build_dataset
 from .dist import DistEnv
 from .metrics import MetricsLogger, all_reduce_sum
 from .models import build_model
+from .schedule import base_lr, build_scheduler
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -33,26 +37,51 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on this rank's slice; returns the local *sum* of per-sample losses (detached).
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this rank's sum of per-sample losses (detached)
+    grad_norm: float  # global gradient norm before clipping
+    stepped: bool  # False: non-finite gradient, optimizer step skipped on every rank
 
-    Order: forward/backward -> reduce gradients over ranks -> optimizer step.
+
+def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+               clip: ClipConfig, step: int) -> StepResult:
+    """One optimizer step on this rank's slice, in a fixed order:
+
+    forward/backward per micro-batch (no communication until the last) -> reduce gradients over ranks ->
+    clip the global gradient -> optimizer step (skipped on every rank if the gradient is not finite).
     """
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = F.cross_entropy(sync.module(x), y, reduction="sum")
-    # Backpropagate the local mean: the gradient a single process computes on its slice. The count
-    # weight b_r/B that turns the W local means into the global mean is applied while gradients are
-    # communicated (inside DDP's backward, or in sync() for the explicit path): see comm.py.
-    (loss_sum / y.shape[0]).backward()
+    local_count = sum(y.shape[0] for _, y in micro_batches)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for j, (x, y) in enumerate(micro_batches):
+        last = j == len(micro_batches) - 1
+        # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
+        with contextlib.nullcontext() if last else sync.no_sync():
+            micro_loss = F.cross_entropy(sync.module(x), y, reduction="sum")
+            # Dividing by the local count (not by k) makes the accumulated gradient the exact local mean
+            # even when micro-batches differ in size. The count weight b_r/B that turns the W local means
+            # into the global mean is applied while gradients are communicated: see comm.py.
+            (micro_loss / local_count).backward()
+        loss_sum += micro_loss.detach().double().cpu()
+    params = list(unwrap(sync.module).parameters())
+    if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient
+        clip_gradients(params, clip)
     sync.sync()
-    optimizer.step()
-    return loss_sum.detach()
+    # After the reduction every rank holds the same gradient: this local norm is the global one.
+    grad_norm = clip_gradients(params, clip if not clip.before_average else ClipConfig(mode="none"))
+    stepped = should_step(grad_norm, clip, step)
+    if stepped:
+        optimizer.step()
+    return StepResult(loss_sum, grad_norm, stepped)
 
 
 @dataclass
 class TrainResult:
     model: nn.Module  # the unwrapped model after the last step
     losses: list[float] = field(default_factory=list)  # global mean loss per step
+    grad_norms: list[float] = field(default_factory=list)  # pre-clip global gradient norm per step
+    skipped_steps: int = 0
 
 
 def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
@@ -73,19 +102,25 @@ def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device)
     sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
+                                cfg.schedule)
     logger = MetricsLogger(out_dir, env, t.log_every, t.steps, console=console)
 
     result = TrainResult(model=model)
     sync.module.train()
     for step in range(t.steps):
         start = time.perf_counter()
-        x, y = batches.batch(step, env.device)
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum = train_step(sync, optimizer, x, y)
+        out = train_step(sync, optimizer, batches.micro_batches(step, env.device, t.accumulation_steps),
+                         cfg.clip, step)
+        scheduler.step()  # one schedule step per optimizer step (also when a non-finite step was skipped)
         # One packed all_reduce: the global mean loss is (sum of per-sample losses) / (sum of counts).
-        total_loss, samples = all_reduce_sum([loss_sum, float(y.shape[0])], env)
+        total_loss, samples = all_reduce_sum([out.loss_sum, float(batches.local_batch_size)], env)
         result.losses.append(total_loss / samples)
+        result.grad_norms.append(out.grad_norm)
+        result.skipped_steps += not out.stepped
         logger.log({"step": step, "loss": total_loss / samples, "samples": int(samples), "lr": lr,
+                    "grad_norm": out.grad_norm, "skipped": result.skipped_steps,
                     "ms": round(1000 * (time.perf_counter() - start), 3)})
 
     model = unwrap(sync.module)

@@ -143,3 +143,41 @@ def test_dead_or_stuck_peer_ends_the_collective(tmp_path, how, message):
         for p in procs:
             p.kill()
             p.wait()
+
+
+SCHEDULE_CLIP_ACCUM = ["--set", "schedule.warmup=linear", "--set", "schedule.warmup_steps=4", "--set",
+                       "schedule.decay=cosine", "--set", "clip.mode=norm", "--set", "clip.max_norm=0.3",
+                       "--set", "train.accumulation_steps=2", "--set", "train.steps=12"]
+
+
+def test_verify_with_warmup_clipping_and_accumulation(tmp_path):
+    ok = disttrain("verify", str(DEMO), "--nproc", "3", "--json", "--set", f"train.out_dir={tmp_path / 'a'}",
+                   *SCHEDULE_CLIP_ACCUM)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["equivalent"] and report["claimed"] and report["max_param_rel_diff"] <= 1e-10
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "distributed" / "metrics.jsonl").read_text().splitlines()]
+    assert [round(m["lr"], 12) for m in metrics[:5]] == [0.01, 0.0325, 0.055, 0.0775, 0.1]  # linear warmup
+    assert any(m["grad_norm"] > 0.3 for m in metrics)  # clipping was active
+
+    # With batch norm, accumulation changes the statistics: verify says so instead of claiming equivalence.
+    bn = disttrain("verify", str(DEMO), "--nproc", "3", "--set", f"train.out_dir={tmp_path / 'b'}",
+                   "--set", "model.norm=bn", *SCHEDULE_CLIP_ACCUM)
+    assert bn.returncode == 1, bn.stderr
+    assert "note: model.norm=bn with train.accumulation_steps=2: batch-norm statistics are computed per " \
+           "micro-batch" in bn.stdout
+    assert "verdict: NOT EQUIVALENT" in bn.stdout
+
+
+def test_large_batch_example_logs_lr_and_grad_norm(tmp_path):
+    result = disttrain("train", str(ROOT / "configs" / "large_batch.yaml"), "--nproc", "2",
+                       "--set", "train.steps=8", "--set", f"train.out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step")]
+    assert len(lines) == 8
+    fields = [dict(part.strip().split(" ", 1) for part in line.split("|")[1:]) for line in lines]
+    lrs = [float(f["lr"]) for f in fields]
+    # Linear scaling rule: base lr 0.1 * 512 / 256 = 0.2, warmup from 0.1 * 0.2 over 5 steps, then cosine.
+    assert lrs[:6] == pytest.approx([0.02, 0.056, 0.092, 0.128, 0.164, 0.2], rel=1e-5)
+    assert lrs[6] < 0.2
+    assert all(float(f["grad_norm"]) > 0 for f in fields)

@@ -6,15 +6,12 @@ reference sees every global batch whole), then compares every tensor of the fina
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from disttrain.config import config_from_dict, load_config
-from disttrain.dist import distributed
-from disttrain.train import run
-from disttrain.verify import TOLERANCE, relative_difference
+from disttrain.config import load_config
+from disttrain.verify import TOLERANCE
+from tests.common import max_rel_diff, reference, train_on_rank
 
 STEPS = 12
 
@@ -22,24 +19,6 @@ STEPS = 12
 def _overrides(out_dir: str, *extra: str) -> tuple[str, ...]:
     return ("train.global_batch_size=30", f"train.steps={STEPS}", "train.device=cpu", f"train.out_dir={out_dir}",
             "data.num_samples=90", *extra)
-
-
-def train_on_rank(cfg_dict: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
-    cfg = config_from_dict(cfg_dict)
-    with distributed("cpu", cfg.comm.timeout_s) as env:
-        result = run(cfg, env, console=False)
-    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}, result.losses
-
-
-@functools.lru_cache(maxsize=None)
-def reference(overrides: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The single-process run on the whole global batch (this process, no process group)."""
-    return train_on_rank(load_config(None, list(overrides)).to_dict())
-
-
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(relative_difference(a[k], b[k]) for k in b if b[k].is_floating_point())
 
 
 OPTIMIZERS = {

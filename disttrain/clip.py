@@ -1,0 +1,46 @@
+"""Gradient clipping on the global gradient.
+
+Clipping runs after the gradients are reduced. At that point every rank holds the same gradient (the
+count-weighted mean, see comm.py), so the local norm *is* the global-gradient norm, a local
+clip_grad_norm_ equals the single-device clip, and every rank takes the same skip/step decision, with no
+extra collective. Clipping each rank's gradient before the reduction (``clip.before_average``, for
+demonstration only) rescales each g_r by its own factor min(1, c/||g_r||): the average of those is not the
+clipped average, and the run no longer matches one device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .config import ClipConfig
+
+
+class NonFiniteGradient(RuntimeError):
+    """The global gradient norm is inf or nan and ``clip.nonfinite`` is ``error``."""
+
+
+def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig) -> float:
+    """Clip per ``cfg.mode``; return the global gradient norm *before* clipping (inf/nan if non-finite)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    grads = [p.grad for p in params]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=cfg.norm_type)
+    if cfg.mode == "norm":
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.max_norm, norm)
+    elif cfg.mode == "value":
+        torch.nn.utils.clip_grad_value_(params, cfg.value)
+    return float(norm)
+
+
+def should_step(grad_norm: float, cfg: ClipConfig, step: int) -> bool:
+    """False when the step is to be skipped (non-finite norm, ``nonfinite: skip``); raises under ``error``."""
+    if math.isfinite(grad_norm):
+        return True
+    if cfg.nonfinite == "error":
+        raise NonFiniteGradient(f"step {step}: the global gradient norm is {grad_norm} (clip.nonfinite=error)")
+    return False
