@@ -23,13 +23,18 @@ class NonFiniteGradient(RuntimeError):
     """The global gradient norm is inf or nan and ``clip.nonfinite`` is ``error``."""
 
 
+def gradient_norm(params: Iterable[nn.Parameter], norm_type: float) -> torch.Tensor:
+    """The norm of all gradients together, as one vector (a 0-dim tensor; inf/nan if non-finite)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+
+
 def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig) -> float:
-    """Clip per ``cfg.mode``; return the global gradient norm *before* clipping (inf/nan if non-finite)."""
+    """Clip per ``cfg.mode``; return the gradient norm *before* clipping (inf/nan if non-finite)."""
     params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    grads = [p.grad for p in params]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=cfg.norm_type)
+    norm = gradient_norm(params, cfg.norm_type)
     if cfg.mode == "norm":
         torch.nn.utils.clip_grads_with_norm_(params, cfg.max_norm, norm)
     elif cfg.mode == "value":

@@ -84,7 +84,7 @@ def _merge_moments(n_r: float, mu_r: torch.Tensor, m2_r: torch.Tensor, group: di
         n_all, mu_all, m2_all = table[:, :1], table[:, 1:channels + 1], table[:, channels + 1:]
         n = n_all.sum()
         mean = (n_all * mu_all).sum(0) / n.clamp(min=1)
-        m2 = m2_all.sum(0)  # no cancellation: all terms >= 0
+        m2 = m2_all.sum(0) + (n_all * (mu_all - mean) ** 2).sum(0)  # no cancellation: all terms >= 0
     else:
         sums = torch.cat([count, n_r * mu_r, m2_r + n_r * mu_r ** 2])
         dist.all_reduce(sums, group=group)
@@ -168,7 +168,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
-            total = _sum_over_ranks(torch.cat([sum_dy, sum_dy_xmu]), ctx.group, ctx.collective)
+            total = torch.cat([sum_dy, sum_dy_xmu])
             g_dy, g_dy_xmu = total[:channels] / n.clamp(min=1), total[channels:] / n.clamp(min=1)
             # dx = a dy + k (x - mean) - a g_dy = a dy + k d + (k (p - mean) - a g_dy)
             a = invstd * weight.double() if weight is not None else invstd

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import save_final
-from .clip import clip_gradients, should_step
+from .clip import clip_gradients, gradient_norm, should_step
 from .comm import GradSync, build_grad_sync, unwrap
 from .config import ClipConfig, Config, OptimConfig, check_world_size
 from .data import GlobalBatches, build_dataset
@@ -53,7 +53,7 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
     """
     optimizer.zero_grad(set_to_none=True)
     local_count = sum(y.shape[0] for _, y in micro_batches)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0][1].device)
     for j, (x, y) in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
@@ -63,13 +63,16 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
             # even when micro-batches differ in size. The count weight b_r/B that turns the W local means
             # into the global mean is applied while gradients are communicated: see comm.py.
             (micro_loss / local_count).backward()
-        loss_sum += micro_loss.detach().double().cpu()
+        loss_sum += micro_loss.detach().double()
     params = list(unwrap(sync.module).parameters())
-    if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient
+    if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient, then reduce
         clip_gradients(params, clip)
-    sync.sync()
-    # After the reduction every rank holds the same gradient: this local norm is the global one.
-    grad_norm = clip_gradients(params, clip if not clip.before_average else ClipConfig(mode="none"))
+        sync.sync()
+        grad_norm = float(gradient_norm(params, clip.norm_type))
+    else:
+        sync.sync()
+        # After the reduction every rank holds the same gradient: this local norm is the global one.
+        grad_norm = clip_gradients(params, clip)
     stepped = should_step(grad_norm, clip, step)
     if stepped:
         optimizer.step()
