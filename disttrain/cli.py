@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_nproc(nproc: int | None, cfg: Config) -> None:
+def _preflight(nproc: int | None, cfg: Config) -> None:
+    """User errors that would otherwise surface inside workers: worker count, device, output directory."""
     from .dist import launched_by_torchrun, resolve_device
 
     if nproc is not None:
@@ -59,6 +60,11 @@ def _check_nproc(nproc: int | None, cfg: Config) -> None:
             resolve_device("cuda", 0)
         except RuntimeError as exc:
             raise ConfigError(str(exc)) from None
+    out_dir = Path(cfg.train.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"train.out_dir: cannot create {out_dir}: {exc.strerror or exc}") from None
 
 
 def _train(cfg: Config, nproc: int | None) -> int:
@@ -104,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("verify: give --nproc or --against, not both")
             if args.against is None and args.nproc is None:
                 args.nproc = 2
-        _check_nproc(args.nproc, cfg)
+        _preflight(args.nproc, cfg)
         if args.command == "train":
             return _train(cfg, args.nproc)
         return _verify(cfg, args.nproc, args.against, args.json)

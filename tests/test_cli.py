@@ -92,6 +92,18 @@ def test_torchrun_run_checked_with_verify_against(tmp_path):
     assert missing.returncode == 2 and "no final.pt there" in missing.stderr
 
 
+def test_worker_failure_is_one_line_exit_1(tmp_path):
+    """A divergent run with clip.nonfinite=error fails inside the workers; the launcher reports it in one line."""
+    args = ["--set", "optim.lr=1e6", "--set", "clip.nonfinite=error", "--set", f"train.out_dir={tmp_path}"]
+    launched = disttrain("train", str(DEMO), "--nproc", "2", *args)
+    assert launched.returncode == 1
+    assert launched.stderr.strip().splitlines()[-1].startswith("disttrain: error: worker failed: rank ")
+    assert "NonFiniteGradient: step " in launched.stderr.strip().splitlines()[-1]
+    alone = disttrain("train", str(DEMO), *args)
+    assert alone.returncode == 1
+    assert alone.stderr.strip().startswith("disttrain: error: step ") and "Traceback" not in alone.stderr
+
+
 def test_missing_peer_at_startup_is_a_one_line_error(tmp_path):
     """Rank 0 of a 2-rank job whose peer never starts: the rendezvous times out, no hang, one line."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",

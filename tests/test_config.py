@@ -145,6 +145,13 @@ def test_cli_missing_file_and_impossible_split(tmp_path, capsys):
     assert "--nproc: must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_cli_unusable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["train", str(write(tmp_path, "")), "--set", f"train.out_dir={blocker}/run"]) == 2
+    assert capsys.readouterr().err == f"disttrain: error: train.out_dir: cannot create {blocker}/run: Not a directory\n"
+
+
 def test_cli_refuses_nproc_and_verify_under_torchrun(tmp_path, capsys, monkeypatch):
     path = write(tmp_path, "")
     for var, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
