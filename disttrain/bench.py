@@ -56,8 +56,7 @@ def _input_grad(dy, d, invstd, weight, sum_dy, sum_dy_xmu, n):
     """dx = w invstd (dy - sum_dy/n - (x - mean) invstd^2 sum_dy_xmu/n), with d = x - mean."""
     a = invstd * weight
     k = -a * invstd * invstd * sum_dy_xmu / n
-    dx = torch.addcmul(_view(-a * sum_dy / n, d.dim()), d, _view(k, d.dim()))
-    return dx.addcmul_(dy, _view(a, d.dim()))
+    return d.mul_(_view(k, d.dim())).add_(_view(-a * sum_dy / n, d.dim())).addcmul_(dy, _view(a, d.dim()))
 
 
 class _TwoPassFunction(torch.autograd.Function):
@@ -74,8 +73,7 @@ class _TwoPassFunction(torch.autograd.Function):
         invstd = (m2 / n + layer.eps).rsqrt()
         _update_running(layer, mean, m2 / (n - 1))
         ctx.save_for_backward(x, weight, mean, invstd, n)
-        scale = invstd * weight
-        return torch.addcmul(_view(bias, x.dim()), d, _view(scale, x.dim()))
+        return d.mul_(_view(invstd * weight, x.dim())).add_(_view(bias, x.dim()))
 
     @staticmethod
     def backward(ctx, dy):
@@ -110,7 +108,7 @@ class _AllGatherChanFunction(torch.autograd.Function):
         _update_running(layer, mean, m2 / (n - 1))
         ctx.save_for_backward(x, weight, mean, invstd, n)
         d = x - _view(mean, x.dim())
-        return torch.addcmul(_view(bias, x.dim()), d, _view(invstd * weight, x.dim()))
+        return d.mul_(_view(invstd * weight, x.dim())).add_(_view(bias, x.dim()))
 
     @staticmethod
     def backward(ctx, dy):

@@ -141,7 +141,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         shift = (pivot.double() - mean) * scale
         if bias is not None:
             shift = shift + bias.double()
-        y = torch.addcmul(_channel_view(shift.to(compute), ndim), d, _channel_view(scale.to(compute), ndim))
+        y = d.mul_(_channel_view(scale.to(compute), ndim)).add_(_channel_view(shift.to(compute), ndim))
 
         ctx.save_for_backward(x, weight, pivot, mean, invstd, n)
         ctx.group, ctx.collective = group, collective
@@ -168,13 +168,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
-            total = torch.cat([sum_dy, sum_dy_xmu])
+            total = _sum_over_ranks(torch.cat([sum_dy, sum_dy_xmu]), ctx.group, ctx.collective)
             g_dy, g_dy_xmu = total[:channels] / n.clamp(min=1), total[channels:] / n.clamp(min=1)
             # dx = a dy + k (x - mean) - a g_dy = a dy + k d + (k (p - mean) - a g_dy)
             a = invstd * weight.double() if weight is not None else invstd
             k = -a * invstd * invstd * g_dy_xmu
             c = k * (pivot.double() - mean) - a * g_dy
-            grad_x = torch.addcmul(_channel_view(c.to(compute), ndim), d, _channel_view(k.to(compute), ndim))
+            grad_x = d.mul_(_channel_view(k.to(compute), ndim)).add_(_channel_view(c.to(compute), ndim))
             grad_x = grad_x.addcmul_(dy, _channel_view(a.to(compute), ndim)).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
