@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import pickle
 import queue
 import traceback
 from collections.abc import Callable
@@ -51,16 +52,20 @@ def _worker_main(rank: int, world_size: int, port: int, tasks: Any, results: Any
             break
         task_id, fn, args, kwargs = item
         try:
-            results.put((task_id, rank, "ok", fn(*args, **kwargs)))
+            # Pickle here, not in the queue's feeder thread: an unpicklable result (say, a tensor still
+            # attached to an autograd graph) then becomes this task's error instead of a silent hang.
+            results.put((task_id, rank, "ok", pickle.dumps(fn(*args, **kwargs))))
         except BaseException:
             results.put((task_id, rank, "err", traceback.format_exc()))
     dist.destroy_process_group()
 
 
 class WorkerPool:
-    def __init__(self, world_size: int, timeout: float = 90.0, collective_timeout: float = 60.0):
+    def __init__(self, world_size: int, timeout: float = 90.0, collective_timeout: float = 60.0,
+                 start_timeout: float = 120.0):
         self.world_size = world_size
-        self.timeout = timeout
+        self.timeout = timeout  # per task
+        self.start_timeout = start_timeout  # importing torch in W fresh processes
         self.collective_timeout = collective_timeout
         self.procs: list[Any] = []
         self._start()
@@ -77,12 +82,12 @@ class WorkerPool:
                       for r in range(self.world_size)]
         for p in self.procs:
             p.start()
-        self._collect(None, "starting the worker pool")
+        self._collect(None, "starting the worker pool", self.start_timeout)
 
-    def _collect(self, task_id: int | None, what: str) -> list[Any]:
+    def _collect(self, task_id: int | None, what: str, timeout: float) -> list[Any]:
         out: dict[int, Any] = {}
         errors: dict[int, str] = {}
-        deadline = _now() + self.timeout
+        deadline = _now() + timeout
         while len(out) + len(errors) < self.world_size:
             # Once one rank failed, its peers are probably stuck in a collective: give them a short grace.
             remaining = (min(deadline, _now() + 5.0) if errors else deadline) - _now()
@@ -93,10 +98,15 @@ class WorkerPool:
                 stuck = sorted(set(range(self.world_size)) - set(out) - set(errors))
                 if errors:
                     break
-                raise TimeoutError(f"{what}: ranks {stuck} did not finish within {self.timeout:.0f} s") from None
+                raise TimeoutError(f"{what}: ranks {stuck} did not finish within {timeout:.0f} s") from None
             if tid != task_id:
                 continue  # a late answer to an earlier task that failed
-            (out if status in ("ok", "ready") else errors)[rank] = value
+            if status == "ok":
+                out[rank] = pickle.loads(value)
+            elif status == "ready":
+                out[rank] = value
+            else:
+                errors[rank] = value
         if errors:
             if len(out) + len(errors) < self.world_size:
                 self.kill()
@@ -112,7 +122,7 @@ class WorkerPool:
         task_id = next(_task_ids)
         for q in self.tasks:
             q.put((task_id, fn, args, kwargs))
-        return self._collect(task_id, getattr(fn, "__name__", "task"))
+        return self._collect(task_id, getattr(fn, "__name__", "task"), self.timeout)
 
     @property
     def alive(self) -> bool:

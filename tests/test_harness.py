@@ -24,6 +24,10 @@ def _fail_on_rank_one() -> int:
     return os.getpid()
 
 
+def _unpicklable_result():
+    return lambda: 1  # a lambda cannot be pickled
+
+
 def _rank_one_hangs() -> None:
     if dist.get_rank() == 1:
         time.sleep(600)
@@ -42,6 +46,14 @@ def test_worker_traceback_surfaces_and_pool_recovers(pools):
     with pytest.raises(WorkerError, match=r"(?s)ranks \[1\] raised.*rank 1.*ValueError: deliberate failure on rank 1"):
         pool.run(_fail_on_rank_one)
     assert [r for r, _ in pool.run(_rank_and_sum)] == [0, 1]
+
+
+def test_unpicklable_result_is_reported_not_hung(pools):
+    pool = pools(2)
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"(?s)ranks \[0, 1\] raised.*pickle"):
+        pool.run(_unpicklable_result)
+    assert time.monotonic() - start < 10
 
 
 def test_hung_task_times_out_and_pool_restarts():
