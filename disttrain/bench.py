@@ -257,15 +257,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m disttrain.bench", description=__doc__.splitlines()[0])
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m disttrain.bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["syncbn"])
     parser.add_argument("--iters", type=int, default=60, help="timed calls per implementation and config")
-    parser.add_argument("--world-sizes", default="2,4", help="comma-separated process counts")
-    parser.add_argument("--channels", default="64,256", help="comma-separated channel counts")
+    parser.add_argument("--world-sizes", type=_positive_ints, default=(2, 4), help="comma-separated process counts")
+    parser.add_argument("--channels", type=_positive_ints, default=(64, 256), help="comma-separated channel counts")
     args = parser.parse_args(argv)
-    rows = bench_syncbn(world_sizes=tuple(int(w) for w in args.world_sizes.split(",")),
-                        channels=tuple(int(c) for c in args.channels.split(",")), iters=args.iters)
+    if args.iters < 1:
+        parser.error(f"--iters: must be >= 1, got {args.iters}")
+    rows = bench_syncbn(world_sizes=args.world_sizes, channels=args.channels, iters=args.iters)
     print(format_table(rows))
     return 0
 

@@ -1,21 +1,27 @@
 """Gradient averaging: DistributedDataParallel, an explicit bucketed all-reduce, and reduce modes.
 
-Every rank backpropagates its *local mean* loss, so rank r holds g_r = (1/b_r) sum_{i in r} grad l_i.
-The single-device gradient on the global batch of B samples is
+The single-device gradient on a global batch of B samples is g = (1/B) sum_i grad l_i. Rank r holds
+b_r of the samples (sum b_r = B; B=30 over W=4 gives 8, 8, 7, 7).
 
-    g = (1/B) sum_i grad l_i = sum_r (b_r / B) g_r            (the count-weighted mean)
+**mean (the default, exact).** Every rank divides its *summed* loss by the global B before backward, so it
+holds (1/B) sum_{i in r} grad l_i, and the gradients are *summed* across ranks: the result is exactly g, for
+any split. Equivalently, each rank's local mean loss is weighted by b_r/B (W*b_r/B under DDP's built-in
+1/W average): the count-weighted mean. DDP's plain average of local-mean gradients, (1/W) sum_r g_r with
+g_r = (1/b_r) sum_{i in r} grad l_i, equals g only when every b_r = B/W.
 
-DDP's built-in averaging computes (1/W) sum_r g_r, which equals g only when every b_r = B/W. disttrain
-applies the count weight b_r/B in the communication step instead: each rank multiplies its gradient
-bucket by b_r/B and the buckets are summed. That is one all_reduce per bucket, exactly like DDP's, and
-exact for uneven splits (B=30 over W=4 gives slices 8, 8, 7, 7). Keeping the weight out of the loss means
-the loss a rank backpropagates is the plain local mean, and the contrast modes see unweighted gradients:
+Why the weight goes into the loss, before backward, rather than into the reduction afterwards: layers that
+couple ranks inside backward (SyncBatchNorm sums dy over the global batch) must see every rank's dy on the
+same scale, that of the global objective (1/B) sum_i l_i. Weighting each rank's gradient after its
+backward would mix dy's scaled by different 1/b_r inside those sums.
 
-    sum: sum_r g_r      = W * g for equal splits (a W-times larger step for SGD, not for Adam)
-    max: max_r g_r      elementwise; not the gradient of anything
+**sum and max (contrast modes).** Each rank backpropagates its local mean loss (the gradient g_r a single
+process computes on its slice) and the reduction is:
+    sum: sum_r g_r        = W * g for equal splits (a W-times larger step for SGD, not for Adam)
+    max: max_r g_r        elementwise; not the gradient of anything
+so the difference between averaging, summing and taking the maximum is visible in `disttrain verify`.
 
-The same function (:func:`_prepare_bucket`) serves both implementations, so "ddp" and "allreduce" can
-only differ in how gradients are grouped into buckets, never in what is computed.
+Both implementations issue one all_reduce per gradient bucket with the op from :data:`_OPS`, so "ddp" and
+"allreduce" can only differ in how gradients are grouped into buckets, never in what is computed.
 """
 
 from __future__ import annotations
@@ -32,31 +38,26 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import CommConfig
 from .dist import DistEnv
 
+# mean is a SUM: the 1/B normalisation already happened in the loss (see the module docstring).
 _OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 @dataclass
 class ReduceSpec:
-    """How this rank's gradient enters the reduction."""
+    """How gradients are reduced across ranks."""
 
     mode: str  # mean | sum | max
-    weight: float  # b_r / B, used by "mean" only
     group: dist.ProcessGroup | None = None
 
-
-def _prepare_bucket(flat: torch.Tensor, spec: ReduceSpec) -> dist.ReduceOp:
-    """Scale a flat gradient bucket in place for ``spec.mode``; return the all_reduce op to apply."""
-    if spec.mode == "mean":
-        flat.mul_(spec.weight)
-    return _OPS[spec.mode]
+    @property
+    def op(self) -> dist.ReduceOp:
+        return _OPS[self.mode]
 
 
 def _ddp_comm_hook(spec, bucket):  # no annotations: DDP checks them, and this module's are strings
     # Registered with DDP: called once per bucket as soon as all its gradients are ready, overlapping
     # communication with the rest of backward. With a hook installed DDP does no division of its own.
-    flat = bucket.buffer()
-    op = _prepare_bucket(flat, spec)
-    fut = dist.all_reduce(flat, op=op, group=spec.group, async_op=True).get_future()
+    fut = dist.all_reduce(bucket.buffer(), op=spec.op, group=spec.group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
 
@@ -64,6 +65,7 @@ class GradSync:
     """What the step function needs from gradient communication."""
 
     module: nn.Module  # call forward on this
+    loss_divisor: int  # divide this rank's *summed* loss by this before backward: B (mean) or b_r
 
     def sync(self) -> None:
         """Make every rank's .grad the reduced gradient (no-op where backward already did it)."""
@@ -77,14 +79,16 @@ class GradSync:
 class LocalSync(GradSync):
     """One process, no group: the local gradient is already the global one."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, loss_divisor: int):
         self.module = module
+        self.loss_divisor = loss_divisor
 
 
 class DDPSync(GradSync):
-    """torch DistributedDataParallel with the count-weighted reduction as its comm hook."""
+    """torch DistributedDataParallel with the configured reduction as its comm hook (one all_reduce per bucket)."""
 
-    def __init__(self, module: nn.Module, spec: ReduceSpec, env: DistEnv, bucket_mb: float):
+    def __init__(self, module: nn.Module, spec: ReduceSpec, env: DistEnv, bucket_mb: float, loss_divisor: int):
+        self.loss_divisor = loss_divisor
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         self.module = DistributedDataParallel(module, device_ids=device_ids, bucket_cap_mb=bucket_mb,
                                               process_group=spec.group)
@@ -104,9 +108,10 @@ class AllReduceSync(GradSync):
     issues the same collectives with the same sizes.
     """
 
-    def __init__(self, module: nn.Module, spec: ReduceSpec, bucket_mb: float):
+    def __init__(self, module: nn.Module, spec: ReduceSpec, bucket_mb: float, loss_divisor: int):
         self.module = module
         self.spec = spec
+        self.loss_divisor = loss_divisor
         cap = int(bucket_mb * 2**20)
         params = [p for p in module.parameters() if p.requires_grad]
         self.buckets: list[list[nn.Parameter]] = []
@@ -122,8 +127,7 @@ class AllReduceSync(GradSync):
     def sync(self) -> None:
         for bucket in self.buckets:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
-            op = _prepare_bucket(flat, self.spec)
-            dist.all_reduce(flat, op=op, group=self.spec.group)
+            dist.all_reduce(flat, op=self.spec.op, group=self.spec.group)
             offset = 0
             for p in bucket:
                 n = p.numel()
@@ -141,13 +145,14 @@ class AllReduceSync(GradSync):
 
 def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_count: int,
                     global_count: int) -> GradSync:
-    """Wrap ``module`` for gradient reduction; ``local_count / global_count`` is this rank's weight b_r/B."""
+    """Wrap ``module`` for gradient reduction; this rank holds ``local_count`` of ``global_count`` samples."""
     if not env.is_distributed:
-        return LocalSync(module)
-    spec = ReduceSpec(mode=cfg.reduce, weight=local_count / global_count, group=env.group)
+        return LocalSync(module, loss_divisor=local_count)
+    divisor = global_count if cfg.reduce == "mean" else local_count
+    spec = ReduceSpec(mode=cfg.reduce, group=env.group)
     if cfg.impl == "ddp":
-        return DDPSync(module, spec, env, cfg.bucket_mb)
-    return AllReduceSync(module, spec, cfg.bucket_mb)
+        return DDPSync(module, spec, env, cfg.bucket_mb, divisor)
+    return AllReduceSync(module, spec, cfg.bucket_mb, divisor)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

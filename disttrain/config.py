@@ -314,8 +314,6 @@ def validate(cfg: Config) -> None:
     _require(not cl.before_average or c.impl == "allreduce",
              "clip.before_average: true needs comm.impl=allreduce (DDP reduces gradients during backward, "
              "before anything could clip them)")
-    _require(m.norm != "syncbn",
-             "model.norm: syncbn is not available yet (use none or bn)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

@@ -6,14 +6,17 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .syncbn import SyncBatchNorm
 
 
 def norm_layer(kind: str, num_features: int, dims: int) -> nn.Module:
-    """The norm slot: nothing, or per-rank BatchNorm over (N, C) / (N, C, H, W)."""
+    """The norm slot: nothing, per-rank BatchNorm, or SyncBatchNorm over the process group's global batch."""
     if kind == "none":
         return nn.Identity()
     if kind == "bn":
         return nn.BatchNorm1d(num_features) if dims == 1 else nn.BatchNorm2d(num_features)
+    if kind == "syncbn":
+        return SyncBatchNorm(num_features)  # statistics over the default process group (plain BN without one)
     raise ValueError(f"unknown norm {kind!r}")
 
 

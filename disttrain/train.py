@@ -52,17 +52,16 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
     clip the global gradient -> optimizer step (skipped on every rank if the gradient is not finite).
     """
     optimizer.zero_grad(set_to_none=True)
-    local_count = sum(y.shape[0] for _, y in micro_batches)
     loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0][1].device)
     for j, (x, y) in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
         with contextlib.nullcontext() if last else sync.no_sync():
             micro_loss = F.cross_entropy(sync.module(x), y, reduction="sum")
-            # Dividing by the local count (not by k) makes the accumulated gradient the exact local mean
-            # even when micro-batches differ in size. The count weight b_r/B that turns the W local means
-            # into the global mean is applied while gradients are communicated: see comm.py.
-            (micro_loss / local_count).backward()
+            # Summed loss over a fixed divisor (the global batch size B for the mean), not a per-micro-batch
+            # mean divided by k: exact for micro-batches and rank slices of any size. Why B, and why before
+            # backward rather than in the reduction: see comm.py.
+            (micro_loss / sync.loss_divisor).backward()
         loss_sum += micro_loss.detach().double()
     params = list(unwrap(sync.module).parameters())
     if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient, then reduce

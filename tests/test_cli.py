@@ -193,3 +193,22 @@ def test_large_batch_example_logs_lr_and_grad_norm(tmp_path):
     assert lrs[:6] == pytest.approx([0.02, 0.056, 0.092, 0.128, 0.164, 0.2], rel=1e-5)
     assert lrs[6] < 0.2
     assert all(float(f["grad_norm"]) > 0 for f in fields)
+
+
+def test_verify_syncbn_cnn_uneven_batch_and_per_rank_bn_contrast(tmp_path):
+    """The demo CNN with SyncBN, W=3, B=31 (slices 11/10/10), float64: equivalent; per-rank BN: not."""
+    common = ["--nproc", "3", "--json", "--set", "train.global_batch_size=31", "--set", "train.steps=10"]
+    sync = disttrain("verify", str(DEMO), *common, "--set", f"train.out_dir={tmp_path / 's'}")
+    assert sync.returncode == 0, sync.stderr
+    report = json.loads(sync.stdout)
+    assert report["equivalent"] and report["max_param_rel_diff"] <= 1e-10 and report["world_size"] == 3
+    local = disttrain("verify", str(DEMO), *common, "--set", "model.norm=bn", "--set", f"train.out_dir={tmp_path / 'b'}")
+    assert local.returncode == 1, local.stderr
+    assert json.loads(local.stdout)["max_param_rel_diff"] > 1e-3
+
+
+def test_bench_syncbn_prints_a_table():
+    result = disttrain("bench", "syncbn", "--iters", "2", "--world-sizes", "2", "--channels", "8", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "two-pass" in result.stdout and "disttrain" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.startswith("|")]) >= 3

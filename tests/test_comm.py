@@ -2,6 +2,7 @@
 
 The expected values are computed here, in one process, from each rank's slice: g (whole global batch),
 g_r (rank r's local-mean gradient), and from them sum_r g_r, max_r g_r and the unweighted mean.
+The model has per-rank BatchNorm-free layers only (no cross-rank coupling), so g_r is well defined.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def _setup(cfg, rank: int, world_size: int):
     return batches, model
 
 
-def _local_mean_grad(sync_module, x, y):
-    torch.nn.functional.cross_entropy(sync_module(x), y).backward()
+def _backward(module, x, y, divisor: int) -> None:
+    (torch.nn.functional.cross_entropy(module(x), y, reduction="sum") / divisor).backward()
 
 
 def reduced_grads(overrides: list[str], count_collectives: bool = False):
@@ -44,7 +45,7 @@ def reduced_grads(overrides: list[str], count_collectives: bool = False):
         with distributed("cpu") as env:
             batches, model = _setup(cfg, env.rank, env.world_size)
             sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, cfg.train.global_batch_size)
-            _local_mean_grad(sync.module, *batches.batch(0, env.device))
+            _backward(sync.module, *batches.batch(0, env.device), sync.loss_divisor)
             sync.sync()
             buckets = sync.num_buckets if isinstance(sync, AllReduceSync) else None
     finally:
@@ -58,7 +59,7 @@ def local_grads(overrides: list[str], world_size: int):
     out = []
     for rank, w in [(0, 1)] + [(r, world_size) for r in range(world_size)]:
         batches, model = _setup(cfg, rank, w)
-        _local_mean_grad(model, *batches.batch(0, torch.device("cpu")))
+        _backward(model, *batches.batch(0, torch.device("cpu")), batches.local_batch_size)  # local mean
         out.append([p.grad.clone() for p in model.parameters()])
     return out[0], out[1:]
 
@@ -93,6 +94,19 @@ def test_reduce_modes_uneven_split(pools, impl):
     for results in (total, biggest):  # every rank holds the same reduced gradient
         for grads, _, _ in results[1:]:
             assert_grads_close(grads, results[0][0], rtol=0)
+
+
+def test_mean_divides_the_summed_loss_by_the_global_batch():
+    from disttrain.comm import LocalSync
+    from disttrain.dist import DistEnv
+
+    env = DistEnv(rank=1, local_rank=1, world_size=4, device=torch.device("cpu"), backend="gloo")
+    cfg = load_config(None, ["comm.impl=allreduce"])  # built without DDP: no process group needed
+    assert build_grad_sync(torch.nn.Linear(2, 2), cfg.comm, env, 8, 30).loss_divisor == 30
+    for mode in ("sum", "max"):
+        cfg = load_config(None, ["comm.impl=allreduce", f"comm.reduce={mode}"])
+        assert build_grad_sync(torch.nn.Linear(2, 2), cfg.comm, env, 8, 30).loss_divisor == 8
+    assert LocalSync(torch.nn.Linear(2, 2), 30).loss_divisor == 30
 
 
 def test_sum_is_world_size_times_the_gradient_for_equal_splits(pools):

@@ -81,7 +81,7 @@ def test_int_accepted_for_float_and_round_trip():
     ("comm.timeout_s=0", r"comm\.timeout_s: must be > 0"),
     ("comm.bucket_mb=-1", r"comm\.bucket_mb: must be > 0"),
     ("data.num_samples=0", r"data\.num_samples: must be >= 1, got 0"),
-    ("model.norm=syncbn", r"model\.norm: syncbn is not available yet"),
+    ("model.norm=groupnorm", r"model\.norm: 'groupnorm' is not one of none, bn, syncbn"),
     ("optim=3", r"optim: expected a mapping of keys, got 3"),
     ("nokey", r"--set 'nokey': expected section\.key=value"),
     ("seed.x=1", r"seed: expected an integer, got \{'x': 1\}"),

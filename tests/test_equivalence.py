@@ -64,8 +64,20 @@ def test_ddp_path_equals_explicit_allreduce_path(pools, tmp_path, model):
     assert max_rel_diff(ddp, reference(base)[0]) <= 1e-10
 
 
-def test_per_rank_batchnorm_is_not_equivalent(pools, tmp_path):
-    """Local BatchNorm normalises each slice with its own statistics: W ranks differ from one device."""
-    overrides = _overrides(str(tmp_path), "train.dtype=float64", "model.norm=bn", *OPTIMIZERS["sgd"])
-    (state, _), *_ = pools(2).run(train_on_rank, load_config(None, list(overrides)).to_dict())
-    assert max_rel_diff(state, reference(overrides)[0]) > 1e-3
+@pytest.mark.parametrize("world_size, batch", [(3, 31), (4, 30)])  # slices 11/10/10 and 8/8/7/7
+def test_syncbn_uneven_split_is_equivalent_and_per_rank_bn_is_not(pools, tmp_path, world_size, batch):
+    """SyncBN couples the ranks in backward (global sums of dy): exact only if every rank's loss has the
+    same 1/B normalisation. Per-rank BatchNorm normalises each slice with its own statistics: not equal."""
+    common = (*_overrides(str(tmp_path), "train.dtype=float64", "model.name=cnn", *OPTIMIZERS["sgd"]),
+              f"train.global_batch_size={batch}")
+    pool = pools(world_size)
+    for norm, equivalent in (("syncbn", True), ("bn", False)):
+        overrides = (*common, f"model.norm={norm}")
+        (state, losses), *_ = pool.run(train_on_rank, load_config(None, list(overrides)).to_dict())
+        ref_state, ref_losses = reference(overrides)
+        diff = max_rel_diff(state, ref_state)  # includes running_mean / running_var
+        if equivalent:
+            assert diff <= 1e-10
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+        else:
+            assert diff > 1e-3
