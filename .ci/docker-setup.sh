@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A private Docker engine for the container tests, built with nothing but the apt mirror and pip.
 #
-#   eval "$(bash .ci/docker-setup.sh start)"    # prints the exports: DOCKER_HOST, DOCKER_CONFIG, DISTTRAIN_DOCKER_DIR
+#   docker_env=$(bash .ci/docker-setup.sh start) && eval "$docker_env"   # DOCKER_HOST, DOCKER_CONFIG, DISTTRAIN_DOCKER_DIR
 #   ... DISTTRAIN_DOCKER_TESTS=1 pytest tests/test_docker.py ...
 #   bash .ci/docker-setup.sh stop               # stops dockerd by its PID, removes its directory
 #
@@ -27,6 +27,8 @@ start() {
         docker.io debootstrap >&2
 
     local dir; dir=$(mktemp -d /tmp/disttrain-docker.XXXXXX)
+    # A start that fails half-way stops the engine it started: it prints no exports, so no one else will.
+    trap 'start_failed $? "'"$dir"'"' EXIT
     export DISTTRAIN_DOCKER_DIR=$dir
     export DOCKER_HOST=unix://$dir/docker.sock
     export DOCKER_CONFIG=$dir/config
@@ -69,9 +71,12 @@ start() {
     PYTHON=$PYTHON "$ROOT/docker/wheelhouse.sh" >&2
     log "images"
     docker compose -f "$ROOT/docker/docker-compose.yml" build >&2
+    trap - EXIT
     log "ready"
     printf 'export DISTTRAIN_DOCKER_DIR=%q DOCKER_HOST=%q DOCKER_CONFIG=%q\n' "$dir" "$DOCKER_HOST" "$DOCKER_CONFIG"
 }
+
+start_failed() { [[ "$1" -eq 0 ]] || { log "start failed (exit $1)"; stop "$2"; }; }
 
 stop() {
     local dir=${1:-${DISTTRAIN_DOCKER_DIR:?stop: no DISTTRAIN_DOCKER_DIR}}
