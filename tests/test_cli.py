@@ -94,7 +94,8 @@ def test_torchrun_run_checked_with_verify_against(tmp_path):
 
 def test_worker_failure_is_one_line_exit_1(tmp_path):
     """A divergent run with clip.nonfinite=error fails inside the workers; the launcher reports it in one line."""
-    args = ["--set", "optim.lr=1e6", "--set", "clip.nonfinite=error", "--set", f"train.out_dir={tmp_path}"]
+    args = ["--set", "model.name=mlp", "--set", "model.norm=none", "--set", "optim.lr=1e6",
+            "--set", "clip.nonfinite=error", "--set", f"train.out_dir={tmp_path}"]
     launched = disttrain("train", str(DEMO), "--nproc", "2", *args)
     assert launched.returncode == 1
     assert launched.stderr.strip().splitlines()[-1].startswith("disttrain: error: worker failed: rank ")
@@ -164,7 +165,7 @@ SCHEDULE_CLIP_ACCUM = ["--set", "schedule.warmup=linear", "--set", "schedule.war
 
 def test_verify_with_warmup_clipping_and_accumulation(tmp_path):
     ok = disttrain("verify", str(DEMO), "--nproc", "3", "--json", "--set", f"train.out_dir={tmp_path / 'a'}",
-                   *SCHEDULE_CLIP_ACCUM)
+                   "--set", "model.norm=none", *SCHEDULE_CLIP_ACCUM)
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["equivalent"] and report["claimed"] and report["max_param_rel_diff"] <= 1e-10
