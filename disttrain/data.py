@@ -69,13 +69,13 @@ class Dataset:
 
 
 def _synthetic(cfg: DataConfig, image: bool, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Gaussian inputs labelled by a fixed random teacher network: learnable, and seeded."""
+    """Each class a random prototype (a vector, or a 3x8x8 image), each sample its prototype plus noise:
+    learnable by the mlp and the cnn alike, and seeded."""
     rng = np.random.default_rng([seed, 2024])
     shape = (3, 8, 8) if image else (32,)
-    x = rng.standard_normal((cfg.num_samples, *shape))
-    flat = x.reshape(cfg.num_samples, -1)
-    teacher = rng.standard_normal((flat.shape[1], cfg.num_classes)) / np.sqrt(flat.shape[1])
-    y = np.argmax(np.tanh(flat @ teacher) + 0.1 * rng.standard_normal((cfg.num_samples, cfg.num_classes)), axis=1)
+    y = rng.integers(0, cfg.num_classes, cfg.num_samples)
+    prototypes = rng.standard_normal((cfg.num_classes, *shape))
+    x = prototypes[y] + rng.standard_normal((cfg.num_samples, *shape))
     return x, y, cfg.num_classes
 
 

@@ -5,10 +5,16 @@ process with world size 1, so it sees every global batch whole. Both write final
 the per-step global losses and every floating-point tensor of the final state_dict.
 
 Relative difference of two tensors: max|a - b| / max|b| (infinity norms, so a parameter that is near
-zero elementwise does not blow up the ratio). Tolerances: reduction order differs between the runs
-(W partial sums vs one), so float64 agrees to ~1e-15 per step and float32 to ~1e-7 per step, growing
-over steps (measured on the MLP: 3e-16 in float64 after 20 steps, 5e-7 in float32 after 100 steps with W=4); the
-verdict allows 1e-10 in float64 and 1e-5 in float32.
+zero elementwise does not blow up the ratio); the loss curve is compared the same way, as one vector.
+
+Tolerances. The runs differ only in reduction order (W partial sums vs one), so each step agrees to
+~1e-16 in float64 and ~1e-7 in float32; training dynamics then amplify those differences over steps, the
+more so near convergence or at the edge of stability. Measured with W=4: the demo (20 steps) 3.7e-15 in
+float64 and 8e-7 in float32; an MLP trained to near-zero loss at lr 0.1 reaches 1.1e-5 (float32) after
+100 steps, and 3e-9 (float64) / 0.76 (float32) after 300, where rounding differences have grown
+~1e7-fold. The verdict allows 1e-10 in float64 and 1e-4 in float32: verify is a check for runs of tens
+to about a hundred steps. Every real mistake measured is orders of magnitude above (clipping before
+averaging 5e-2, per-rank BatchNorm 0.16, reduce=sum 1.3).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from .launcher import launch_local
 from .metrics import read_metrics
 from .train import run
 
-TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,7 +93,10 @@ def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
     world_size = dist_ckpt["world_size"]
     dist_losses = [m["loss"] for m in read_metrics(dist_dir)]
     ref_losses = [m["loss"] for m in read_metrics(ref_dir)]
-    steps = [{"step": i, "loss_distributed": d, "loss_reference": r, "rel_diff": abs(d - r) / max(abs(r), 1e-300)}
+    # Like tensors, the loss curve is compared relative to its largest value: a per-step relative difference
+    # is ill-conditioned where a converging loss approaches zero.
+    scale = max(max(abs(r) for r in ref_losses), 1e-300)
+    steps = [{"step": i, "loss_distributed": d, "loss_reference": r, "rel_diff": abs(d - r) / scale}
              for i, (d, r) in enumerate(zip(dist_losses, ref_losses, strict=True))]
     diffs = state_difference(dist_ckpt["model"], ref_ckpt["model"])
     worst = max(diffs, key=diffs.get)
