@@ -149,7 +149,7 @@ def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_coun
     if not env.is_distributed:
         return LocalSync(module, loss_divisor=local_count)
     divisor = global_count if cfg.reduce == "mean" else local_count
-    spec = ReduceSpec(mode=cfg.reduce, group=env.group)
+    spec = ReduceSpec(mode=cfg.reduce)  # the default process group
     if cfg.impl == "ddp":
         return DDPSync(module, spec, env, cfg.bucket_mb, divisor)
     return AllReduceSync(module, spec, cfg.bucket_mb, divisor)

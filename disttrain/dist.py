@@ -34,7 +34,6 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str | None  # None: no process group (single process)
-    group: dist.ProcessGroup | None = None  # None with a backend: the default group
 
     @property
     def is_distributed(self) -> bool:

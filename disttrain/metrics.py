@@ -18,7 +18,7 @@ def all_reduce_sum(values: Sequence[float | torch.Tensor], env: DistEnv) -> list
     """Sum scalars over ranks: packed into one float64 buffer, so one collective however many values."""
     buf = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values]).to(env.device)
     if env.is_distributed:
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=env.group)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.tolist()
 
 
