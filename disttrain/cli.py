@@ -1,6 +1,6 @@
 """Command line: parse argv once, call into the library. No training logic here.
 
-    disttrain train  CONFIG [--nproc N] [--set section.key=value ...]
+    disttrain train  CONFIG [--nproc N] [--resume] [--max-restarts R] [--stop-at S] [--set section.key=value ...]
     disttrain verify CONFIG [--nproc N | --against RUN_DIR] [--set ...] [--json]
     disttrain config CONFIG [--set ...]            print the resolved config
     disttrain bench syncbn [--iters N] [--world-sizes 2,4] [--channels 64,256]
@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--nproc", type=int, default=None,
                    help="start N local worker processes with torch's elastic launcher (not under torchrun)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest readable checkpoint in train.out_dir (any world size)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                   help="with --nproc: restart the worker group up to R times after a worker dies; it continues "
+                        "from the newest checkpoint (under torchrun: torchrun's --max-restarts)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="S",
+                   help="stop after S completed steps with a checkpoint there (resume later with --resume)")
     p = sub.add_parser("verify", help="N workers vs one process on the same global batches: the verdict")
     common(p)
     p.add_argument("--nproc", type=int, default=None, help="worker processes of the distributed run (default 2)")
@@ -70,16 +77,39 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
         raise ConfigError(f"train.out_dir: cannot create {out_dir}: {exc.strerror or exc}") from None
 
 
-def _train(cfg: Config, nproc: int | None) -> int:
+def _preflight_train(cfg: Config, args: argparse.Namespace) -> None:
+    """Resume and restart options that would otherwise fail inside every worker."""
+    from .checkpoint import checkpoint_dir, newest_readable
+    from .dist import launched_by_torchrun
+    from .train import check_resumable
+
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
+    if args.max_restarts and (args.nproc is None or args.nproc < 2):
+        raise ConfigError("--max-restarts needs --nproc N with N >= 2 (under torchrun, use torchrun's --max-restarts)")
+    if args.max_restarts and not cfg.train.checkpoint_every:
+        raise ConfigError("--max-restarts with train.checkpoint_every=0: a restarted group would start over")
+    if args.stop_at is not None and not 1 <= args.stop_at <= cfg.train.steps:
+        raise ConfigError(f"--stop-at: must be in [1, train.steps={cfg.train.steps}], got {args.stop_at}")
+    if args.stop_at is not None and not cfg.train.checkpoint_every:
+        raise ConfigError("--stop-at with train.checkpoint_every=0: the run could not be resumed")
+    if args.resume and not launched_by_torchrun():  # under torchrun, rank 0 checks and tells the others
+        state = newest_readable(cfg.train.out_dir, warn=lambda line: None)  # rank 0 reports skipped files
+        if state is None:
+            raise ConfigError(f"--resume: no readable checkpoint in {checkpoint_dir(cfg.train.out_dir)}")
+        check_resumable(cfg, state)
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> int:
     from .dist import distributed
     from .launcher import launch_local
     from .train import run
 
-    if nproc is not None and nproc > 1:
-        launch_local(cfg, nproc)
+    if args.nproc is not None and args.nproc > 1:
+        launch_local(cfg, args.nproc, resume=args.resume, until=args.stop_at, max_restarts=args.max_restarts)
     else:
         with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
-            run(cfg, env)
+            run(cfg, env, resume=args.resume, until=args.stop_at)
     return EXIT_OK
 
 
@@ -120,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.nproc = 2
         _preflight(args.nproc, cfg)
         if args.command == "train":
-            return _train(cfg, args.nproc)
+            _preflight_train(cfg, args)
+            return _train(cfg, args)
         return _verify(cfg, args.nproc, args.against, args.json)
     except ConfigError as exc:
         print(f"disttrain: error: {exc}", file=sys.stderr)

@@ -108,6 +108,10 @@ class TrainConfig:
         default="auto", metadata=_doc("auto: cuda:LOCAL_RANK when CUDA is available, else cpu"))
     out_dir: str = field(default="runs/demo", metadata=_doc("run directory: config.yaml, metrics.jsonl, final.pt"))
     log_every: int = field(default=1, metadata=_doc("print a log line every N steps (metrics.jsonl has every step)"))
+    checkpoint_every: int = field(
+        default=100, metadata=_doc("write a resumable checkpoint every N optimizer steps and at the end; 0: never"))
+    keep_checkpoints: int = field(
+        default=2, metadata=_doc("keep the newest K checkpoints in out_dir/checkpoints; 0: keep all"))
 
 
 @dataclass
@@ -226,7 +230,13 @@ def _read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -290,6 +300,8 @@ def validate(cfg: Config) -> None:
              "a global batch may not repeat a sample")
     _require(t.steps >= 1, f"train.steps: must be >= 1, got {t.steps}")
     _require(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
+    _require(t.checkpoint_every >= 0, f"train.checkpoint_every: must be >= 0, got {t.checkpoint_every}")
+    _require(t.keep_checkpoints >= 0, f"train.keep_checkpoints: must be >= 0, got {t.keep_checkpoints}")
     _require(bool(t.out_dir.strip()), "train.out_dir: must not be empty")
     _require(t.accumulation_steps >= 1, f"train.accumulation_steps: must be >= 1, got {t.accumulation_steps}")
     _require(t.accumulation_steps <= t.global_batch_size,
@@ -330,6 +342,32 @@ def check_world_size(cfg: Config, world_size: int) -> None:
              f"into train.accumulation_steps={k} micro-batches of at least one sample")
 
 
+# Keys that change where, on what and how a run executes or reports, never the trajectory it computes: they may
+# differ between a run and its resumption, and between a run and what `verify --against` compares it with.
+# (comm.impl and comm.bucket_mb regroup the same sums; the device changes rounding, not the mathematics.)
+EXECUTION_KEYS = frozenset({"train.out_dir", "train.log_every", "train.device", "comm.timeout_s", "comm.impl",
+                            "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints"})
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"steps": 3}} -> {"train.steps": 3}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def trajectory_differences(ours: dict[str, Any], theirs: dict[str, Any], also_allowed: frozenset[str] = frozenset()
+                           ) -> list[str]:
+    """The dotted keys of two config dicts that differ and would change the training trajectory."""
+    a, b = flatten(ours), flatten(theirs)
+    allowed = EXECUTION_KEYS | also_allowed
+    return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k))
+
+
 def reference_table() -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) for every config key: the README's config reference."""
     rows = []
@@ -349,4 +387,5 @@ def reference_table() -> list[tuple[str, str, str, str]]:
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "CommConfig", "ScheduleConfig",
            "ClipConfig", "TrainConfig",
-           "load_config", "config_from_dict", "validate", "check_world_size", "reference_table"]
+           "load_config", "config_from_dict", "validate", "check_world_size", "reference_table", "EXECUTION_KEYS",
+           "flatten", "trajectory_differences"]

@@ -112,6 +112,24 @@ def _name_peer_failures(rank: int | str, timeout_s: float) -> Iterator[None]:
         raise failure from exc
 
 
+def _elastic_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """Under torch's elastic agent with its shared rendezvous store: the store, under a prefix of its own for
+    this incarnation of the worker group ({} otherwise: init_process_group reads MASTER_ADDR/PORT).
+
+    The agent keeps one TCPStore for all rendezvous rounds, and the process group's keys (each rank's gloo
+    address) would be those of the previous round: a restarted group then connects to the dead workers'
+    addresses and fails. A failure restart increments TORCHELASTIC_RESTART_COUNT, and within one restart
+    count membership can only grow (a node that leaves is a failure), so (restart count, world size) names
+    each incarnation uniquely.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world, is_master=False,
+                          timeout=timeout)
+    prefix = f"disttrain/restart{restart_count()}/world{world}"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
+
+
 def _setup(device: str, timeout_s: float) -> tuple[DistEnv, bool]:
     created = False
     if dist.is_available() and dist.is_initialized():
@@ -129,11 +147,36 @@ def _setup(device: str, timeout_s: float) -> tuple[DistEnv, bool]:
             torch.cuda.set_device(dev)
         # The timeout bounds every collective: a peer that died makes the others fail after at most
         # timeout_s instead of waiting forever (gloo usually notices a closed socket much sooner).
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None,
+                                **_elastic_store(rank, world, timeout))
         created = True
     else:
         rank, world, local_rank, backend = 0, 1, 0, None
     env = DistEnv(rank=rank, local_rank=local_rank, world_size=world,
                   device=resolve_device(device, local_rank), backend=backend)
     return env, created
+
+
+def restart_count() -> int:
+    """How many times torch's elastic agent has restarted this worker group (0: the first attempt).
+
+    torchrun and the elastic launcher behind ``--nproc`` set TORCHELASTIC_RESTART_COUNT for every worker;
+    a restarted group continues from its newest checkpoint instead of starting over.
+    """
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def broadcast_from_main(obj: object, env: DistEnv) -> object:
+    """Rank 0's ``obj`` on every rank (pickled; for start-up state such as a loaded checkpoint).
+
+    One rank reads the file and the others receive it, so every rank resumes from the same checkpoint even
+    when only rank 0's node can see the run directory, and a decision rank 0 makes (which file, or an error)
+    is made once for the whole group.
+    """
+    if not env.is_distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=env.device if env.backend == "nccl" else None)
+    return box[0]

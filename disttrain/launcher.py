@@ -1,7 +1,9 @@
 """`disttrain train/verify --nproc N` outside torchrun: N local workers through torch's elastic launcher.
 
 This is the same agent torchrun runs (torch.distributed.launcher.api), with a c10d rendezvous on a free
-loopback port (port 0: the store picks it), no restarts, and workers started with spawn.
+loopback port (port 0: the store picks it) and workers started with spawn. With ``max_restarts`` R > 0 the
+agent restarts the whole worker group when a worker dies (kill -9, OOM, an exception), up to R times; the
+restarted workers see TORCHELASTIC_RESTART_COUNT > 0 and continue from the newest checkpoint (train.run).
 """
 
 from __future__ import annotations
@@ -19,26 +21,29 @@ class WorkerFailure(RuntimeError):
     """A worker process failed; the message names the rank and its exception in one line."""
 
 
-def _train_worker(cfg_dict: dict[str, Any], console: bool) -> list[float]:
+def _train_worker(cfg_dict: dict[str, Any], console: bool, resume: bool, until: int | None) -> list[float]:
     # Runs in each spawned worker: the elastic agent has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*.
     from .dist import distributed
     from .train import run
 
     cfg = config_from_dict(cfg_dict)
     with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
-        return run(cfg, env, console=console).losses
+        return run(cfg, env, console=console, resume=resume, until=until).losses
 
 
-def launch_local(cfg: Config, nproc: int, console: bool = True) -> list[float]:
-    """Train ``cfg`` with ``nproc`` local worker processes; return the per-step global losses.
+def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = False, until: int | None = None,
+                 max_restarts: int = 0) -> list[float]:
+    """Train ``cfg`` with ``nproc`` local worker processes; return the global losses of the steps rank 0 ran
+    last (after a resume or restart: from its starting step on).
 
-    ``console``: rank 0 prints its per-step log lines (metrics.jsonl is written either way).
+    ``console``: rank 0 prints its per-step log lines (metrics.jsonl is written either way). ``resume`` and
+    ``until``: as in train.run. ``max_restarts``: elastic restarts of the worker group after a failure.
     """
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
                           monitor_interval=0.1, start_method="spawn")
     try:
-        results = elastic_launch(launch, _train_worker)(cfg.to_dict(), console)
+        results = elastic_launch(launch, _train_worker)(cfg.to_dict(), console, resume, until)
     except ChildFailedError as exc:
         raise WorkerFailure(_describe(exc)) from None
     return results[0]

@@ -23,10 +23,14 @@ def all_reduce_sum(values: Sequence[float | torch.Tensor], env: DistEnv) -> list
 
 
 class MetricsLogger:
-    """Rank 0 appends every step to ``metrics.jsonl`` and prints every ``log_every`` steps; others do nothing."""
+    """Rank 0 appends every step to ``metrics.jsonl`` and prints every ``log_every`` steps; others do nothing.
+
+    ``start_step`` > 0 (a resumed run): the records of steps before it are kept and every later one is
+    dropped, so after any number of resumes the file holds exactly one record per step.
+    """
 
     def __init__(self, out_dir: Path, env: DistEnv, log_every: int, total_steps: int, console: bool = True,
-                 stream=None):
+                 stream=None, start_step: int = 0):
         self.enabled = env.is_main
         self.console = console
         self.log_every = log_every
@@ -35,7 +39,11 @@ class MetricsLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            kept = [r for r in _read_records(self.path) if r["step"] < start_step] if start_step else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def flush(self) -> None:
+        """Every step logged so far is in metrics.jsonl (called before a checkpoint is written)."""
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -52,6 +60,21 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a kill mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:

@@ -3,12 +3,14 @@
 Data flow: config -> process group (dist.py) -> this rank's slice of the global batch (data.py) -> model
 (models.py) -> step: forward/backward per micro-batch, gradient reduction (comm.py), clipping of the global
 gradient (clip.py), optimizer step, next lr (schedule.py) -> metrics reduced over ranks (metrics.py) -> final
-checkpoint on rank 0 (checkpoint.py).
+checkpoint on rank 0 (checkpoint.py). A run may start from a checkpoint (resume, elastic restart, another world
+size): the trajectory after step s depends only on the state at s and the config, never on the world size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import save_final
+from .checkpoint import (CheckpointError, CheckpointWriter, checkpoint_dir, clear_checkpoints, load_checkpoint,
+                         newest_readable, save_final, training_state)
 from .clip import clip_gradients, gradient_norm, should_step
 from .comm import GradSync, build_grad_sync, unwrap
-from .config import ClipConfig, Config, OptimConfig, check_world_size
+from .config import ClipConfig, Config, ConfigError, OptimConfig, check_world_size, trajectory_differences
 from .data import GlobalBatches, build_dataset
-from .dist import DistEnv
+from .dist import DistEnv, broadcast_from_main, restart_count
 from .metrics import MetricsLogger, all_reduce_sum
 from .models import build_model
 from .schedule import base_lr, build_scheduler
@@ -81,37 +84,113 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
 @dataclass
 class TrainResult:
     model: nn.Module  # the unwrapped model after the last step
-    losses: list[float] = field(default_factory=list)  # global mean loss per step
+    losses: list[float] = field(default_factory=list)  # global mean loss per step run by this call
     grad_norms: list[float] = field(default_factory=list)  # pre-clip global gradient norm per step
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # over the whole run, resumed runs included
+    start_step: int = 0  # the step this call started from (> 0 when resumed from a checkpoint)
+    optimizer: torch.optim.Optimizer | None = None
 
 
-def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
+def _schedule_uses_total_steps(cfg: Config) -> bool:
+    return cfg.schedule.decay in ("cosine", "linear", "poly")
+
+
+def resume_state(cfg: Config, env: DistEnv, resume: bool | str | Path) -> dict | None:
+    """The checkpoint this run continues from, the same on every rank; None for a fresh start.
+
+    ``resume``: True for the newest readable checkpoint in train.out_dir, a path for that file, False for a
+    fresh start unless torch's elastic agent restarted this worker group (then, like True, but a group that
+    failed before its first checkpoint starts over). Rank 0 decides and reads; the others receive its answer,
+    errors included, so no rank waits in a collective that another has left.
+    """
+    restarted = restart_count() > 0
+    if not (resume or restarted):
+        return None
+    state, error = None, None
+    if env.is_main:
+        try:
+            state = _read_resume_state(cfg, resume, restarted)
+        except ConfigError as exc:
+            error = str(exc)
+    state, error = broadcast_from_main((state, error), env)
+    if error:
+        raise ConfigError(error)
+    return state
+
+
+def _read_resume_state(cfg: Config, resume: bool | str | Path, restarted: bool) -> dict | None:
+    out_dir = Path(cfg.train.out_dir)
+    if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
+        try:
+            state = load_checkpoint(resume)
+        except (FileNotFoundError, CheckpointError) as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        state = newest_readable(out_dir, warn=lambda line: print(f"disttrain: {line}", file=sys.stderr, flush=True))
+        if state is None:
+            if not resume:  # restarted before any checkpoint was written: start over
+                return None
+            raise ConfigError(f"--resume: no readable checkpoint in {checkpoint_dir(out_dir)}")
+    check_resumable(cfg, state)
+    return state
+
+
+def check_resumable(cfg: Config, state: dict) -> None:
+    """Refuse a checkpoint whose run computed a different trajectory (one line naming the keys)."""
+    # train.steps moves the end of a cosine/linear/poly decay, and with it every lr: only allowed otherwise.
+    allowed = frozenset() if _schedule_uses_total_steps(cfg) else frozenset({"train.steps"})
+    differ = trajectory_differences(cfg.to_dict(), state["config"], allowed)
+    if differ:
+        raise ConfigError(f"cannot resume from step {state['step']}: the checkpoint was trained with a different "
+                          f"config ({', '.join(differ)} differ); these keys change the trajectory")
+    if state["step"] > cfg.train.steps:
+        raise ConfigError(f"cannot resume from step {state['step']}: train.steps={cfg.train.steps} is smaller")
+
+
+def run(cfg: Config, env: DistEnv, console: bool = True, resume: bool | str | Path = False,
+        until: int | None = None) -> TrainResult:
     """Train per ``cfg`` on this rank; every rank returns the same model and losses.
 
     ``console``: rank 0 prints a line every ``train.log_every`` steps (metrics.jsonl gets every step anyway).
+    ``resume``: continue from a checkpoint (see :func:`resume_state`). ``until``: stop after this many
+    completed steps (with a checkpoint there when checkpointing is on) instead of train.steps; no final.pt.
     """
     check_world_size(cfg, env.world_size)
     t = cfg.train
     out_dir = Path(t.out_dir)
     dtype = DTYPES[t.dtype]
+    stop = t.steps if until is None else min(until, t.steps)
+    state = resume_state(cfg, env, resume)
+    start = 0 if state is None else state["step"]
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())  # the resolved config of this run
+        if state is None:
+            clear_checkpoints(out_dir)  # an earlier run's checkpoints must never be resumed into this one
+        elif console:
+            print(f"resuming from step {start} (checkpoint written by {state['world_size']} processes, now "
+                  f"{env.world_size})", flush=True)
 
     dataset = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype)
     batches = GlobalBatches(dataset, t.global_batch_size, cfg.seed, env.rank, env.world_size)
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device)
+    if state is not None:
+        model.load_state_dict(state["model"])  # before DDP: its constructor broadcasts rank 0's state anyway
     sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
                                 cfg.schedule)
-    logger = MetricsLogger(out_dir, env, t.log_every, t.steps, console=console)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])  # momentum / Adam moments, and the current lr
+        scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
+    logger = MetricsLogger(out_dir, env, t.log_every, t.steps, console=console, start_step=start)
 
-    result = TrainResult(model=model)
+    result = TrainResult(model=model, skipped_steps=0 if state is None else state["skipped"], start_step=start,
+                         optimizer=optimizer)
+    writer = CheckpointWriter(out_dir, t.keep_checkpoints) if env.is_main and t.checkpoint_every else None
     sync.module.train()
-    for step in range(t.steps):
-        start = time.perf_counter()
+    for step in range(start, stop):
+        start_time = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         out = train_step(sync, optimizer, batches.micro_batches(step, env.device, t.accumulation_steps),
                          cfg.clip, step)
@@ -123,10 +202,19 @@ def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
         result.skipped_steps += not out.stepped
         logger.log({"step": step, "loss": total_loss / samples, "samples": int(samples), "lr": lr,
                     "grad_norm": out.grad_norm, "skipped": result.skipped_steps,
-                    "ms": round(1000 * (time.perf_counter() - start), 3)})
+                    "ms": round(1000 * (time.perf_counter() - start_time), 3)})
+        done = step + 1
+        if t.checkpoint_every and (done % t.checkpoint_every == 0 or done in (stop, t.steps)):
+            logger.flush()  # metrics.jsonl holds every step up to this checkpoint before it exists
+            if writer is not None:  # every rank holds the same state: rank 0 writes it, in the background
+                writer.submit(training_state(unwrap(sync.module), optimizer, scheduler, done,
+                                             result.skipped_steps, cfg.to_dict(), env.world_size))
+    logger.flush()
+    if writer is not None:
+        writer.wait()  # the last checkpoint is durable before the run returns
 
     model = unwrap(sync.module)
-    if env.is_main:
+    if env.is_main and stop == t.steps:
         save_final(out_dir / "final.pt", model, t.steps, cfg.to_dict(), env.world_size)
     result.model = model
     return result

@@ -23,11 +23,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 import torch
 
-from .checkpoint import load_final
-from .config import Config, ConfigError
+from .checkpoint import CheckpointError, load_final
+from .config import Config, ConfigError, trajectory_differences
 from .dist import distributed
 from .launcher import launch_local
 from .metrics import read_metrics
@@ -146,27 +145,15 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> Verif
     return compare_runs(cfg, dist_dir, ref_dir)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-# Keys that change where and how a run reports, not what it computes.
-_PRESENTATION = {"train.out_dir", "train.log_every", "train.device", "comm.timeout_s"}
-
-
 def _check_comparable(cfg: Config, run_dir: Path) -> None:
-    """The run at ``run_dir`` must exist and have been trained with ``cfg`` (presentation keys aside)."""
+    """The run at ``run_dir`` must exist, be readable and have been trained with ``cfg`` (execution keys aside)."""
     for name in ("final.pt", "metrics.jsonl"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"--against {run_dir}: no {name} there (train into it first)")
-    theirs = _flatten(load_final(run_dir / "final.pt")["config"])
-    ours = _flatten(cfg.to_dict())
-    differ = sorted(k for k in ours.keys() | theirs.keys() if k not in _PRESENTATION and ours.get(k) != theirs.get(k))
+    try:
+        theirs = load_final(run_dir / "final.pt")["config"]
+    except CheckpointError as exc:
+        raise ConfigError(f"--against: {exc}") from None
+    differ = trajectory_differences(cfg.to_dict(), theirs)
     if differ:
         raise ConfigError(f"--against {run_dir}: trained with a different config ({', '.join(differ)} differ)")

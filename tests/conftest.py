@@ -1,4 +1,8 @@
-"""Shared fixtures: worker pools started once per test module and reused by its tests."""
+"""Shared fixtures: worker pools started once per test session and reused by every test module.
+
+Starting a W-process pool costs W torch imports (~3 s each on 2 cores); the pools are the suite's largest
+fixed cost, so every module shares them. A pool whose task failed or hung is restarted on its next use.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from tests.harness import WorkerPool
 
 
 class Pools:
-    """Lazily started pools, one per world size, alive for the test module."""
+    """Lazily started pools, one per world size, alive for the test session."""
 
     def __init__(self) -> None:
         self._pools: dict[int, WorkerPool] = {}
@@ -23,7 +27,7 @@ class Pools:
             pool.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pools():
     p = Pools()
     yield p
