@@ -12,6 +12,7 @@ in the whole job): on node 2 of a 2-node job RANK is 8..15 but the GPUs are stil
 from __future__ import annotations
 
 import contextlib
+import gc
 import datetime
 import os
 from collections.abc import Iterator
@@ -96,6 +97,10 @@ def distributed(device: str = "auto", timeout_s: float = 300.0) -> Iterator[Dist
             yield env
     finally:
         if created:  # the one place a process group is destroyed
+            # DDP's reducer and its comm-hook futures sit in reference cycles that hold the group; collect them
+            # while the interpreter is fully alive, so gloo's threads are not torn down during finalization
+            # (a std::terminate, SIGABRT, at exit).
+            gc.collect()
             dist.destroy_process_group()
 
 

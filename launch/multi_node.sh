@@ -6,6 +6,8 @@
 # When a node's hostname does not resolve to its address on the cluster network: LOCAL_ADDR=<that address>
 # (workers reach rank 0's store there), and RDZV_CONF=is_host=1 on the node that owns RDZV_ENDPOINT.
 # GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME pick the network interface, when a node has several.
+# MAX_RESTARTS=R: restart the workers up to R times after a failure; they continue from the newest checkpoint.
+# Elastic membership (NNODES=1:4): also TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per rendezvous round).
 set -euo pipefail
 
 NNODES=${NNODES:-2}
@@ -15,7 +17,7 @@ RDZV_ID=${RDZV_ID:-disttrain}
 RDZV_CONF=${RDZV_CONF:-}
 LOCAL_ADDR=${LOCAL_ADDR:-}
 
-exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+exec torchrun --max-restarts="${MAX_RESTARTS:-0}" --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID" --rdzv_conf="$RDZV_CONF" \
     --local_addr="$LOCAL_ADDR" \
     -m disttrain train "$@"

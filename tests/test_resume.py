@@ -7,6 +7,7 @@ fresh process group may order its reduction differently). Another world size: wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from disttrain.checkpoint import (atomic_save, checkpoint_path, list_checkpoints, load_checkpoint, newest_readable,
+from disttrain.checkpoint import (CheckpointError, atomic_save, checkpoint_path, list_checkpoints, load_checkpoint, newest_readable,
                                   save_checkpoint)
 from disttrain.cli import main as cli_main
 from disttrain.config import config_from_dict, load_config
@@ -304,3 +305,74 @@ def test_kill_9_then_max_restarts_and_resume_are_bitwise(pools, tmp_path):
         _segment(pools, world_size, load_config(demo, [*LONG, f"train.out_dir={whole}"]).to_dict(), False, None)
         _assert_bitwise(_final_checkpoint(whole), _final_checkpoint(run_dir))
         assert _steps(run_dir) == list(range(60))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_elastic_membership_survivor_finishes_alone(tmp_path):
+    """Two torchrun agents (--nnodes=1:2, one worker each) on loopback; the second agent and its worker are
+    killed after the first checkpoint. The survivor's worker fails on the closed connection, its agent
+    restarts it in a new rendezvous round of one node, and it finishes from the checkpoint as W=1."""
+    demo = str(ROOT / "configs" / "demo.yaml")
+    # Long enough that the kill lands mid-run (the survivor then waits for the lost node at the end).
+    overrides = ["train.steps=300", "train.checkpoint_every=5", "train.log_every=1000", "model.hidden=8",
+                 f"train.out_dir={tmp_path / 'run'}"]
+    port = _free_port()
+
+    def agent(is_host: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",
+                "--max-restarts=3", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=elastic",
+                f"--rdzv_conf=is_host={is_host},join_timeout=60,last_call_timeout=3,close_timeout=5,"
+                "keep_alive_interval=1,keep_alive_max_attempt=2",
+                "-m", "disttrain", "train", demo, *_sets(overrides)]
+    # A fresh store per rendezvous round: torch's shared store does not survive a change of membership.
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+    logs = {name: (tmp_path / f"{name}.out").open("w+") for name in ("host", "other")}
+    # The node to be lost must not host the rendezvous store: is_host says which one does.
+    other = subprocess.Popen(agent(0), cwd=ROOT, env=env, stdout=logs["other"], stderr=subprocess.STDOUT, text=True)
+    host = subprocess.Popen(agent(1), cwd=ROOT, env=env, stdout=logs["host"], stderr=subprocess.STDOUT, text=True)
+
+    def log(name: str) -> str:
+        logs[name].seek(0)
+        return logs[name].read()[-4000:]
+
+    def newest_world_size() -> int:
+        found = list_checkpoints(tmp_path / "run")
+        try:
+            return load_checkpoint(found[-1][1])["world_size"] if found else 0
+        except (OSError, CheckpointError):  # pruned between listing and reading
+            return 0
+    try:
+        deadline = time.monotonic() + 120
+        while newest_world_size() != 2:  # both nodes train together
+            assert host.poll() is None and other.poll() is None, log("host") + log("other")
+            assert time.monotonic() < deadline, "no checkpoint of two processes appeared"
+            time.sleep(0.02)
+        for pid in [other.pid, *_descendants(other.pid)]:  # the agent and its worker (own session): a node lost
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            host.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the surviving agent did not finish:\n" + log("host"))
+    finally:
+        for proc in (host, other):
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    out = log("host")
+    assert host.returncode == 0, out
+    assert "resuming from step" in out and "now 1)" in out
+    final = _final_checkpoint(tmp_path / "run")
+    assert final["step"] == 300 and final["world_size"] == 1
+    assert _steps(tmp_path / "run") == list(range(300))
+    reference = train_segment(load_config(demo, [*overrides, f"train.out_dir={tmp_path / 'ref'}",
+                                                 "train.device=cpu"]).to_dict(), False, None)
+    assert max_rel_diff(final["model"], reference) <= 1e-10
