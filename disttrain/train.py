@@ -23,7 +23,7 @@ from .comm import GradSync, build_grad_sync, unwrap
 from .config import ClipConfig, Config, OptimConfig, check_world_size
 from .data import GlobalBatches, build_dataset
 from .dist import DistEnv
-from .metrics import MetricsLogger, all_reduce_sum
+from .metrics import MetricsLogger, StepMetrics
 from .models import build_model
 from .schedule import base_lr, build_scheduler
 
@@ -106,9 +106,8 @@ def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
                                 cfg.schedule)
-    logger = MetricsLogger(out_dir, env, t.log_every, t.steps, console=console)
-
     result = TrainResult(model=model)
+    metrics = StepMetrics(MetricsLogger(out_dir, env, t.log_every, t.steps, console=console), env, result.losses)
     sync.module.train()
     for step in range(t.steps):
         start = time.perf_counter()
@@ -116,14 +115,13 @@ def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
         out = train_step(sync, optimizer, batches.micro_batches(step, env.device, t.accumulation_steps),
                          cfg.clip, step)
         scheduler.step()  # one schedule step per optimizer step (also when a non-finite step was skipped)
-        # One packed all_reduce: the global mean loss is (sum of per-sample losses) / (sum of counts).
-        total_loss, samples = all_reduce_sum([out.loss_sum, float(batches.local_batch_size)], env)
-        result.losses.append(total_loss / samples)
         result.grad_norms.append(out.grad_norm)
         result.skipped_steps += not out.stepped
-        logger.log({"step": step, "loss": total_loss / samples, "samples": int(samples), "lr": lr,
-                    "grad_norm": out.grad_norm, "skipped": result.skipped_steps,
-                    "ms": round(1000 * (time.perf_counter() - start), 3)})
+        # The global mean loss, (sum of per-sample losses) / (sum of counts), is reduced over ranks for many
+        # steps at once when metrics flush (metrics.py), not with a blocking collective every step.
+        metrics.record(step, out.loss_sum, batches.local_batch_size, lr=lr, grad_norm=out.grad_norm,
+                       skipped=result.skipped_steps, ms=round(1000 * (time.perf_counter() - start), 3))
+    metrics.flush()  # result.losses and metrics.jsonl now hold every step
 
     model = unwrap(sync.module)
     if env.is_main:
