@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from disttrain.bench import BENCHMARKS
 from disttrain.bench import main as bench_main
+from disttrain.bench.step import EVERY_STEP
 from disttrain.config import load_config
 from disttrain.dist import DistEnv, distributed
 from disttrain.metrics import MetricsLogger, StepMetrics, read_metrics
@@ -37,8 +38,9 @@ def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
                        "--rounds", "2", *TINY)
     assert [r["world_size"] for r in step["rows"]] == [1, 2]
     for row in step["rows"]:
-        assert row["ms"].keys() == {"disttrain", "hand-written DDP"} and min(row["ms"].values()) > 0
+        assert row["ms"].keys() == {"disttrain", EVERY_STEP, "hand-written DDP"} and min(row["ms"].values()) > 0
         assert row["ratio"] == pytest.approx(row["ms"]["disttrain"] / row["ms"]["hand-written DDP"])
+        assert row["every_step_ratio"] == pytest.approx(row["ms"][EVERY_STEP] / row["ms"]["hand-written DDP"])
     assert step["setting"]["config"][-1] == "data.num_samples=16"
 
     scaling = _bench_json(pools, capsys, "scaling", "--world-sizes", "2", "--steps", "2", "--warmup", "0",
@@ -82,7 +84,9 @@ def test_bench_lists_names_and_rejects_usage_errors(capsys):
                                        "(choose from step, scaling, allreduce, syncbn)\n")
     with pytest.raises(SystemExit) as done:
         bench_main(["allreduce", "--sizes", "6B"])
-    assert done.value.code == 2 and "multiples of 4 bytes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("disttrain: error: disttrain bench allreduce: argument --sizes: ")
+    assert "multiples of 4 bytes" in err and err.count("\n") == 1
     # A bad config is found before any process starts.
     assert bench_main(["step", "--set", "model.hidden=zero"]) == 2
     err = capsys.readouterr().err

@@ -24,6 +24,12 @@ BENCHMARKS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every user error of disttrain
+        print(f"disttrain: error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def listing(prog: str) -> str:
     width = max(map(len, BENCHMARKS))
     lines = [f"usage: {prog} NAME [options] [--json]", "", "benchmarks:"]
@@ -43,7 +49,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "disttrain bench", run_w
         print(f"disttrain: error: unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})", file=sys.stderr)
         return 2
     module = importlib.import_module(f"{__name__}.{name}")
-    parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=module.__doc__.split("\n")[0])
+    parser = _Parser(prog=f"{prog} {name}", description=module.__doc__.split("\n")[0])
     module.add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args(argv[1:])

@@ -67,7 +67,8 @@ def spawn_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: 
             try:
                 rank, status, value = results.get(timeout=max(deadline - time.monotonic(), 0.1))
             except queue.Empty:
-                raise TimeoutError(f"benchmark with {world_size} processes did not finish in {timeout_s:.0f} s") from None
+                raise TimeoutError(f"benchmark with {world_size} processes did not finish in {timeout_s:.0f} s"
+                                   ) from None
             if status != "ok":
                 raise RuntimeError(f"benchmark rank {rank} failed: {value}")
             per_rank[rank] = value

@@ -1,6 +1,6 @@
 """Strong scaling of the trainer: a fixed global batch over W = 1..N processes, time per step and efficiency.
 
-    disttrain bench scaling [--world-sizes 1,2,4] [--steps 40] [--warmup 5] [--rounds 3] [--set KEY=VALUE ...] [--json]
+    disttrain bench scaling [--world-sizes 1,2,4] [--steps 20] [--warmup 5] [--rounds 5] [--set KEY=VALUE ...] [--json]
 
 The global batch stays the same, so W ranks each compute 1/W of it and communicate the same gradient:
 ideal strong scaling is T_W = T_1 / W, and the efficiency T_1 / (W * T_W) is the fraction of that ideal
@@ -30,8 +30,8 @@ def _rank_scaling(cfg_dict: dict[str, Any], steps: int, warmup: int, rounds: int
     return times
 
 
-def bench_scaling(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2, 4), steps: int = 40, warmup: int = 5,
-                  rounds: int = 3, run_world: RunWorld = spawn_world) -> list[dict[str, Any]]:
+def bench_scaling(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2, 4), steps: int = 20, warmup: int = 5,
+                  rounds: int = 5, run_world: RunWorld = spawn_world) -> list[dict[str, Any]]:
     """One row per world size (1 first): ms per step, speedup T_1/T_W and efficiency T_1/(W T_W)."""
     world_sizes = tuple(dict.fromkeys((1, *world_sizes)))
     rows: list[dict[str, Any]] = []
@@ -53,10 +53,10 @@ def bench_scaling(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2, 4)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-sizes", type=positive_ints, default=(1, 2, 4),
                         help="comma-separated process counts; 1 is always added as the base (default 1,2,4)")
-    parser.add_argument("--steps", type=positive_int, default=40, help="timed steps per run (default 40)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per run (default 20)")
     parser.add_argument("--warmup", type=non_negative_int, default=5,
                         help="untimed steps at the start of each run (default 5)")
-    parser.add_argument("--rounds", type=positive_int, default=3, help="runs per world size (default 3)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="runs per world size (default 5)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help=f"change the benchmarked config (default: {' '.join(DEFAULTS)})")
 

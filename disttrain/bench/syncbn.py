@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..syncbn import BatchNormXd, SyncBatchNorm
-from .common import (RunWorld, interleaved, machine, markdown_table, positive_int, positive_ints, slowest_median_ms, spawn_world,
-                     time_calls)
+from .common import (RunWorld, interleaved, machine, markdown_table, positive_int, positive_ints, slowest_median_ms,
+                     spawn_world, time_calls)
 
 # ResNet-like activations per rank: (N, H=W) by channel count.
 DEFAULT_SHAPES = {64: (16, 16), 256: (16, 8)}
@@ -190,7 +190,8 @@ def bench_syncbn(world_sizes: tuple[int, ...] = (2, 4), channels: tuple[int, ...
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--iters", type=positive_int, default=60, help="timed calls per implementation and config (default 60)")
+    parser.add_argument("--iters", type=positive_int, default=60,
+                        help="timed calls per implementation and config (default 60)")
     parser.add_argument("--world-sizes", type=positive_ints, default=(2, 4),
                         help="comma-separated process counts (default 2,4)")
     parser.add_argument("--channels", type=positive_ints, default=(64, 256),
