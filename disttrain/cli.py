@@ -3,7 +3,7 @@
     disttrain train  CONFIG [--nproc N] [--resume] [--max-restarts R] [--stop-at S] [--set section.key=value ...]
     disttrain verify CONFIG [--nproc N | --against RUN_DIR] [--set ...] [--json]
     disttrain config CONFIG [--set ...]            print the resolved config
-    disttrain bench syncbn [--iters N] [--world-sizes 2,4] [--channels 64,256]
+    disttrain bench [NAME [options] [--json]]      benchmarks: step, scaling, allreduce, syncbn
 
 Exit codes: 0 success; 1 verify found no equivalence, or a worker failed; 2 a user error (bad config,
 impossible batch split, missing file, wrong usage), reported in one line without a traceback.
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the table")
     p = sub.add_parser("config", help="print the resolved config (defaults < YAML < --set)")
     common(p)
-    p = sub.add_parser("bench", help="benchmarks that print numbers: `disttrain bench syncbn --help`", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks that print numbers: `disttrain bench` lists them", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 

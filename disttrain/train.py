@@ -26,7 +26,7 @@ from .comm import GradSync, build_grad_sync, unwrap
 from .config import ClipConfig, Config, ConfigError, OptimConfig, check_world_size, trajectory_differences
 from .data import GlobalBatches, build_dataset
 from .dist import DistEnv, broadcast_from_main, restart_count
-from .metrics import MetricsLogger, all_reduce_sum
+from .metrics import MetricsLogger, StepMetrics
 from .models import build_model
 from .schedule import base_lr, build_scheduler
 
@@ -183,10 +183,11 @@ def run(cfg: Config, env: DistEnv, console: bool = True, resume: bool | str | Pa
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])  # momentum / Adam moments, and the current lr
         scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
-    logger = MetricsLogger(out_dir, env, t.log_every, t.steps, console=console, start_step=start)
 
     result = TrainResult(model=model, skipped_steps=0 if state is None else state["skipped"], start_step=start,
                          optimizer=optimizer)
+    logger = MetricsLogger(out_dir, env, t.log_every, t.steps, console=console, start_step=start)
+    metrics = StepMetrics(logger, env, result.losses)
     writer = CheckpointWriter(out_dir, t.keep_checkpoints) if env.is_main and t.checkpoint_every else None
     sync.module.train()
     for step in range(start, stop):
@@ -195,21 +196,19 @@ def run(cfg: Config, env: DistEnv, console: bool = True, resume: bool | str | Pa
         out = train_step(sync, optimizer, batches.micro_batches(step, env.device, t.accumulation_steps),
                          cfg.clip, step)
         scheduler.step()  # one schedule step per optimizer step (also when a non-finite step was skipped)
-        # One packed all_reduce: the global mean loss is (sum of per-sample losses) / (sum of counts).
-        total_loss, samples = all_reduce_sum([out.loss_sum, float(batches.local_batch_size)], env)
-        result.losses.append(total_loss / samples)
         result.grad_norms.append(out.grad_norm)
         result.skipped_steps += not out.stepped
-        logger.log({"step": step, "loss": total_loss / samples, "samples": int(samples), "lr": lr,
-                    "grad_norm": out.grad_norm, "skipped": result.skipped_steps,
-                    "ms": round(1000 * (time.perf_counter() - start_time), 3)})
+        # The global mean loss, (sum of per-sample losses) / (sum of counts), is reduced over ranks for many
+        # steps at once when metrics flush (metrics.py), not with a blocking collective every step.
+        metrics.record(step, out.loss_sum, batches.local_batch_size, lr=lr, grad_norm=out.grad_norm,
+                       skipped=result.skipped_steps, ms=round(1000 * (time.perf_counter() - start_time), 3))
         done = step + 1
         if t.checkpoint_every and (done % t.checkpoint_every == 0 or done in (stop, t.steps)):
-            logger.flush()  # metrics.jsonl holds every step up to this checkpoint before it exists
+            metrics.flush()  # metrics.jsonl holds every step up to this checkpoint before it exists
             if writer is not None:  # every rank holds the same state: rank 0 writes it, in the background
                 writer.submit(training_state(unwrap(sync.module), optimizer, scheduler, done,
                                              result.skipped_steps, cfg.to_dict(), env.world_size))
-    logger.flush()
+    metrics.flush()  # result.losses and metrics.jsonl now hold every step
     if writer is not None:
         writer.wait()  # the last checkpoint is durable before the run returns
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from disttrain.config import config_from_dict, load_config
 from disttrain.data import GlobalBatches, build_dataset
 from disttrain.dist import distributed
+from disttrain.metrics import StepMetrics
 from disttrain.models import build_model
 from disttrain.comm import build_grad_sync
 from disttrain.train import build_optimizer, run, train_step
@@ -23,7 +24,10 @@ BASE = ["train.global_batch_size=30", "train.steps=8", "train.device=cpu", "data
 
 
 def train_counting(cfg_dict: dict) -> dict:
-    """Train on this rank, counting all_reduce calls (gradient buckets and the metrics reduction)."""
+    """Train on this rank, counting all_reduce calls (gradient buckets and the metrics reduction).
+
+    The metrics reduce the loss every 1, 2, 4, ... steps here (not by elapsed time), so the count is exact.
+    """
     calls = []
     real = dist.all_reduce
 
@@ -32,12 +36,14 @@ def train_counting(cfg_dict: dict) -> dict:
         return real(tensor, *args, **kwargs)
 
     dist.all_reduce = counting
+    flush_seconds, StepMetrics.flush_seconds = StepMetrics.flush_seconds, math.inf
     try:
         cfg = config_from_dict(cfg_dict)
         with distributed("cpu") as env:
             result = run(cfg, env, console=False)
     finally:
         dist.all_reduce = real
+        StepMetrics.flush_seconds = flush_seconds
     return {"state": {k: v.clone() for k, v in result.model.state_dict().items()}, "losses": result.losses,
             "grad_norms": result.grad_norms, "skipped": result.skipped_steps, "all_reduces": len(calls)}
 
@@ -91,11 +97,11 @@ def test_accumulation_equals_one_device_and_communicates_once_per_step(pools, tm
     for out in accumulated:
         assert max_rel_diff(out["state"], ref["state"]) <= 1e-10
         torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref["losses"]), rtol=1e-12, atol=0)
-    # One gradient all_reduce (one bucket) plus one metrics all_reduce per optimizer step, with or without
-    # accumulation: the first k-1 micro-batches do not communicate.
-    steps = 8
-    assert [o["all_reduces"] for o in accumulated] == [2 * steps] * world_size
-    assert [o["all_reduces"] for o in plain] == [2 * steps] * world_size
+    # One gradient all_reduce (one bucket) per optimizer step, with or without accumulation: the first k-1
+    # micro-batches do not communicate. Plus the metrics' loss reductions: after steps 0, 2, 6 and at the end.
+    steps, metric_flushes = 8, 4
+    assert [o["all_reduces"] for o in accumulated] == [steps + metric_flushes] * world_size
+    assert [o["all_reduces"] for o in plain] == [steps + metric_flushes] * world_size
 
 
 def nonfinite_steps(cfg_dict: dict, bad_rank: int, bad_step: int) -> list[dict]:

@@ -575,7 +575,7 @@ def test_state_dict_interchange_with_torch_batchnorm():
 # ---------------------------------------------------------------------- benchmark baselines
 
 def _baselines_agree() -> dict:
-    from disttrain import bench
+    from disttrain.bench import syncbn as bench
 
     rank, out = dist.get_rank(), {}
     for name, make in bench.implementations().items():

@@ -1,6 +1,6 @@
-"""Benchmark: one SyncBatchNorm layer call (forward + backward) on W gloo processes.
+"""SyncBatchNorm forward+backward per layer call: disttrain against two-pass and all_gather baselines.
 
-    python -m disttrain.bench syncbn [--iters 60] [--world-sizes 2,4] [--channels 64,256]
+    disttrain bench syncbn [--iters 60] [--world-sizes 2,4] [--channels 64,256] [--json]
 
 Compared, per world size and channel count, on the same per-rank input:
 - ``disttrain``: disttrain.syncbn.SyncBatchNorm with its per-backend collective (all_gather on gloo);
@@ -17,20 +17,17 @@ communication. A benchmark prints numbers; nothing here is a test. Medians and r
 from __future__ import annotations
 
 import argparse
-import datetime
-import queue
-import statistics
-import sys
-import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .syncbn import BatchNormXd, SyncBatchNorm
+from ..syncbn import BatchNormXd, SyncBatchNorm
+from .common import (RunWorld, interleaved, machine, markdown_table, positive_int, positive_ints, slowest_median_ms,
+                     spawn_world, time_calls)
 
 # ResNet-like activations per rank: (N, H=W) by channel count.
 DEFAULT_SHAPES = {64: (16, 16), 256: (16, 8)}
@@ -155,77 +152,25 @@ def implementations() -> dict[str, Callable[[int], nn.Module]]:
             "two-pass": TwoPassSyncBatchNorm, "all_gather+Chan": AllGatherChanSyncBatchNorm, "local": BatchNormXd}
 
 
-def _time_calls(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, iters: int) -> list[float]:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        layer(x).backward(dy)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _bench_worker(rank: int, world_size: int, port: int, configs: list[tuple[int, int, int]], iters: int,
-                  rounds: int, results, timeout_s: float) -> None:
-    torch.set_num_threads(1)  # W processes share the machine's cores
-    try:
-        store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        out = []
-        for channels, batch, size in configs:
-            g = torch.Generator().manual_seed(rank)
-            x = torch.randn(batch, channels, size, size, generator=g).requires_grad_()
-            dy = torch.randn(x.shape, generator=g)
-            layers = {name: make(channels) for name, make in implementations().items()}
-            times: dict[str, list[float]] = {name: [] for name in layers}
-            for name, layer in layers.items():  # warm-up
-                _time_calls(layer, x, dy, 3)
-            # Interleave implementations in rounds so that load from elsewhere hits all of them alike.
-            for _ in range(rounds):
-                for name, layer in layers.items():
-                    dist.barrier()
-                    times[name] += _time_calls(layer, x, dy, max(iters // rounds, 1))
-            out.append({name: statistics.median(ts) for name, ts in times.items()})
-        results.put((rank, "ok", out))
-        dist.destroy_process_group()
-    except BaseException as e:  # report, so the parent does not wait for its timeout
-        results.put((rank, "err", repr(e)))
-
-
-def _run_world(world_size: int, configs: list[tuple[int, int, int]], iters: int, rounds: int,
-               timeout_s: float) -> list[list[dict[str, float]]]:
-    """Spawn ``world_size`` gloo processes (rendezvous on a port the OS picks); per-rank medians."""
-    ctx = mp.get_context("spawn")
-    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_bench_worker, daemon=True,
-                         args=(r, world_size, store.port, configs, iters, rounds, results, timeout_s))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    per_rank: dict[int, list[dict[str, float]]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(per_rank) < world_size:
-            try:
-                rank, status, value = results.get(timeout=max(deadline - time.monotonic(), 0.1))
-            except queue.Empty:
-                raise TimeoutError(f"benchmark with {world_size} processes did not finish in {timeout_s:.0f} s") from None
-            if status != "ok":
-                raise RuntimeError(f"benchmark rank {rank} failed: {value}")
-            per_rank[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [per_rank[r] for r in range(world_size)]
+def _rank_syncbn(configs: list[tuple[int, int, int]], iters: int, rounds: int) -> list[dict[str, list[float]]]:
+    """On every rank: seconds per forward+backward call of each implementation, per (channels, N, size)."""
+    rank, out = dist.get_rank(), []
+    for channels, batch, size in configs:
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(batch, channels, size, size, generator=g).requires_grad_()
+        dy = torch.randn(x.shape, generator=g)
+        layers = {name: make(channels) for name, make in implementations().items()}
+        for layer in layers.values():  # warm-up
+            time_calls(lambda layer=layer: layer(x).backward(dy), 3)
+        per_round = max(iters // rounds, 1)
+        out.append(interleaved({name: (lambda layer=layer: time_calls(lambda: layer(x).backward(dy), per_round))
+                                for name, layer in layers.items()}, rounds))
+    return out
 
 
 def bench_syncbn(world_sizes: tuple[int, ...] = (2, 4), channels: tuple[int, ...] = (64, 256), iters: int = 60,
                  rounds: int = 3, shapes: dict[int, tuple[int, int]] | None = None,
-                 timeout_s: float = 600.0) -> list[dict]:
+                 run_world: RunWorld = spawn_world) -> list[dict]:
     """Forward+backward time per layer call; one row per (world size, channels).
 
     Each row holds the per-rank input shape, each implementation's median time in ms (the slowest rank's
@@ -235,51 +180,35 @@ def bench_syncbn(world_sizes: tuple[int, ...] = (2, 4), channels: tuple[int, ...
     configs = [(c, *shapes.get(c, (16, 8))) for c in channels]
     rows = []
     for world_size in world_sizes:
-        per_rank = _run_world(world_size, configs, iters, rounds, timeout_s)
+        per_rank = run_world(world_size, _rank_syncbn, configs, iters, rounds)
         for i, (c, batch, size) in enumerate(configs):
-            ms = {name: 1e3 * max(rank_out[i][name] for rank_out in per_rank) for name in per_rank[0][i]}
-            rows.append({"world_size": world_size, "channels": c, "shape": (batch, c, size, size), "ms": ms,
+            ms = slowest_median_ms([rank_out[i] for rank_out in per_rank])
+            rows.append({"world_size": world_size, "channels": c, "shape": [batch, c, size, size], "ms": ms,
                          "vs_two_pass": ms["disttrain"] / ms["two-pass"],
                          "vs_all_gather_chan": ms["disttrain"] / ms["all_gather+Chan"]})
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--iters", type=positive_int, default=60,
+                        help="timed calls per implementation and config (default 60)")
+    parser.add_argument("--world-sizes", type=positive_ints, default=(2, 4),
+                        help="comma-separated process counts (default 2,4)")
+    parser.add_argument("--channels", type=positive_ints, default=(64, 256),
+                        help="comma-separated channel counts (default 64,256)")
+
+
+def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str, Any]:
+    rows = bench_syncbn(world_sizes=args.world_sizes, channels=args.channels, iters=args.iters, run_world=run_world)
+    return {"benchmark": "syncbn", "machine": machine(), "setting": {"iters": args.iters, "dtype": "float32"},
+            "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = result["rows"]
     names = list(rows[0]["ms"]) if rows else []
     header = ["W", "per-rank input"] + [f"{n} ms" for n in names] + ["disttrain / two-pass",
                                                                       "disttrain / all_gather+Chan"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [str(row["world_size"]), "x".join(map(str, row["shape"]))]
-        cells += [f"{row['ms'][n]:.2f}" for n in names]
-        cells += [f"{row['vs_two_pass']:.2f}", f"{row['vs_all_gather_chan']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m disttrain.bench") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["syncbn"])
-    parser.add_argument("--iters", type=int, default=60, help="timed calls per implementation and config")
-    parser.add_argument("--world-sizes", type=_positive_ints, default=(2, 4), help="comma-separated process counts")
-    parser.add_argument("--channels", type=_positive_ints, default=(64, 256), help="comma-separated channel counts")
-    args = parser.parse_args(argv)
-    if args.iters < 1:
-        parser.error(f"--iters: must be >= 1, got {args.iters}")
-    rows = bench_syncbn(world_sizes=args.world_sizes, channels=args.channels, iters=args.iters)
-    print(format_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return markdown_table(header, [
+        [str(row["world_size"]), "x".join(map(str, row["shape"]))] + [f"{row['ms'][n]:.2f}" for n in names]
+        + [f"{row['vs_two_pass']:.2f}", f"{row['vs_all_gather_chan']:.2f}"] for row in rows])

@@ -1,0 +1,69 @@
+"""`disttrain bench`: benchmarks that print a table (or ``--json``), every ratio measured side by side in one run.
+
+    disttrain bench                    list the benchmarks
+    disttrain bench NAME [options]     run one; ``disttrain bench NAME --help`` for its options
+
+One module per benchmark (step, scaling, allreduce, syncbn), each with ``add_arguments(parser)``,
+``run(args, run_world) -> dict`` and ``format_table(result) -> str``; common.py holds what they share.
+A benchmark prints numbers; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+BENCHMARKS = {
+    "step": "the trainer's step vs a hand-written DDP loop, same model, data and batch (W=1,2)",
+    "scaling": "strong scaling of the trainer: fixed global batch, W=1..N, efficiency T1/(W TW)",
+    "allreduce": "all_reduce algbw/busbw over 1 KiB..64 MiB against the machine's memcpy bandwidth",
+    "syncbn": "SyncBatchNorm forward+backward: disttrain vs two-pass and all_gather baselines",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every user error of disttrain
+        print(f"disttrain: error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def listing(prog: str) -> str:
+    width = max(map(len, BENCHMARKS))
+    lines = [f"usage: {prog} NAME [options] [--json]", "", "benchmarks:"]
+    lines += [f"  {name:<{width}}  {what}" for name, what in BENCHMARKS.items()]
+    lines += ["", f"`{prog} NAME --help` shows a benchmark's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "disttrain bench", run_world=None) -> int:
+    """Run one benchmark from the command line. ``run_world``: how to run on W ranks (default: spawn them)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(listing(prog))
+        return 0
+    name = argv[0]
+    if name not in BENCHMARKS:
+        print(f"disttrain: error: unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"{__name__}.{name}")
+    parser = _Parser(prog=f"{prog} {name}", description=module.__doc__.split("\n")[0])
+    module.add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    args = parser.parse_args(argv[1:])
+
+    from ..config import ConfigError
+    from .common import spawn_world
+
+    try:
+        result = module.run(args, run_world or spawn_world)
+    except ConfigError as exc:
+        print(f"disttrain: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"disttrain: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else module.format_table(result), flush=True)
+    return 0

@@ -1,0 +1,179 @@
+"""What the benchmarks share: W gloo processes with one intra-op thread each, timing, medians, output.
+
+A benchmark's per-rank work is a module-level function that runs on every rank of a W-process gloo group
+(the default process group); ``run_world(W, fn, *args)`` returns its per-rank results in rank order.
+:func:`spawn_world` starts W fresh processes for that; a caller that already holds W ranks (a pool of
+workers) can pass its own ``run_world``.
+
+One intra-op thread per rank: W processes share the machine's cores, and torch's default (one thread per
+core in every process) would oversubscribe them. Times are per call or per step, in seconds inside the
+ranks; a synchronised operation is as fast as its slowest rank, so a benchmark reports the slowest rank's
+median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import queue
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+RunWorld = Callable[..., list[Any]]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, results: Any,
+               timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        out = fn(*args)
+        dist.destroy_process_group()
+        results.put((rank, "ok", out))
+    except BaseException as e:  # report, so the parent does not wait for its timeout
+        results.put((rank, "err", f"{type(e).__name__}: {e}"))
+
+
+def spawn_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 900.0) -> list[Any]:
+    """Run ``fn(*args)`` on every rank of ``world_size`` fresh gloo processes; the results in rank order.
+
+    The rendezvous store listens on a port the OS picks. A rank that raises ends the benchmark with its
+    error; one that hangs ends it after ``timeout_s`` (also the collectives' timeout).
+    """
+    ctx = mp.get_context("spawn")
+    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, daemon=True,
+                         args=(r, world_size, store.port, fn, args, results, timeout_s))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    per_rank: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(per_rank) < world_size:
+            try:
+                rank, status, value = results.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                raise TimeoutError(f"benchmark with {world_size} processes did not finish in {timeout_s:.0f} s"
+                                   ) from None
+            if status != "ok":
+                raise RuntimeError(f"benchmark rank {rank} failed: {value}")
+            per_rank[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [per_rank[r] for r in range(world_size)]
+
+
+def time_calls(fn: Callable[[], Any], n: int) -> list[float]:
+    """Seconds per call of ``fn``, ``n`` calls."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
+    """Run every variant once per round, the order rotated each round, after a barrier on every rank.
+
+    Each call returns its own list of times. Alternating the variants in rounds exposes them alike to load
+    from elsewhere on a shared machine, so their ratio is measured side by side.
+    """
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if dist.is_initialized():
+                dist.barrier()
+            times[name] += variants[name]()
+    return times
+
+
+def step_periods(stamps: Sequence[float], warmup: int) -> list[float]:
+    """Seconds from the start of each step to the start of the next, the first ``warmup`` steps dropped."""
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+
+
+def slowest_median_ms(per_rank: Sequence[dict[str, list[float]]]) -> dict[str, float]:
+    """Name -> the largest of the ranks' median times, in milliseconds."""
+    return {name: 1e3 * max(statistics.median(r[name]) for r in per_rank) for name in per_rank[0]}
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from."""
+    return {"torch": torch.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "backend": "gloo", "threads_per_rank": 1}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def positive_int(text: str, least: int = 1) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return positive_int(text, least=0)
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: "1,2,4" -> (1, 2, 4), each >= 1."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+_UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def byte_sizes(text: str) -> tuple[int, ...]:
+    """argparse type: "1KiB,64MiB" -> (1024, 67108864); plain numbers are bytes; each a multiple of 4."""
+    values = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*([KMG]iB|B)?\s*", item, flags=re.IGNORECASE)
+        if not match:
+            raise argparse.ArgumentTypeError(f"expected sizes like 1KiB,4MiB, got {item!r}")
+        size = int(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+        if size < 4 or size % 4:
+            raise argparse.ArgumentTypeError(f"sizes must be positive multiples of 4 bytes, got {item!r}")
+        values.append(size)
+    return tuple(values)
+
+
+def format_bytes(size: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} B"

@@ -1,0 +1,137 @@
+"""The trainer's step against a hand-written DDP loop on the same model, data and batch, side by side.
+
+    disttrain bench step [--world-sizes 1,2] [--steps 20] [--warmup 5] [--rounds 10] [--set KEY=VALUE ...] [--json]
+
+On every rank of a W-process gloo group (one intra-op thread per rank), alternating in rounds:
+- ``disttrain``: ``disttrain.train.run``, the trainer's own loop: this rank's slice of the global batch, the
+  step function (loss sum over the global batch size, DDP with the count-weighted-mean hook, the global
+  gradient norm, optimizer step), the schedule, and the per-step metrics (reduced over ranks in batches
+  of steps, written to metrics.jsonl on rank 0);
+- ``disttrain, loss reduced every step``: the same loop with the logged loss reduced over ranks by a
+  blocking all_reduce every step, as a simple trainer does: the cost of that one small collective;
+- ``hand-written DDP``: the loop of torch's DDP tutorial on the same model and initial weights, optimizer
+  and batches: DistributedDataParallel, F.cross_entropy (mean), zero_grad, backward, optimizer.step.
+
+Time per step is the time from the start of one step to the start of the next, so it holds everything
+the loop does; the median over steps and rounds on the slowest rank. The default setting is a CNN with
+hidden 64 in float32, global batch 256 (``--set`` changes it, as for ``disttrain train``). The hand-written
+loop does no clipping, schedule or accumulation: with those set, the trainer does more work than it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from typing import Any
+
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import train
+from ..config import check_world_size, config_from_dict, load_config
+from ..data import GlobalBatches, build_dataset
+from ..dist import distributed
+from ..metrics import StepMetrics
+from ..models import build_model
+from .common import (RunWorld, interleaved, machine, markdown_table, non_negative_int, positive_int, positive_ints,
+                     slowest_median_ms, spawn_world, step_periods)
+
+EVERY_STEP = "disttrain, loss reduced every step"
+DEFAULTS = ["model.name=cnn", "model.hidden=64", "model.norm=none", "train.dtype=float32",
+            "train.global_batch_size=256", "train.device=cpu"]
+
+
+def bench_config(overrides: list[str], out_dir: str) -> dict[str, Any]:
+    """The benchmarked config as a dict: DEFAULTS < ``overrides`` (section.key=value); ConfigError if invalid."""
+    return load_config(None, [*DEFAULTS, *overrides, f"train.out_dir={out_dir}"]).to_dict()
+
+
+def trainer_step_times(cfg_dict: dict[str, Any], steps: int, warmup: int,
+                       reduce_loss_every_step: bool = False) -> list[float]:
+    """On every rank: seconds per step of ``disttrain.train.run`` over ``warmup + steps + 1`` steps."""
+    cfg = config_from_dict({**cfg_dict, "train": {**cfg_dict["train"], "steps": warmup + steps + 1}})
+    stamps: list[float] = []
+    real_step, flush_seconds = train.train_step, StepMetrics.flush_seconds
+
+    def stamped(*args: Any, **kwargs: Any) -> Any:
+        stamps.append(time.perf_counter())
+        return real_step(*args, **kwargs)
+
+    train.train_step = stamped  # run() calls it once per step: a stamp at the start of each step
+    if reduce_loss_every_step:
+        StepMetrics.flush_seconds = 0.0
+    try:
+        with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
+            train.run(cfg, env, console=False)
+    finally:
+        train.train_step, StepMetrics.flush_seconds = real_step, flush_seconds
+    return step_periods(stamps, warmup)
+
+
+def hand_written_step_times(cfg_dict: dict[str, Any], steps: int, warmup: int) -> list[float]:
+    """On every rank: seconds per step of a torch-tutorial DDP loop on the trainer's model, data and batches."""
+    cfg = config_from_dict(cfg_dict)
+    with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
+        dtype = train.DTYPES[cfg.train.dtype]
+        dataset = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype)
+        batches = GlobalBatches(dataset, cfg.train.global_batch_size, cfg.seed, env.rank, env.world_size)
+        model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device)
+        ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        optimizer = train.build_optimizer(ddp.parameters(), cfg.optim)
+        stamps = []
+        for step in range(warmup + steps + 1):
+            stamps.append(time.perf_counter())
+            x, y = batches.batch(step, env.device)
+            loss = F.cross_entropy(ddp(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return step_periods(stamps, warmup)
+
+
+def _rank_step(cfg_dict: dict[str, Any], steps: int, warmup: int, rounds: int) -> dict[str, list[float]]:
+    return interleaved({"disttrain": lambda: trainer_step_times(cfg_dict, steps, warmup),
+                        EVERY_STEP: lambda: trainer_step_times(cfg_dict, steps, warmup, reduce_loss_every_step=True),
+                        "hand-written DDP": lambda: hand_written_step_times(cfg_dict, steps, warmup)}, rounds)
+
+
+def bench_step(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2), steps: int = 20, warmup: int = 5,
+               rounds: int = 10, run_world: RunWorld = spawn_world) -> list[dict[str, Any]]:
+    """One row per world size: median ms per step of each loop and the ratios, measured in one group."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="disttrain-bench-") as out_dir:
+        cfg_dict = bench_config(overrides, out_dir)
+        for world_size in world_sizes:
+            check_world_size(config_from_dict(cfg_dict), world_size)
+        for world_size in world_sizes:
+            ms = slowest_median_ms(run_world(world_size, _rank_step, cfg_dict, steps, warmup, rounds))
+            rows.append({"world_size": world_size, "ms": ms, "ratio": ms["disttrain"] / ms["hand-written DDP"],
+                         "every_step_ratio": ms[EVERY_STEP] / ms["hand-written DDP"]})
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--world-sizes", type=positive_ints, default=(1, 2),
+                        help="comma-separated process counts (default 1,2)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per run (default 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=5,
+                        help="untimed steps at the start of each run (default 5)")
+    parser.add_argument("--rounds", type=positive_int, default=10,
+                        help="runs of each loop, alternating: short runs, many rounds (default 10)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"change the benchmarked config (default: {' '.join(DEFAULTS)})")
+
+
+def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str, Any]:
+    rows = bench_step(args.overrides, args.world_sizes, args.steps, args.warmup, args.rounds, run_world)
+    setting = {"config": [*DEFAULTS, *args.overrides], "steps": args.steps, "warmup": args.warmup,
+               "rounds": args.rounds}
+    return {"benchmark": "step", "machine": machine(), "setting": setting, "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    return markdown_table(["W", "hand-written DDP ms/step", "disttrain ms/step", "disttrain / hand-written",
+                           "loss reduced every step ms/step", "every step / hand-written"], [
+        [str(r["world_size"]), f"{r['ms']['hand-written DDP']:.2f}", f"{r['ms']['disttrain']:.2f}", f"{r['ratio']:.3f}",
+         f"{r['ms'][EVERY_STEP]:.2f}", f"{r['every_step_ratio']:.3f}"] for r in result["rows"]])

@@ -1,0 +1,194 @@
+"""The benchmark suite (tiny sizes: each runs and its JSON has the fields), one thread per launched worker,
+and the batched reduction of the logged loss (exact per-step records, few collectives)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from disttrain.bench import BENCHMARKS
+from disttrain.bench import main as bench_main
+from disttrain.bench.step import EVERY_STEP
+from disttrain.config import load_config
+from disttrain.dist import DistEnv, distributed
+from disttrain.metrics import MetricsLogger, StepMetrics, read_metrics
+from disttrain.train import run
+
+TINY = ["--set", "model.hidden=4", "--set", "train.global_batch_size=8", "--set", "data.num_samples=16"]
+
+
+def _bench_json(pools, capsys, *argv: str) -> dict:
+    code = bench_main([*argv, "--json"], run_world=lambda w, fn, *args: pools(w).run(fn, *args))
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out)
+    assert result["benchmark"] == argv[0]
+    assert {"torch", "cpu_count", "backend", "threads_per_rank"} <= result["machine"].keys()
+    return result
+
+
+def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
+    step = _bench_json(pools, capsys, "step", "--world-sizes", "1,2", "--steps", "2", "--warmup", "1",
+                       "--rounds", "2", *TINY)
+    assert [r["world_size"] for r in step["rows"]] == [1, 2]
+    for row in step["rows"]:
+        assert row["ms"].keys() == {"disttrain", EVERY_STEP, "hand-written DDP"} and min(row["ms"].values()) > 0
+        assert row["ratio"] == pytest.approx(row["ms"]["disttrain"] / row["ms"]["hand-written DDP"])
+        assert row["every_step_ratio"] == pytest.approx(row["ms"][EVERY_STEP] / row["ms"]["hand-written DDP"])
+    assert step["setting"]["config"][-1] == "data.num_samples=16"
+
+    scaling = _bench_json(pools, capsys, "scaling", "--world-sizes", "2", "--steps", "2", "--warmup", "0",
+                          "--rounds", "1", *TINY)
+    base, two = scaling["rows"]  # W=1 is always the base
+    assert (base["world_size"], two["world_size"], base["efficiency"], base["speedup"]) == (1, 2, 1.0, 1.0)
+    assert two["efficiency"] == pytest.approx(base["ms"] / (2 * two["ms"]))
+    assert two["speedup"] == pytest.approx(base["ms"] / two["ms"]) and two["global_batch_size"] == 8
+    assert two["samples_per_s"] == pytest.approx(8e3 / two["ms"])
+
+    allreduce = _bench_json(pools, capsys, "allreduce", "--world-sizes", "2", "--sizes", "1KiB,4KiB", "--iters", "2")
+    assert [(r["world_size"], r["bytes"]) for r in allreduce["rows"]] == [(2, 1024), (2, 4096)]
+    for row in allreduce["rows"]:
+        assert row["algbw_gbps"] == pytest.approx(row["bytes"] / row["us"] / 1e3)
+        assert row["busbw_gbps"] == pytest.approx(row["algbw_gbps"] * 2 * (2 - 1) / 2)
+        assert row["memcpy_gbps"] > 0 and row["busbw_vs_memcpy"] == pytest.approx(
+            row["busbw_gbps"] / row["memcpy_gbps"])
+
+    syncbn = _bench_json(pools, capsys, "syncbn", "--world-sizes", "2", "--channels", "4", "--iters", "2")
+    (row,) = syncbn["rows"]
+    assert {"disttrain", "two-pass", "all_gather+Chan", "local"} <= row["ms"].keys()
+    assert row["vs_two_pass"] == pytest.approx(row["ms"]["disttrain"] / row["ms"]["two-pass"])
+
+    assert bench_main(["allreduce", "--world-sizes", "2", "--sizes", "1KiB", "--iters", "2"],
+                      run_world=lambda w, fn, *args: pools(w).run(fn, *args)) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| W | size | time us | algbw GB/s | busbw GB/s") and len(table) == 3
+
+
+def test_bench_lists_names_and_rejects_usage_errors(capsys):
+    assert bench_main([]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"  {name} " in listing for name in BENCHMARKS) and "--help" in listing
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit) as done:
+            bench_main([name, "--help"])
+        assert done.value.code == 0 and "--json" in capsys.readouterr().out
+
+    assert bench_main(["nope"]) == 2
+    assert capsys.readouterr().err == ("disttrain: error: unknown benchmark 'nope' "
+                                       "(choose from step, scaling, allreduce, syncbn)\n")
+    with pytest.raises(SystemExit) as done:
+        bench_main(["allreduce", "--sizes", "6B"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("disttrain: error: disttrain bench allreduce: argument --sizes: ")
+    assert "multiples of 4 bytes" in err and err.count("\n") == 1
+    # A bad config is found before any process starts.
+    assert bench_main(["step", "--set", "model.hidden=zero"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("disttrain: error: model.hidden") and err.count("\n") == 1
+    assert bench_main(["scaling", "--world-sizes", "4", "--set", "train.global_batch_size=2"]) == 2
+    assert "train.global_batch_size=2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- one thread per launched worker
+
+def test_one_thread_per_worker_unless_the_user_says_otherwise(monkeypatch):
+    from disttrain.launcher import one_thread_per_worker
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with one_thread_per_worker(2):
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in os.environ  # only for the launch
+    with one_thread_per_worker(1):  # a single worker keeps torch's default, as under torchrun
+        assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with one_thread_per_worker(4):
+        assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's setting wins
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def report_threads(cfg_dict: dict, console: bool) -> tuple[str | None, int]:
+    """Stands in for the training worker: what the launched process was given."""
+    return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+
+
+def test_launched_workers_get_one_intra_op_thread(monkeypatch):
+    import disttrain.launcher as launcher
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(launcher, "_train_worker", report_threads)
+    assert launcher.launch_local(load_config(None, []), 2) == ("1", 1)
+
+
+# ---------------------------------------------------------------------- batched reduction of the logged loss
+
+def train_and_count(cfg_dict: dict) -> dict:
+    """Train on this rank with loss reductions every 1, 2, 4, ... steps; the size of every all_reduce."""
+    from disttrain.config import config_from_dict
+
+    sizes = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        sizes.append((tensor.dtype, tensor.numel()))
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    flush_seconds, StepMetrics.flush_seconds = StepMetrics.flush_seconds, math.inf
+    try:
+        with distributed("cpu") as env:
+            losses = run(config_from_dict(cfg_dict), env, console=False).losses
+    finally:
+        dist.all_reduce = real
+        StepMetrics.flush_seconds = flush_seconds
+    return {"losses": losses, "sizes": sizes}
+
+
+def test_batched_loss_reduction_keeps_every_step_exact(pools, tmp_path):
+    common = ["train.dtype=float64", "train.steps=10", "train.log_every=3", "train.global_batch_size=15",
+              "data.num_samples=60", "model.hidden=8", "train.device=cpu"]
+    ref = train_and_count(load_config(None, [*common, f"train.out_dir={tmp_path / 'one'}"]).to_dict())
+    ranks = pools(2).run(train_and_count, load_config(None, [*common, f"train.out_dir={tmp_path / 'two'}"]).to_dict())
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == list(range(10)) and all(r["samples"] == 15 for r in two)  # slices 8 + 7
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
+                               rtol=1e-12, atol=0)
+    assert ranks[0]["losses"] == ranks[1]["losses"] == [r["loss"] for r in two]  # every rank, every step
+    assert ref["losses"] == [r["loss"] for r in one]
+    # Loss reductions (float64, [sums, counts, interval]) after steps 0, 2, 6 and at the end: 4 collectives
+    # for 10 steps, next to one gradient all_reduce per step (one bucket, in the model's float64 too).
+    metric_sizes = [n for _, n in ranks[0]["sizes"] if n in (3, 5, 9, 7)]
+    assert metric_sizes == [2 * 1 + 1, 2 * 2 + 1, 2 * 4 + 1, 2 * 3 + 1]
+    assert len(ranks[0]["sizes"]) == 10 + 4 and ranks[0]["sizes"] == ranks[1]["sizes"]
+
+
+def test_flush_at_any_step_puts_every_step_on_disk(tmp_path):
+    """The loop may flush at any step (say, before a checkpoint): metrics.jsonl then holds every step so far."""
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+    console = io.StringIO()
+    metrics = StepMetrics(MetricsLogger(tmp_path, env, log_every=2, total_steps=6, stream=console), env)
+    metrics.flush_seconds = math.inf  # intervals 1, 2, 4, ...
+    for step in range(6):
+        metrics.record(step, torch.tensor(3.0 * (step + 1), dtype=torch.float64), 3, lr=0.1)
+        if step == 3:
+            metrics.flush()
+            assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]  # steps 4, 5 still pending
+    metrics.flush()
+    records = read_metrics(tmp_path)
+    assert [r["loss"] for r in records] == metrics.losses == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert records[0] == {"step": 0, "loss": 1.0, "samples": 3, "lr": 0.1}
+    assert [line.split()[1] for line in console.getvalue().splitlines()] == ["1/6", "3/6", "5/6", "6/6"]
+    metrics.flush()  # nothing pending: no collective, nothing written
+    assert metrics.flushes == 4 and len(read_metrics(tmp_path)) == 6
+
+    every_step = StepMetrics(MetricsLogger(tmp_path / "b", env, 1, 3, console=False), env)
+    every_step.flush_seconds = 0.0  # a reduction every step, as a blocking per-step all_reduce would
+    for step in range(3):
+        every_step.record(step, torch.tensor(1.0, dtype=torch.float64), 1)
+        assert len(read_metrics(tmp_path / "b")) == step + 1
