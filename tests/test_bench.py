@@ -112,7 +112,7 @@ def test_one_thread_per_worker_unless_the_user_says_otherwise(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
-def report_threads(cfg_dict: dict, console: bool) -> tuple[str | None, int]:
+def report_threads(cfg_dict: dict, console: bool, *run_args: object) -> tuple[str | None, int]:
     """Stands in for the training worker: what the launched process was given."""
     return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
 
