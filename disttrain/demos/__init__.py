@@ -31,8 +31,12 @@ def run_demos(names: Sequence[str], settings: Settings, log: Callable[[str], Non
     from .report import write_report
 
     lab = Lab(settings, log)
-    finishers = [DEMOS[name](lab, settings.out / name) for name in names]
+    finishers = []
+    for name in names:
+        lab.demo = name
+        finishers.append(DEMOS[name](lab, settings.out / name))
     lab.run_all()
+    lab.log("  seconds of runs per demo: " + ", ".join(f"{k} {v:.1f}" for k, v in lab.seconds.items()))
     results = [finish() for finish in finishers]
     for result in results:
         save_result(result, settings.out / result.name)
@@ -72,12 +76,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "disttrain demo") -> int
             raise ConfigError("demo starts its own workers: run it directly, not under torchrun")
         if args.nproc < 2:
             raise ConfigError(f"--nproc: the demos compare W processes with one, so W must be >= 2, got {args.nproc}")
-        require_matplotlib()
-        _require_scikit_learn()
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--out {args.out}: cannot create: {exc.strerror or exc}") from None
+        require_matplotlib()  # before any training: a run without its plots would be lost time
+        _require_scikit_learn()
         names = list(DEMOS) if args.name == "all" else [args.name]
         start = time.perf_counter()
         print(f"demo: {', '.join(names)} with W={args.nproc} processes{' (quick settings)' if args.quick else ''}, "

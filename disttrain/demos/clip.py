@@ -1,6 +1,6 @@
 """Where clipping goes.
 
-An lr high enough that, unclipped, the gradients explode (SGD with momentum at lr 0.5 on an MLP): W processes
+An lr high enough that, unclipped, the gradients explode (SGD with momentum at lr 1 on an MLP): W processes
 train without clipping, with the global gradient norm clipped after averaging (``clip.mode: norm``, the
 right place: every rank holds the averaged gradient, so the local clip is the single-device clip) and with
 each rank's gradient clipped before averaging (``clip.before_average``, the wrong order); one process trains
@@ -20,7 +20,7 @@ NAME = "clip"
 QUESTION = "Where does gradient clipping go: before or after averaging across processes?"
 CLAIM = ("without clipping the loss explodes; clipping the averaged gradient equals one device, clipping each "
          "rank's gradient before averaging does not")
-LR, MAX_NORM, SPIKE = 0.5, 0.25, 10.0
+LR, MAX_NORM, SPIKE = 1.0, 0.25, 10.0
 KINDS = {"none": "no clipping", "after": "clip after averaging", "before": "clip before averaging"}
 
 

@@ -54,10 +54,12 @@ def config(*overrides: str) -> Config:
 class Pending:
     """The value a registered call returns, available after :meth:`Lab.run_all`."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, demo: str = ""):
         self.what = what
+        self.demo = demo
         self._value: Any = None
         self.done = False
+        self.seconds = 0.0
 
     @property
     def value(self) -> Any:
@@ -75,6 +77,12 @@ def train_task(env: DistEnv, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {"losses": result.losses, "grad_norms": result.grad_norms, "skipped": result.skipped_steps}
 
 
+def _timed(env: DistEnv, fn: Callable[..., Any], args: tuple) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn(env, *args)
+    return time.perf_counter() - start, value
+
+
 def _one_thread(env: DistEnv) -> None:
     # W workers share the machine's cores: one intra-op thread each, as torchrun sets for several workers.
     torch.set_num_threads(1)
@@ -87,11 +95,14 @@ class Lab:
         self.settings = settings
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self._work: dict[int, list[tuple[Callable[..., Any], tuple, Pending]]] = {}
+        self.done: list[Pending] = []
         self._trained: dict[str, Path] = {}
+        self.demo = ""  # the demo registering work now: seconds are counted per demo
+        self.seconds: dict[str, float] = {}
 
     def call(self, world_size: int, fn: Callable[..., Any], *args: Any) -> Pending:
         """Register ``fn(env, *args)`` on every rank of a ``world_size`` group (1: in this process)."""
-        pending = Pending(getattr(fn, "__name__", "task"))
+        pending = Pending(getattr(fn, "__name__", "task"), self.demo)
         self._work.setdefault(world_size, []).append((fn, args, pending))
         return pending
 
@@ -112,14 +123,17 @@ class Lab:
             start = time.perf_counter()
             if world_size == 1:
                 with distributed("cpu", TIMEOUT_S) as env:
-                    values = [fn(env, *args) for fn, args, _ in work]
+                    values = [_timed(env, fn, args) for fn, args, _ in work]
             else:
-                tasks = [(_one_thread, ())] + [(fn, args) for fn, args, _ in work]
+                tasks = [(_one_thread, ())] + [(_timed, (fn, args)) for fn, args, _ in work]
                 values = launch_local_tasks(tasks, world_size, "cpu", TIMEOUT_S)[1:]
-            for (_, _, pending), value in zip(work, values, strict=True):
+            for (_, _, pending), (seconds, value) in zip(work, values, strict=True):
                 pending.set(value)
+                pending.seconds = seconds
+                self.done.append(pending)
+                self.seconds[pending.demo] = self.seconds.get(pending.demo, 0.0) + seconds
             where = "in this process" if world_size == 1 else f"with {world_size} processes"
-            self.log(f"  {len(work)} tasks {where}: {time.perf_counter() - start:.1f} s")
+            self.log(f"  {len(work)} runs and measurements {where}: {time.perf_counter() - start:.1f} s")
 
 
 # --------------------------------------------------------------------------- reading runs

@@ -83,16 +83,29 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
 
 def _plot(out: Path, dist: dict[str, Path], one: Path, dev: dict[str, float], dev_even: float, uneven: int,
           even: int, w: int) -> str:
-    fig, (ax, bars) = new_figure(2, (12.0, 4.2))
+    fig, (ax, gap_ax, bars) = new_figure(3, (15.0, 4.2))
+    ref = losses(one)
     for m in MODES:
-        ax.plot(range(1, len(losses(dist[m])) + 1), losses(dist[m]), color=COLORS[m], label=f"W={w}, {m}",
-                linestyle="--" if m == "mean" else "-", linewidth=2.2 if m == "mean" else 1.4, zorder=3)
-    ax.plot(range(1, len(losses(one)) + 1), losses(one), **ONE_DEVICE)
+        curve = losses(dist[m])
+        style = {"color": COLORS[m], "label": f"W={w}, {m}", "zorder": 3,
+                 "linestyle": "--" if m == "mean" else "-", "linewidth": 2.2 if m == "mean" else 1.4}
+        ax.plot(range(1, len(curve) + 1), curve, **style)
+        # |loss - one device's| per step, relative to the curve's scale; an exact zero is drawn at 1e-17
+        scale = max(abs(v) for v in ref)
+        gap_ax.plot(range(1, len(curve) + 1), [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], **style)
+    ax.plot(range(1, len(ref) + 1), ref, **ONE_DEVICE)
     loss_axes(ax, f"loss per step, B={uneven} over W={w}")
+    gap_ax.axhline(EQUAL, color="green", linestyle="--", linewidth=1, label=f"equal: <= {EQUAL:.0e}")
+    gap_ax.set_yscale("log")
+    gap_ax.set_title("loss difference from one device, per step")
+    gap_ax.set_xlabel("step")
+    gap_ax.set_ylabel("|loss - one device| / max loss")
+    gap_ax.grid(alpha=0.3)
+    gap_ax.legend(fontsize="small")
     labels = [*MODES, f"avg\n(B={even})"]
     values = [*(dev[m] for m in MODES), dev_even]
     deviation_bars(bars, labels, values, [COLORS[m] for m in MODES] + [COLORS["avg"]],
-                   "deviation from one device (loss curve and parameters)")
+                   "largest deviation from one device")
     name = "reduce.png"
     save_figure(fig, out / name)
     return name

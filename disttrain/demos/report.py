@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,8 +19,8 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max
        padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 2.2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f5f5f5; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .verdict { padding: 0.6em 0.9em; border-radius: 4px; margin: 0.8em 0; }
 .holds { background: #e9f6ec; border-left: 5px solid #2e7d32; }
@@ -29,9 +30,17 @@ ul.checks { font-size: 0.9em; color: #444; }
 """
 
 
+_NUMBER = re.compile(r"^[-+]?(\d[\d.]*(e[-+]?\d+)?|inf|nan)(x|%)?( / [-+]?\d[\d.]*(e[-+]?\d+)?%?)?$")
+
+
+def _cell(text: str) -> str:
+    cls = ' class="num"' if _NUMBER.match(text) else ""
+    return f"<td{cls}>{html.escape(text)}</td>"
+
+
 def _table(rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

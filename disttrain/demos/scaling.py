@@ -23,13 +23,14 @@ GLOBAL_BATCH, PER_RANK, BASE_LR = 32, 8, 0.01  # BASE_LR is the lr for PER_RANK 
 LINE = {1: "-", 2: "--", 4: ":"}
 
 
-def world_sizes(nproc: int) -> list[int]:
-    return sorted({1, 2, nproc})
+def world_sizes(nproc: int, quick: bool) -> list[int]:
+    """1, 2 and nproc; quick settings leave out 2 (its worker group would cost a start-up of its own)."""
+    return sorted({1, nproc} if quick else {1, 2, nproc})
 
 
 def plan(lab: Lab, out: Path) -> Callable[[], Result]:
     quick = lab.settings.quick
-    sizes = world_sizes(lab.settings.nproc)
+    sizes = world_sizes(lab.settings.nproc, quick)
     top = sizes[-1]
     steps = 15 if quick else 30  # steps of the largest batch; the one-device run with 8 samples takes top x as many
     base = ["model.name=mlp", "model.hidden=64", "train.dtype=float64"]
