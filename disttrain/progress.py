@@ -8,6 +8,8 @@ tests read. metrics.jsonl gets every step either way.
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from typing import Any, TextIO
 
@@ -57,8 +59,13 @@ class Progress:
 
 
 def _is_terminal(stream: TextIO) -> bool:
-    isatty = getattr(stream, "isatty", None)
+    """A terminal a bar can be drawn on: a tty that does not report zero columns (some CI pseudo-terminals do)."""
     try:
-        return bool(isatty and isatty())
-    except (ValueError, OSError):  # a closed or detached stream
+        if not stream.isatty():
+            return False
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return True  # terminal-like but without a file descriptor: trust isatty

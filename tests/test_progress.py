@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import pty
 import re
+import struct
 import sys
+import termios
 
 import torch
 
@@ -59,3 +64,17 @@ def test_only_rank_0_shows_a_bar(tmp_path, monkeypatch):
     assert "3/3" in shown
     quiet = MetricsLogger(tmp_path / "q", DistEnv(0, 0, 1, torch.device("cpu"), None), 1, 3, console=False)
     assert quiet.progress is None  # verify's runs: metrics.jsonl only
+
+
+def test_a_pseudo_terminal_without_columns_gets_lines():
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "w", closefd=False) as term:
+            assert Progress(2, 1, lines=io.StringIO(), terminal=term).bar is None  # 0 columns: nothing to draw on
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+            progress = Progress(2, 1, lines=io.StringIO(), terminal=term)
+            assert progress.bar is not None
+            progress.close()
+    finally:
+        os.close(slave)
+        os.close(master)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, losses, metric, sci
-from .figures import COLORS, ONE_DEVICE, finite, loss_axes, new_figure, save_figure
+from .figures import COLORS, ONE_DEVICE, axes, finite, loss_axes, new_figure, save
 
 NAME = "clip"
 QUESTION = "Where does gradient clipping go: before or after averaging across processes?"
@@ -91,11 +91,5 @@ def _plot(out: Path, dirs: dict[str, Path], one: Path, w: int) -> str:
     norm_ax.plot(range(1, len(losses(one)) + 1), metric(one, "grad_norm"), **ONE_DEVICE)
     loss_axes(ax, "loss per step")
     norm_ax.axhline(MAX_NORM, color="black", linestyle=":", linewidth=1, label=f"max_norm {MAX_NORM:g}")
-    norm_ax.set_yscale("log")
-    norm_ax.set_title("global gradient norm before clipping")
-    norm_ax.set_xlabel("step")
-    norm_ax.grid(alpha=0.3)
-    norm_ax.legend(fontsize="small")
-    name = "clip.png"
-    save_figure(fig, out / name)
-    return name
+    axes(norm_ax, "global gradient norm before clipping", log=True)
+    return save(fig, out, "clip.png")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..plot import finite, new_figure, save_figure
 from .common import DIFFERENT, EQUAL
 
-__all__ = ["COLORS", "ONE_DEVICE", "deviation_bars", "finite", "loss_axes", "new_figure", "save_figure"]
+__all__ = ["COLORS", "ONE_DEVICE", "axes", "deviation_bars", "finite", "loss_axes", "new_figure", "save"]
 
 COLORS = {"mean": "#1f77b4", "avg": "#ff7f0e", "sum": "#d62728", "max": "#9467bd", "bn": "#d62728",
           "syncbn": "#1f77b4", "none": "#d62728", "after": "#1f77b4", "before": "#ff7f0e", "warmup": "#1f77b4"}
@@ -17,14 +18,28 @@ ONE_DEVICE = {"color": "black", "linewidth": 4.0, "alpha": 0.25, "label": "one d
 FLOOR = 1e-17  # an exact zero on a log axis
 
 
-def loss_axes(ax: Any, title: str, xlabel: str = "step", log: bool = True) -> None:
+def axes(ax: Any, title: str, xlabel: str | None = "step", ylabel: str | None = None, log: bool = False,
+         legend: bool = True) -> None:
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("loss")
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if legend:
+        ax.legend(fontsize="small")
+
+
+def loss_axes(ax: Any, title: str, xlabel: str = "step") -> None:
+    axes(ax, title, xlabel, "loss", log=True)
+
+
+def save(fig: Any, out: Path, name: str) -> str:
+    """Write the figure to out/name; the name is what the result and the report refer to."""
+    save_figure(fig, out / name)
+    return name
 
 
 def deviation_bars(ax: Any, labels: Sequence[str], values: Sequence[float], colors: Sequence[str],

@@ -26,7 +26,7 @@ import torch
 from ..comm import sum_over_ranks
 from ..dist import DistEnv
 from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, sci
-from .figures import new_figure, save_figure
+from .figures import new_figure, save
 
 NAME = "kmeans"
 QUESTION = "Does the same principle hold outside deep learning, for k-means?"
@@ -174,6 +174,4 @@ def _plot(out: Path, points: torch.Tensor, bounds: list[int], single: torch.Tens
     for ax in (shard_ax, cluster_ax):
         ax.set_aspect("equal", adjustable="datalim")
         ax.grid(alpha=0.3)
-    name = "kmeans.png"
-    save_figure(fig, out / name)
-    return name
+    return save(fig, out, "kmeans.png")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .common import (DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, losses,
                      sci)
-from .figures import COLORS, ONE_DEVICE, deviation_bars, loss_axes, new_figure, save_figure
+from .figures import COLORS, ONE_DEVICE, axes, deviation_bars, loss_axes, new_figure, save
 
 NAME = "reduce"
 QUESTION = "Are gradients averaged, summed or maxed across processes, and which equals one device?"
@@ -96,16 +96,9 @@ def _plot(out: Path, dist: dict[str, Path], one: Path, dev: dict[str, float], de
     ax.plot(range(1, len(ref) + 1), ref, **ONE_DEVICE)
     loss_axes(ax, f"loss per step, B={uneven} over W={w}")
     gap_ax.axhline(EQUAL, color="green", linestyle="--", linewidth=1, label=f"equal: <= {EQUAL:.0e}")
-    gap_ax.set_yscale("log")
-    gap_ax.set_title("loss difference from one device, per step")
-    gap_ax.set_xlabel("step")
-    gap_ax.set_ylabel("|loss - one device| / max loss")
-    gap_ax.grid(alpha=0.3)
-    gap_ax.legend(fontsize="small")
+    axes(gap_ax, "loss difference from one device, per step", ylabel="|loss - one device| / max loss", log=True)
     labels = [*MODES, f"avg\n(B={even})"]
     values = [*(dev[m] for m in MODES), dev_even]
     deviation_bars(bars, labels, values, [COLORS[m] for m in MODES] + [COLORS["avg"]],
                    "largest deviation from one device")
-    name = "reduce.png"
-    save_figure(fig, out / name)
-    return name
+    return save(fig, out, "reduce.png")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, evaluate, losses, sci
-from .figures import ONE_DEVICE, loss_axes, new_figure, save_figure
+from .figures import ONE_DEVICE, axes, loss_axes, new_figure, save
 
 NAME = "scaling"
 QUESTION = "Is N processes with B/N samples each really one device with B?"
@@ -143,9 +143,5 @@ def _plot(out: Path, fixed: dict, per_rank: dict, ev: dict, sizes: list[int], st
     for i, k in enumerate(keys):
         bar_ax.annotate(f"{ev[k]:.3g}", (i, ev[k]), ha="center", va="bottom", fontsize="small")
     bar_ax.set_xticks(range(len(keys)), labels)
-    bar_ax.set_yscale("log")
-    bar_ax.set_title(f"full-data loss after {PER_RANK * top * steps} samples")
-    bar_ax.grid(alpha=0.3, axis="y")
-    name = "scaling.png"
-    save_figure(fig, out / name)
-    return name
+    axes(bar_ax, f"full-data loss after {PER_RANK * top * steps} samples", xlabel=None, log=True, legend=False)
+    return save(fig, out, "scaling.png")

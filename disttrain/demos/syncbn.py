@@ -29,7 +29,7 @@ from ..data import local_slice
 from ..dist import DistEnv
 from ..syncbn import COLLECTIVES, SyncBatchNorm
 from .common import (DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, evaluate, sci)
-from .figures import COLORS, ONE_DEVICE, new_figure, save_figure
+from .figures import COLORS, ONE_DEVICE, axes, new_figure, save
 
 # The SyncBN benchmark's layers and timing loop (`disttrain bench syncbn`): the demo measures with its code.
 from ..bench import _time_calls as time_calls, implementations  # noqa: E402
@@ -222,16 +222,8 @@ def _plot_batch(out: Path, ev: dict, dev: dict, w: int) -> str:
                               (dev_ax, "deviation from one device", "max relative difference")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(PER_RANK, [str(b) for b in PER_RANK])
-        ax.set_xlabel(f"samples per rank (W={w})")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    loss_ax.set_yscale("log")
-    dev_ax.set_yscale("log")
-    name = "syncbn_batch.png"
-    save_figure(fig, out / name)
-    return name
+        axes(ax, title, f"samples per rank (W={w})", ylabel, log=ax is not acc_ax)
+    return save(fig, out, "syncbn_batch.png")
 
 
 def _plot_exchange(out: Path, coll: dict, errors: dict, w: int) -> str:
@@ -250,7 +242,7 @@ def _plot_exchange(out: Path, coll: dict, errors: dict, w: int) -> str:
         time_ax.annotate(f"{coll[n]['ms']:.1f}", (i, coll[n]["ms"]), ha="center", va="bottom", fontsize="small")
     time_ax.set_title("forward + backward, ms per call (median)")
     err_names = list(errors)
-    err_ax.bar([n.replace(" ", "\n", 1) for n in err_names], [max(errors[n], 1e-17) for n in err_names],
+    err_ax.bar([n.replace(" ", "\n", 1).replace(", ", ",\n") for n in err_names], [max(errors[n], 1e-17) for n in err_names],
                color=["#d62728", "#ff7f0e", "#1f77b4", "#1f77b4"][: len(err_names)])
     for i, n in enumerate(err_names):
         err_ax.annotate(sci(errors[n]), (i, max(errors[n], 1e-17)), ha="center", va="bottom", fontsize="small")
@@ -259,6 +251,4 @@ def _plot_exchange(out: Path, coll: dict, errors: dict, w: int) -> str:
     for ax in (count_ax, time_ax, err_ax):
         ax.grid(alpha=0.3, axis="y")
         ax.tick_params(axis="x", labelsize="small")
-    name = "syncbn_exchange.png"
-    save_figure(fig, out / name)
-    return name
+    return save(fig, out, "syncbn_exchange.png")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .common import Check, Lab, Result, config, losses, metric
-from .figures import COLORS, loss_axes, new_figure, save_figure
+from .figures import COLORS, axes, loss_axes, new_figure, save
 
 NAME = "warmup"
 QUESTION = "Why warm up the learning rate when the batch is large?"
@@ -88,11 +88,5 @@ def _plot(out: Path, runs: dict, seeds: int, eta: float) -> str:
         lr = metric(runs[kind, 0], "lr")
         lr_ax.plot(range(1, len(lr) + 1), lr, color=COLORS[kind], label=labels[kind], linewidth=2)
     loss_axes(ax, f"training loss, B={GLOBAL_BATCH}, lr {eta:g}")
-    lr_ax.set_title("learning rate schedule")
-    lr_ax.set_xlabel("step")
-    lr_ax.set_ylabel("lr")
-    lr_ax.grid(alpha=0.3)
-    lr_ax.legend(fontsize="small")
-    name = "warmup.png"
-    save_figure(fig, out / name)
-    return name
+    axes(lr_ax, "learning rate schedule", ylabel="lr")
+    return save(fig, out, "warmup.png")
