@@ -93,6 +93,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "disttrain demo") -> int
     except WorkerFailure as exc:
         print(f"disttrain: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("disttrain: interrupted", file=sys.stderr)
+        return 130
     text = "\n\n".join(r.text() for r in results)
     if args.json:
         print(text, file=sys.stderr)

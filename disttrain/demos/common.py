@@ -45,7 +45,8 @@ class Settings:
 
 
 def config(*overrides: str) -> Config:
-    """A run config: defaults < ``overrides``; CPU, and quiet enough for many runs."""
+    """A demo run's config: defaults < ``overrides``, on the CPU (gloo), with a collective timeout that ends a
+    stuck worker group instead of hanging."""
     return load_config(None, ["train.device=cpu", f"comm.timeout_s={TIMEOUT_S}", *overrides])
 
 
