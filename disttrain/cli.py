@@ -4,6 +4,8 @@
     disttrain verify CONFIG [--nproc N | --against RUN_DIR] [--set ...] [--json]
     disttrain config CONFIG [--set ...]            print the resolved config
     disttrain bench [NAME [options] [--json]]      benchmarks: step, scaling, allreduce, syncbn
+    disttrain demo NAME|all [--out DIR] [--nproc N] [--json] [--quick]
+    disttrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
 
 Exit codes: 0 success; 1 verify found no equivalence, or a worker failed; 2 a user error (bad config,
 impossible batch split, missing file, wrong usage), reported in one line without a traceback.
@@ -23,7 +25,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML config file (see configs/)")
@@ -52,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p = sub.add_parser("bench", help="benchmarks that print numbers: `disttrain bench` lists them", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
+    for name, text in (("demo", "the demonstrations: `disttrain demo all`, `disttrain demo --help`"),
+                       ("plot", "loss, lr and gradient norm of runs: `disttrain plot --help`")):
+        sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -130,6 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:], prog="disttrain bench")
+    if argv[:1] == ["demo"]:  # so do the demonstrations and the plots
+        from .demos import main as demo_main
+
+        return demo_main(argv[1:], prog="disttrain demo")
+    if argv[:1] == ["plot"]:
+        from .plot import main as plot_main
+
+        return plot_main(argv[1:], prog="disttrain plot")
     args = _parser().parse_args(argv)
     from .clip import NonFiniteGradient
     from .dist import PeerFailure, launched_by_torchrun

@@ -14,10 +14,12 @@ couple ranks inside backward (SyncBatchNorm sums dy over the global batch) must 
 same scale, that of the global objective (1/B) sum_i l_i. Weighting each rank's gradient after its
 backward would mix dy's scaled by different 1/b_r inside those sums.
 
-**sum and max (contrast modes).** Each rank backpropagates its local mean loss (the gradient g_r a single
+**sum, max and avg (contrast modes).** Each rank backpropagates its local mean loss (the gradient g_r a single
 process computes on its slice) and the reduction is:
     sum: sum_r g_r        = W * g for equal splits (a W-times larger step for SGD, not for Adam)
     max: max_r g_r        elementwise; not the gradient of anything
+    avg: (1/W) sum_r g_r  torch DDP's own averaging (all-reduce SUM, then divide by W): equal to g
+                          only when every b_r = B/W (B=32 over W=4), not for uneven slices (B=30)
 so the difference between averaging, summing and taking the maximum is visible in `disttrain verify`.
 
 Both implementations issue one all_reduce per gradient bucket with the op from :data:`_OPS`, so "ddp" and
@@ -39,26 +41,34 @@ from .config import CommConfig
 from .dist import DistEnv
 
 # mean is a SUM: the 1/B normalisation already happened in the loss (see the module docstring).
-_OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+# avg is a SUM followed by a division by W (ReduceSpec.divisor), as DDP does without a hook.
+_OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}
 
 
 @dataclass
 class ReduceSpec:
     """How gradients are reduced across ranks."""
 
-    mode: str  # mean | sum | max
+    mode: str  # mean | sum | max | avg
     group: dist.ProcessGroup | None = None
+    world_size: int = 1
 
     @property
     def op(self) -> dist.ReduceOp:
         return _OPS[self.mode]
+
+    @property
+    def divisor(self) -> int:
+        """The reduced gradient is divided by this after the collective: W for avg, else 1."""
+        return self.world_size if self.mode == "avg" else 1
 
 
 def _ddp_comm_hook(spec, bucket):  # no annotations: DDP checks them, and this module's are strings
     # Registered with DDP: called once per bucket as soon as all its gradients are ready, overlapping
     # communication with the rest of backward. With a hook installed DDP does no division of its own.
     fut = dist.all_reduce(bucket.buffer(), op=spec.op, group=spec.group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+    divisor = spec.divisor
+    return fut.then(lambda f: f.value()[0] if divisor == 1 else f.value()[0].div_(divisor))
 
 
 class GradSync:
@@ -128,6 +138,8 @@ class AllReduceSync(GradSync):
         for bucket in self.buckets:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
             dist.all_reduce(flat, op=self.spec.op, group=self.spec.group)
+            if self.spec.divisor != 1:
+                flat.div_(self.spec.divisor)
             offset = 0
             for p in bucket:
                 n = p.numel()
@@ -149,7 +161,7 @@ def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_coun
     if not env.is_distributed:
         return LocalSync(module, loss_divisor=local_count)
     divisor = global_count if cfg.reduce == "mean" else local_count
-    spec = ReduceSpec(mode=cfg.reduce)  # the default process group
+    spec = ReduceSpec(mode=cfg.reduce, world_size=env.world_size)  # the default process group
     if cfg.impl == "ddp":
         return DDPSync(module, spec, env, cfg.bucket_mb, divisor)
     return AllReduceSync(module, spec, cfg.bucket_mb, divisor)
@@ -157,3 +169,14 @@ def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_coun
 
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def sum_over_ranks(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """``tensor`` summed over all ranks, in place, with one all_reduce (unchanged without a process group).
+
+    For merges weighted by what each rank holds (sums and counts, not per-rank means): pack the sums and
+    the counts into one tensor, so one collective carries both and the weighting is exact.
+    """
+    if env.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -60,8 +60,9 @@ class OptimConfig:
 class CommConfig:
     impl: Literal["ddp", "allreduce"] = field(
         default="ddp", metadata=_doc("DistributedDataParallel, or explicit bucketed all_reduce after backward"))
-    reduce: Literal["mean", "sum", "max"] = field(
-        default="mean", metadata=_doc("gradient reduction: count-weighted mean (exact), sum or max (for contrast)"))
+    reduce: Literal["mean", "sum", "max", "avg"] = field(
+        default="mean", metadata=_doc("gradient reduction: count-weighted mean (exact); for contrast sum, max, or avg "
+                                      "(DDP's plain average of local means)"))
     bucket_mb: float = field(default=25.0, metadata=_doc("gradient bucket size in MiB (both implementations), > 0"))
     timeout_s: float = field(
         default=300.0, metadata=_doc("collective timeout in seconds: a dead peer ends the run with an error, > 0"))

@@ -1,14 +1,15 @@
 """`disttrain train/verify --nproc N` outside torchrun: N local workers through torch's elastic launcher.
 
 This is the same agent torchrun runs (torch.distributed.launcher.api), with a c10d rendezvous on a free
-loopback port (port 0: the store picks it) and workers started with spawn. With ``max_restarts`` R > 0 the
+loopback port (port 0: the store picks it) and workers started with spawn. Several runs (or other tasks) can
+share one launched group, which pays the worker start-up (import torch) once. With ``max_restarts`` R > 0 the
 agent restarts the whole worker group when a worker dies (kill -9, OOM, an exception), up to R times; the
 restarted workers see TORCHELASTIC_RESTART_COUNT > 0 and continue from the newest checkpoint (train.run).
 
 Threads: torchrun gives each worker one intra-op thread (OMP_NUM_THREADS=1) when it starts several on a node,
 unless the user set OMP_NUM_THREADS; the elastic API it is built on does not. Without that, N workers with
 torch's default of one thread per core oversubscribe the cores: 2 workers on 2 cores ran 2.3x slower per step.
-launch_local does what torchrun does.
+launch_local_tasks does what torchrun does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -29,14 +30,48 @@ class WorkerFailure(RuntimeError):
     """A worker process failed; the message names the rank and its exception in one line."""
 
 
-def _train_worker(cfg_dict: dict[str, Any], console: bool, resume: bool, until: int | None) -> list[float]:
+Task = tuple[Callable[..., Any], tuple]  # (fn, args): fn(env, *args) runs on every rank
+
+
+def _run_tasks(tasks: list[Task], device: str, timeout_s: float) -> list[Any]:
     # Runs in each spawned worker: the elastic agent has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*.
+    # One process group for all tasks, in order: the processes start (import torch) once.
     from .dist import distributed
+
+    with distributed(device, timeout_s) as env:
+        return [fn(env, *args) for fn, args in tasks]
+
+
+def _train_task(env: Any, cfg_dict: dict[str, Any], console: bool, resume: bool = False,
+                until: int | None = None) -> list[float]:
     from .train import run
 
-    cfg = config_from_dict(cfg_dict)
-    with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
-        return run(cfg, env, console=console, resume=resume, until=until).losses
+    return run(config_from_dict(cfg_dict), env, console=console, resume=resume, until=until).losses
+
+
+def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", timeout_s: float = 300.0,
+                       max_restarts: int = 0) -> list[Any]:
+    """Run each task ``fn(env, *args)`` on ``nproc`` local workers, one after another in the same process
+    group; return rank 0's results. ``fn`` must be importable (workers are spawned). ``max_restarts``: elastic
+    restarts of the worker group after a failure (the tasks then run again from the first)."""
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
+                          monitor_interval=0.1, start_method="spawn")
+    try:
+        with one_thread_per_worker(nproc):
+            results = elastic_launch(launch, _run_tasks)(tasks, device, timeout_s)
+    except ChildFailedError as exc:
+        raise WorkerFailure(_describe(exc)) from None
+    return results[0]
+
+
+def launch_local_runs(cfgs: list[Config], nproc: int, console: bool = True) -> list[list[float]]:
+    """Train each config in turn with the same ``nproc`` local workers; return each run's per-step losses.
+
+    The group is created once, with the first config's device and collective timeout.
+    """
+    tasks = [(_train_task, (cfg.to_dict(), console)) for cfg in cfgs]
+    return launch_local_tasks(tasks, nproc, cfgs[0].train.device, cfgs[0].comm.timeout_s)
 
 
 def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = False, until: int | None = None,
@@ -47,15 +82,8 @@ def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = F
     ``console``: rank 0 prints its per-step log lines (metrics.jsonl is written either way). ``resume`` and
     ``until``: as in train.run. ``max_restarts``: elastic restarts of the worker group after a failure.
     """
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
-                          monitor_interval=0.1, start_method="spawn")
-    try:
-        with one_thread_per_worker(nproc):
-            results = elastic_launch(launch, _train_worker)(cfg.to_dict(), console, resume, until)
-    except ChildFailedError as exc:
-        raise WorkerFailure(_describe(exc)) from None
-    return results[0]
+    task = (_train_task, (cfg.to_dict(), console, resume, until))
+    return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts)[0]
 
 
 @contextlib.contextmanager

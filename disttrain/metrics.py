@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .dist import DistEnv
+from .progress import Progress
 
 
 def all_reduce_sum(values: Sequence[float | torch.Tensor], env: DistEnv) -> list[float]:
@@ -110,6 +111,8 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
         self.path = Path(out_dir) / "metrics.jsonl"
+        # Rank 0 only: one progress bar (or one stream of log lines) per run, never one per rank.
+        self.progress = Progress(total_steps, log_every, self.stream) if self.enabled and console else None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = [r for r in _read_records(self.path) if r["step"] < start_step] if start_step else []
@@ -120,16 +123,8 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record["step"]
-        if self.console and (step % self.log_every == 0 or step == self.total_steps - 1):
-            fields = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
-            print(f"step {step + 1:>4}/{self.total_steps} | {fields}", file=self.stream, flush=True)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+        if self.progress is not None:
+            self.progress.update(record)
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:

@@ -112,16 +112,16 @@ def test_one_thread_per_worker_unless_the_user_says_otherwise(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
-def report_threads(cfg_dict: dict, console: bool, *run_args: object) -> tuple[str | None, int]:
+def report_threads(tasks: list, device: str, timeout_s: float) -> list[tuple[str | None, int]]:
     """Stands in for the training worker: what the launched process was given."""
-    return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    return [(os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())]
 
 
 def test_launched_workers_get_one_intra_op_thread(monkeypatch):
     import disttrain.launcher as launcher
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launcher, "_train_worker", report_threads)
+    monkeypatch.setattr(launcher, "_run_tasks", report_threads)
     assert launcher.launch_local(load_config(None, []), 2) == ("1", 1)
 
 

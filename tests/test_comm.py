@@ -88,10 +88,12 @@ def test_reduce_modes_uneven_split(pools, impl):
 
     total = pool.run(reduced_grads, overrides + ["comm.reduce=sum"])
     assert_grads_close(total[0][0], [sum(gs) for gs in zip(*g_r)])
+    average = pool.run(reduced_grads, overrides + ["comm.reduce=avg"])  # DDP's own averaging
+    assert_grads_close(average[0][0], unweighted)
     biggest = pool.run(reduced_grads, overrides + ["comm.reduce=max"])
     assert_grads_close(biggest[0][0], [torch.stack(gs).amax(0) for gs in zip(*g_r)])
     assert max_rel(biggest[0][0], g) > 1e-2
-    for results in (total, biggest):  # every rank holds the same reduced gradient
+    for results in (total, average, biggest):  # every rank holds the same reduced gradient
         for grads, _, _ in results[1:]:
             assert_grads_close(grads, results[0][0], rtol=0)
 
@@ -103,7 +105,7 @@ def test_mean_divides_the_summed_loss_by_the_global_batch():
     env = DistEnv(rank=1, local_rank=1, world_size=4, device=torch.device("cpu"), backend="gloo")
     cfg = load_config(None, ["comm.impl=allreduce"])  # built without DDP: no process group needed
     assert build_grad_sync(torch.nn.Linear(2, 2), cfg.comm, env, 8, 30).loss_divisor == 30
-    for mode in ("sum", "max"):
+    for mode in ("sum", "max", "avg"):
         cfg = load_config(None, ["comm.impl=allreduce", f"comm.reduce={mode}"])
         assert build_grad_sync(torch.nn.Linear(2, 2), cfg.comm, env, 8, 30).loss_divisor == 8
     assert LocalSync(torch.nn.Linear(2, 2), 30).loss_divisor == 30
@@ -114,12 +116,15 @@ def test_sum_is_world_size_times_the_gradient_for_equal_splits(pools):
     g, _ = local_grads(overrides, world)
     (grads, _, _), *_ = pools(world).run(reduced_grads, overrides + ["comm.reduce=sum"])
     assert_grads_close(grads, [world * t for t in g])
+    # DDP's plain average of local means is exact when every rank holds B/W samples (8, 8, 8, 8).
+    (grads, _, _), *_ = pools(world).run(reduced_grads, overrides + ["comm.reduce=avg"])
+    assert_grads_close(grads, g)
 
 
 def test_ddp_and_explicit_paths_agree_for_every_mode(pools):
     overrides = MODEL + ["train.global_batch_size=30"]
     pool = pools(3)
-    for mode in ("mean", "sum", "max"):
+    for mode in ("mean", "sum", "max", "avg"):
         ddp = pool.run(reduced_grads, overrides + [f"comm.reduce={mode}", "comm.impl=ddp"])[0][0]
         explicit = pool.run(reduced_grads, overrides + [f"comm.reduce={mode}", "comm.impl=allreduce"])[0][0]
         assert_grads_close(explicit, ddp, rtol=1e-14)
@@ -134,3 +139,15 @@ def test_explicit_path_one_all_reduce_per_bucket(pools):
     small = overrides + ["comm.bucket_mb=0.004"]  # 4 KiB = 512 float64 values per bucket
     _, calls, buckets = pool.run(reduced_grads, small, count_collectives=True)[0]
     assert len(calls) == buckets > 2 and sum(calls) == n_params
+
+
+def summed_over_ranks() -> list[float]:
+    from disttrain.comm import sum_over_ranks
+
+    with distributed("cpu") as env:
+        return sum_over_ranks(torch.tensor([float(env.rank), 1.0], dtype=torch.float64), env).tolist()
+
+
+def test_sum_over_ranks(pools):
+    assert pools(3).run(summed_over_ranks) == [[3.0, 3.0]] * 3  # ranks 0+1+2, and the count of ranks
+    assert summed_over_ranks() == [0.0, 1.0]  # no process group: unchanged

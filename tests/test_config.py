@@ -68,7 +68,7 @@ def test_int_accepted_for_float_and_round_trip():
     ("optim.nesterov=1", r"optim\.nesterov: expected true or false, got 1"),
     ("optim.betas=0.9", r"optim\.betas: expected a list of float, got 0\.9"),
     ("optim.name=lamb", r"optim\.name: 'lamb' is not one of sgd, adamw"),
-    ("comm.reduce=avg", r"comm\.reduce: 'avg' is not one of mean, sum, max"),
+    ("comm.reduce=median", r"comm\.reduce: 'median' is not one of mean, sum, max, avg"),
     ("train.dtype=float16", r"train\.dtype: 'float16' is not one of float32, float64"),
     ("optim.lr=0", r"optim\.lr: must be > 0, got 0\.0"),
     ("optim.momentum=1.0", r"optim\.momentum: must be in \[0, 1\), got 1\.0"),

@@ -1,0 +1,61 @@
+"""The look shared by the demos' figures (drawn with disttrain.plot's Agg figures)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..plot import finite, new_figure, save_figure
+from .common import DIFFERENT, EQUAL
+
+__all__ = ["COLORS", "ONE_DEVICE", "axes", "deviation_bars", "finite", "loss_axes", "new_figure", "save"]
+
+COLORS = {"mean": "#1f77b4", "avg": "#ff7f0e", "sum": "#d62728", "max": "#9467bd", "bn": "#d62728",
+          "syncbn": "#1f77b4", "none": "#d62728", "after": "#1f77b4", "before": "#ff7f0e", "warmup": "#1f77b4"}
+ONE_DEVICE = {"color": "black", "linewidth": 4.0, "alpha": 0.25, "label": "one device", "zorder": 2}
+FLOOR = 1e-17  # an exact zero on a log axis
+
+
+def axes(ax: Any, title: str, xlabel: str | None = "step", ylabel: str | None = None, log: bool = False,
+         legend: bool = True) -> None:
+    ax.set_title(title)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize="small")
+
+
+def loss_axes(ax: Any, title: str, xlabel: str = "step") -> None:
+    axes(ax, title, xlabel, "loss", log=True)
+
+
+def save(fig: Any, out: Path, name: str) -> str:
+    """Write the figure to out/name; the name is what the result and the report refer to."""
+    save_figure(fig, out / name)
+    return name
+
+
+def deviation_bars(ax: Any, labels: Sequence[str], values: Sequence[float], colors: Sequence[str],
+                   title: str) -> None:
+    """Relative deviations on a log axis, each bar labelled, with the 'equal' and 'different' thresholds."""
+    top = max([v for v in values if math.isfinite(v)] + [1.0]) * 30
+    shown = [min(max(v, FLOOR), top) if math.isfinite(v) else top for v in values]
+    ax.bar(range(len(values)), shown, color=colors, width=0.6)
+    for i, (v, s) in enumerate(zip(values, shown)):
+        ax.annotate(f"{v:.1e}" if math.isfinite(v) else "diverged", (i, s), ha="center", va="bottom",
+                    fontsize="small", xytext=(0, 2), textcoords="offset points")
+    ax.axhline(EQUAL, color="green", linestyle="--", linewidth=1, label=f"equal: <= {EQUAL:.0e}")
+    ax.axhline(DIFFERENT, color="red", linestyle=":", linewidth=1, label=f"different: >= {DIFFERENT:.0e}")
+    ax.set_yscale("log")
+    ax.set_ylim(FLOOR / 3, top * 10)
+    ax.set_xticks(range(len(values)), labels)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small", loc="upper left")

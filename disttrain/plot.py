@@ -1,0 +1,109 @@
+"""`disttrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]`: loss, lr and gradient norm per step, runs overlaid.
+
+Each run directory's metrics.jsonl (rank 0 writes every step: the global mean loss, the lr, the pre-clip
+global gradient norm) becomes one line per panel. Figures are drawn with matplotlib's Agg backend directly
+(no display, no global pyplot state); matplotlib is the ``demo`` extra, and without it a plot is a one-line
+error naming the extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+DPI = 100
+RUN_PLOT_SIZE = (15.0, 4.0)  # inches: 1500 x 400 pixels at DPI
+
+
+def new_figure(ncols: int, size: tuple[float, float], nrows: int = 1) -> tuple[Any, Any]:
+    """A figure on its own Agg canvas and its axes (a flat list)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("plots need matplotlib, the demo extra: pip install 'disttrain[demo]'") from None
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def require_matplotlib() -> None:
+    """Fail early, before any training, when the plots could not be drawn."""
+    new_figure(1, (1.0, 1.0))
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def finite(values: Sequence[float | None]) -> list[float]:
+    """Non-finite (and missing) values become NaN: matplotlib leaves a gap instead of failing on a log axis."""
+    return [v if v is not None and math.isfinite(v) else math.nan for v in values]
+
+
+def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``; a missing, empty or unreadable file is a ConfigError."""
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (train into it first)")
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable: {exc}") from None
+    if not records:
+        raise ConfigError(f"{path}: empty (the run logged no step)")
+    return records
+
+
+def plot_runs(run_dirs: Sequence[Path], out: Path) -> Path:
+    """Loss, lr and gradient norm against the step, one line per run; written to ``out`` (PNG)."""
+    runs = [(str(d), load_metrics(Path(d))) for d in run_dirs]
+    fig, (loss_ax, lr_ax, norm_ax) = new_figure(3, RUN_PLOT_SIZE)
+    for label, records in runs:
+        steps = [r["step"] + 1 for r in records]
+        loss_ax.plot(steps, finite([r.get("loss") for r in records]), label=label)
+        lr_ax.plot(steps, finite([r.get("lr") for r in records]), label=label)
+        norm_ax.plot(steps, finite([r.get("grad_norm") for r in records]), label=label)
+    for ax, title in ((loss_ax, "loss (global mean)"), (lr_ax, "learning rate"),
+                      (norm_ax, "gradient norm (before clipping)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in (loss_ax, norm_ax):
+        if all(v > 0 for line in ax.get_lines() for v in line.get_ydata() if not math.isnan(v)):
+            ax.set_yscale("log")
+    loss_ax.legend(fontsize="small")
+    return save_figure(fig, out)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "disttrain plot") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[-1])
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directories (train.out_dir) holding metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=Path("plot.png"), metavar="FILE.png",
+                        help="where to write the PNG (default: plot.png)")
+    args = parser.parse_args(argv)
+    try:
+        if args.out.suffix.lower() != ".png":
+            raise ConfigError(f"--out {args.out}: must be a .png file")
+        out = plot_runs(args.run_dirs, args.out)
+    except ConfigError as exc:
+        print(f"disttrain: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"disttrain: error: --out {args.out}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,185 @@
+"""`disttrain demo` and `disttrain plot`: every claim from the demos' own JSON, the report, the plots, user errors.
+
+One `disttrain demo all --quick` subprocess (the real trainer, real worker groups, small settings) feeds the
+tests that read its outputs; the error paths run in-process and start no workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from disttrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUAL, DIFFERENT = 1e-10, 1e-3
+NAMES = ["reduce", "syncbn", "warmup", "clip", "scaling", "kmeans"]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])  # IHDR: width, height
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos")
+    proc = subprocess.run([sys.executable, "-m", "disttrain", "demo", "all", "--quick", "--json", "--out", str(out)],
+                          capture_output=True, text=True, timeout=270, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout), out, proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_demo_all_writes_summary_results_and_plots(demos):
+    summary, out, stderr = demos
+    assert list(summary) == NAMES
+    assert json.loads((out / "summary.json").read_text()) == summary  # --json prints summary.json
+    for name, entry in summary.items():
+        assert isinstance(entry["claim"], str) and entry["holds"] is True, (name, entry["conclusion"])
+        assert entry["checks"] and all(c["holds"] for c in entry["checks"])
+        assert json.loads((out / name / "result.json").read_text()) == entry
+        for plot in entry["plots"]:
+            width, height = png_size(out / name / plot)
+            assert width >= 1000 and height >= 400
+    assert "6/6 claims hold" in stderr
+
+
+def test_reduce_only_the_count_weighted_mean_equals_one_device(demos):
+    entry = demos[0]["reduce"]
+    dev = entry["deviation"]
+    assert entry["global_batch_size"] % entry["world_size"] != 0  # an uneven split
+    assert dev["mean"] <= EQUAL and dev["avg_even"] <= EQUAL  # DDP's plain average is exact on even slices only
+    assert dev["avg"] >= DIFFERENT and dev["sum"] >= DIFFERENT and dev["max"] >= DIFFERENT
+
+
+def test_syncbn_equals_one_device_and_needs_one_exchange_each_way(demos):
+    entry = demos[0]["syncbn"]
+    assert all(v <= EQUAL for v in entry["deviation"]["syncbn"].values())
+    assert all(v >= DIFFERENT for v in entry["deviation"]["bn"].values())
+    bn, one = entry["eval"]["bn"], entry["eval"]["one"]
+    assert bn["2"]["loss"] - one["2"]["loss"] > bn["16"]["loss"] - one["16"]["loss"]  # worst at 2 per rank
+    calls = {name: (c["forward"], c["backward"]) for name, c in entry["collectives"].items()}
+    assert calls["disttrain"] == (1, 1) and calls["two-pass"] == (2, 2) and calls["local"] == (0, 0)
+    errors = entry["variance_relative_error"]
+    assert errors["disttrain (all_gather, gloo)"] <= 1e-5 and errors["naive E[x^2]-E[x]^2"] >= 1e-1
+
+
+def test_warmup_trains_better_than_no_warmup(demos):
+    entry = demos[0]["warmup"]
+    med = entry["median_final_loss"]
+    assert med["none"] >= 3 * med["warmup"] and entry["warmup_wins"] > entry["seeds"] / 2
+
+
+def test_clip_after_averaging_equals_one_device_before_does_not(demos):
+    entry = demos[0]["clip"]
+    assert entry["deviation"]["after"] <= EQUAL and entry["deviation"]["before"] >= DIFFERENT
+    assert entry["spike"] >= 10 and entry["clipped_steps"] > 0
+    assert set(entry["skipped"]) == {"none", "after", "before"}
+
+
+def test_scaling_fixed_global_batch_is_one_run(demos):
+    entry = demos[0]["scaling"]
+    assert entry["deviation_fixed_global"] and all(v <= EQUAL for v in entry["deviation_fixed_global"].values())
+    assert all(v >= DIFFERENT for v in entry["curve_difference_fixed_per_rank"].values())
+    rel = entry["relative_to_one_device"]
+    for w in entry["world_sizes"][1:]:  # the lr scaled with W keeps up with one device; unchanged, it lags
+        assert rel[f"w{w}"] > rel[f"w{w}_scaled"] > 0
+
+
+def test_kmeans_count_weighted_merge_equals_one_machine(demos):
+    entry = demos[0]["kmeans"]
+    assert len(set(entry["shard_sizes"])) == entry["world_size"]  # uneven shards
+    assert entry["deviation"]["count_weighted"] <= EQUAL and entry["deviation"]["equal_weight"] >= DIFFERENT
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        self.links += [v for k, v in attrs.items() if k in ("src", "href") and v and not v.startswith("data:")]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_is_self_contained_with_every_plot(demos):
+    summary, out, _ = demos
+    page = _Page()
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
+    page.close()
+    plots = [out / name / plot for name, entry in summary.items() for plot in entry["plots"]]
+    assert len(page.images) == len(plots)  # one image per plot, in order
+    for src, plot in zip(page.images, plots):
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == plot.read_bytes()
+    assert page.links == []  # nothing to fetch: readable offline
+    text = " ".join(page.text)
+    for entry in summary.values():
+        assert entry["question"] in text and entry["conclusion"] in text
+
+
+def test_plot_overlays_two_runs(demos, tmp_path, capsys):
+    out = demos[1]
+    png = tmp_path / "runs.png"
+    runs = [out / "reduce" / "runs" / "mean", out / "reduce" / "runs" / "one_device"]
+    assert main(["plot", *map(str, runs), "--out", str(png)]) == 0
+    assert png_size(png) == (1500, 400)  # plot.RUN_PLOT_SIZE at plot.DPI
+    assert str(png) in capsys.readouterr().out
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_plot_missing_or_empty_run_dir(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such run directory" in _one_error_line(capsys)
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in _one_error_line(capsys)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "empty" in _one_error_line(capsys)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0}\n')
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "must be a .png" in _one_error_line(capsys)
+
+
+def test_without_matplotlib_one_line_names_the_extra(monkeypatch, tmp_path, capsys):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if matplotlib were not installed
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0}\n')
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "p.png")]) == 2
+    assert "pip install 'disttrain[demo]'" in _one_error_line(capsys)
+    assert main(["demo", "reduce", "--out", str(tmp_path / "demos")]) == 2
+    assert "pip install 'disttrain[demo]'" in _one_error_line(capsys)
+    assert list((tmp_path / "demos").iterdir()) == []  # nothing trained
+
+
+def test_demo_user_errors(tmp_path, capsys):
+    assert main(["demo", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown demo 'nope'" in _one_error_line(capsys)
+    assert main(["demo", "all", "--nproc", "1", "--out", str(tmp_path)]) == 2
+    assert "--nproc" in _one_error_line(capsys)
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "kmeans", "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "cannot create" in _one_error_line(capsys)
