@@ -25,6 +25,7 @@ from .data import GlobalBatches, build_dataset
 from .dist import DistEnv
 from .metrics import MetricsLogger, all_reduce_sum
 from .models import build_model
+from .randomness import sample_keys
 from .schedule import base_lr, build_scheduler
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -37,6 +38,17 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum over the batch of per-sample losses (a sample is a row of ``target``).
+
+    mse: a sample's loss is the mean squared error over its outputs, so the logged global mean loss
+    (sum over samples / samples) is torch's ``mse_loss`` on the global batch.
+    """
+    if kind == "mse":
+        return F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()
+    return F.cross_entropy(output, target, reduction="sum")
+
+
 @dataclass
 class StepResult:
     loss_sum: torch.Tensor  # this rank's sum of per-sample losses (detached)
@@ -44,20 +56,23 @@ class StepResult:
     stepped: bool  # False: non-finite gradient, optimizer step skipped on every rank
 
 
-def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-               clip: ClipConfig, step: int) -> StepResult:
+def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
+               clip: ClipConfig, step: int, loss: str = "cross_entropy") -> StepResult:
     """One optimizer step on this rank's slice, in a fixed order:
 
     forward/backward per micro-batch (no communication until the last) -> reduce gradients over ranks ->
     clip the global gradient -> optimizer step (skipped on every rank if the gradient is not finite).
+    A micro-batch is (x, y), or (x, y, keys) with the samples' keys for per-sample randomness (randomness.py).
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0][1].device)
-    for j, (x, y) in enumerate(micro_batches):
+    for j, (x, y, *keys) in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
         with contextlib.nullcontext() if last else sync.no_sync():
-            micro_loss = F.cross_entropy(sync.module(x), y, reduction="sum")
+            with sample_keys(keys[0]) if keys else contextlib.nullcontext():
+                output = sync.module(x)
+            micro_loss = summed_loss(loss, output, y)
             # Summed loss over a fixed divisor (the global batch size B for the mean), not a per-micro-batch
             # mean divided by k: exact for micro-batches and rank slices of any size. Why B, and why before
             # backward rather than in the reduction: see comm.py.
@@ -99,9 +114,10 @@ def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())  # the resolved config of this run
 
-    dataset = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype)
+    dataset = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype, loss=t.loss)
     batches = GlobalBatches(dataset, t.global_batch_size, cfg.seed, env.rank, env.world_size)
-    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device)
+    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device,
+                        example=dataset.x[:2])
     sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
@@ -113,8 +129,8 @@ def run(cfg: Config, env: DistEnv, console: bool = True) -> TrainResult:
     for step in range(t.steps):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        out = train_step(sync, optimizer, batches.micro_batches(step, env.device, t.accumulation_steps),
-                         cfg.clip, step)
+        out = train_step(sync, optimizer, batches.keyed_micro_batches(step, env.device, t.accumulation_steps),
+                         cfg.clip, step, loss=t.loss)
         scheduler.step()  # one schedule step per optimizer step (also when a non-finite step was skipped)
         # One packed all_reduce: the global mean loss is (sum of per-sample losses) / (sum of counts).
         total_loss, samples = all_reduce_sum([out.loss_sum, float(batches.local_batch_size)], env)
