@@ -1,0 +1,98 @@
+"""Benchmark: what per-sample randomness costs per training step (one process, the built-in CNN).
+
+    python -m disttrain.bench_randomness [--batch 256] [--hidden 64] [--steps 20] [--rounds 5]
+
+Side by side in one run, rounds interleaved so machine noise hits every variant alike:
+- ``none``: no dropout, no augmentation;
+- ``dropout``: model.dropout=0.2 with disttrain's per-sample dropout (two layers);
+- ``dropout+flip_crop``: the same plus per-sample flip and padded crop of every image;
+- ``torch dropout``: torch's nn.Dropout in the same two places (per-process RNG: not equivalent), for scale.
+Prints the median step time of each (train_step: forward, backward, optimizer step; float32, one thread).
+A benchmark prints numbers; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from .comm import LocalSync
+from .config import load_config
+from .data import GlobalBatches, build_dataset
+from .models import build_model
+from .randomness import SampleDropout
+from .train import build_optimizer, train_step
+
+VARIANTS = {
+    "none": ["model.dropout=0", "data.augment=none"],
+    "dropout": ["model.dropout=0.2", "data.augment=none"],
+    "dropout+flip_crop": ["model.dropout=0.2", "data.augment=flip_crop"],
+    "torch dropout": ["model.dropout=0.2", "data.augment=none"],
+}
+
+
+def _torch_dropout(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, SampleDropout):
+            module.add_module(name, nn.Dropout(child.p))
+        else:
+            _torch_dropout(child)
+    return module
+
+
+def _setup(name: str, batch: int, hidden: int):
+    cfg = load_config(None, ["model.name=cnn", f"model.hidden={hidden}", "train.device=cpu",
+                             f"data.num_samples={4 * batch}", f"train.global_batch_size={batch}", *VARIANTS[name]])
+    data = build_dataset(cfg.data, cfg.model.name, cfg.seed, torch.float32)
+    batches = GlobalBatches(data, batch, cfg.seed, 0, 1)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, torch.float32, torch.device("cpu"))
+    if name == "torch dropout":
+        model = _torch_dropout(model)
+    model.train()
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    return cfg, batches, LocalSync(model, batch), optimizer
+
+
+def bench(batch: int = 256, hidden: int = 64, steps: int = 20, rounds: int = 5) -> dict[str, float]:
+    """Median milliseconds per step for each variant."""
+    torch.set_num_threads(1)
+    setups = {name: _setup(name, batch, hidden) for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu = torch.device("cpu")
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (cfg, batches, sync, optimizer) in setups.items():
+            for step in range(steps):
+                start = time.perf_counter()
+                train_step(sync, optimizer, batches.keyed_micro_batches(step, cpu, 1), cfg.clip, step)
+                if r > 0:
+                    times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m disttrain.bench_randomness", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256, help="samples per step")
+    parser.add_argument("--hidden", type=int, default=64, help="model.hidden of the cnn")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds after one warm-up round")
+    args = parser.parse_args(argv)
+    if min(args.batch, args.hidden, args.steps, args.rounds) < 1:
+        parser.error("--batch, --hidden, --steps and --rounds must be >= 1")
+    result = bench(args.batch, args.hidden, args.steps, args.rounds)
+    base = result["none"]
+    print(f"cnn hidden {args.hidden}, batch {args.batch} of 3x8x8 images, float32, 1 thread, median of "
+          f"{args.steps * args.rounds} steps")
+    print("| variant | ms/step | vs none |")
+    print("|---|---|---|")
+    for name, ms in result.items():
+        print(f"| {name} | {ms:.2f} | {100 * (ms / base - 1):+.1f} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
