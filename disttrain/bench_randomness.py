@@ -7,7 +7,8 @@ Side by side in one run, rounds interleaved so machine noise hits every variant 
 - ``dropout``: model.dropout=0.2 with disttrain's per-sample dropout (two layers);
 - ``dropout+flip_crop``: the same plus per-sample flip and padded crop of every image;
 - ``torch dropout``: torch's nn.Dropout in the same two places (per-process RNG: not equivalent), for scale.
-Prints the median step time of each (train_step: forward, backward, optimizer step; float32, one thread).
+Prints the median step time of each (train_step: forward, backward, optimizer step; float32, one thread), and
+the time of one dropout mask over a million activations: per-sample (SampleDropout) and torch's.
 A benchmark prints numbers; nothing here is a test.
 """
 
@@ -25,7 +26,7 @@ from .comm import LocalSync
 from .config import load_config
 from .data import GlobalBatches, build_dataset
 from .models import build_model
-from .randomness import SampleDropout
+from .randomness import SampleDropout, SampleKeys, assign_streams, sample_keys
 from .train import build_optimizer, train_step
 
 VARIANTS = {
@@ -74,6 +75,24 @@ def bench(batch: int = 256, hidden: int = 64, steps: int = 20, rounds: int = 5) 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def bench_mask(samples: int = 256, per_sample: int = 4096, rounds: int = 30) -> dict[str, float]:
+    """Median milliseconds of one dropout forward (p = 0.2, training mode) on samples x per_sample activations."""
+    torch.set_num_threads(1)
+    x = torch.randn(samples, per_sample)
+    ours = assign_streams(nn.Sequential(SampleDropout(0.2)))[0]
+    theirs = nn.Dropout(0.2)
+    keys = SampleKeys(0, 0, torch.arange(samples))
+    times: dict[str, list[float]] = {"per-sample": [], "torch": []}
+    for r in range(rounds + 1):
+        for name, layer in (("per-sample", ours), ("torch", theirs)):
+            start = time.perf_counter()
+            with sample_keys(keys):
+                layer(x)
+            if r > 0:
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m disttrain.bench_randomness", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256, help="samples per step")
@@ -91,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     for name, ms in result.items():
         print(f"| {name} | {ms:.2f} | {100 * (ms / base - 1):+.1f} % |")
+    mask = bench_mask()
+    print(f"dropout mask (p=0.2) over 256 x 4096 = 1.05M float32 activations: per-sample {mask['per-sample']:.2f} ms, "
+          f"torch nn.Dropout {mask['torch']:.2f} ms")
     return 0
 
 

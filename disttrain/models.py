@@ -77,7 +77,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
             model = MLP(in_features, cfg.hidden, num_classes, cfg.norm, cfg.dropout)
         elif cfg.name == "cnn":
             if len(input_shape) != 3:
-                raise ValueError(f"the cnn needs (C, H, W) inputs, got shape {input_shape}")
+                raise ConfigError(f"model.name=cnn needs (C, H, W) images, got inputs of shape {tuple(input_shape)}")
             model = CNN(input_shape[0], cfg.hidden, num_classes, cfg.norm, cfg.dropout)
         elif is_import_path(cfg.name):
             model = _from_factory(cfg, input_shape, num_classes, dtype, example)
@@ -90,7 +90,7 @@ def _from_factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: i
                   example: torch.Tensor | None) -> nn.Module:
     path = cfg.name
     model = call_factory("model.name", path, input_shape, num_classes, **cfg.kwargs)
-    if not isinstance(model, nn.Module):
+    if not isinstance(model, nn.Module):  # the factory's return value
         raise ConfigError(f"model.name: {path!r} returned {type(model).__name__}, expected a torch.nn.Module")
     model = model.to(dtype=dtype)
     # Before any conversion, in eval mode (no statistics updated, no collectives, dropout off): a forward on
@@ -107,7 +107,7 @@ def _from_factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: i
     model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"model.name: {path!r} returned {got} for inputs of shape {tuple(x.shape)}; expected "
+        raise ConfigError(f"model.name: {path!r} outputs {got} for inputs of shape {tuple(x.shape)}; expected "
                           f"{expected} (one output per sample and class/target, num_classes={num_classes})")
     if cfg.norm == "syncbn":
         model = convert_sync_batchnorm(model)

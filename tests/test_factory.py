@@ -46,7 +46,7 @@ ERRORS = [
      r"argument 'depth'"),
     ([f"model.name={F}:not_a_module"], r"model\.name: 'tests\.factories:not_a_module' returned list, expected a "
                                        r"torch\.nn\.Module"),
-    ([f"model.name={F}:wrong_width"], r"model\.name: 'tests\.factories:wrong_width' returned shape \(2, 11\) for "
+    ([f"model.name={F}:wrong_width"], r"model\.name: 'tests\.factories:wrong_width' outputs shape \(2, 11\) for "
                                       r"inputs of shape \(2, 3, 8, 8\); expected \(2, 10\)"),
     ([f"model.name={F}:fails_in_forward"], r"model\.name: 'tests\.factories:fails_in_forward' failed on inputs of "
                                            r"shape \(2, 3, 8, 8\): RuntimeError: mat1 and mat2 shapes cannot be "
@@ -64,6 +64,8 @@ ERRORS = [
     ([f"data.name={F}:not_pairs"], r"returned a dataset whose item 0 is Tensor, not an \(x, y\) pair"),
     ([f"data.name={F}:images", "train.loss=mse"], r"train\.loss=mse needs float targets of shape \(N,\) or "
                                                   r"\(N, outputs\)"),
+    ([f"data.name={F}:vectors", "model.name=cnn"], r"model\.name=cnn needs \(C, H, W\) images, got inputs of shape "
+                                                   r"\(4,\)"),
     ([f"data.name={F}:vectors", "data.augment=flip"], r"data\.augment=flip needs images \(N, C, H, W\), but the "
                                                       r"inputs have shape \(40, 4\)"),
     ([f"data.name={F}:images", "data.kwargs={colour: 1}"], r"data\.name: 'tests\.factories:images' raised TypeError: "
@@ -101,7 +103,7 @@ def test_bad_factory_through_the_command_line(tmp_path):
          "--set", f"train.out_dir={tmp_path}"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "disttrain: error: model.name: 'tests.factories:wrong_width' returned shape (2, 11) for inputs of shape "
+        "disttrain: error: model.name: 'tests.factories:wrong_width' outputs shape (2, 11) for inputs of shape "
         "(2, 3, 8, 8); expected (2, 10) (one output per sample and class/target, num_classes=10)")
 
 
