@@ -4,11 +4,12 @@
 
 Side by side in one run, rounds interleaved so machine noise hits every variant alike:
 - ``none``: no dropout, no augmentation;
-- ``dropout``: model.dropout=0.2 with disttrain's per-sample dropout (two layers);
+- ``dropout``: model.dropout=0.2 with disttrain's per-sample dropout (before the head);
 - ``dropout+flip_crop``: the same plus per-sample flip and padded crop of every image;
-- ``torch dropout``: torch's nn.Dropout in the same two places (per-process RNG: not equivalent), for scale.
+- ``torch dropout``: torch's nn.Dropout in the same place (per-process RNG: not equivalent), for scale.
 Prints the median step time of each (train_step: forward, backward, optimizer step; float32, one thread), and
-the time of one dropout mask over a million activations: per-sample (SampleDropout) and torch's.
+the time of one dropout mask over a million activations (per-sample SampleDropout and torch's) and of flip_crop
+on a CIFAR-sized batch (256 images of 3x32x32, padding 4).
 A benchmark prints numbers; nothing here is a test.
 """
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from .comm import LocalSync
 from .config import load_config
-from .data import GlobalBatches, build_dataset
+from .data import GlobalBatches, augment_images, build_dataset
 from .models import build_model
 from .randomness import SampleDropout, SampleKeys, assign_streams, sample_keys
 from .train import build_optimizer, train_step
@@ -93,6 +94,20 @@ def bench_mask(samples: int = 256, per_sample: int = 4096, rounds: int = 30) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def bench_augment(samples: int = 256, size: int = 32, padding: int = 4, rounds: int = 30) -> float:
+    """Median milliseconds of flip_crop on ``samples`` images of 3 x size x size."""
+    torch.set_num_threads(1)
+    x = torch.randn(samples, 3, size, size)
+    keys = SampleKeys(0, 0, torch.arange(samples))
+    times = []
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        augment_images(x, keys, "flip_crop", padding)
+        if r > 0:
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m disttrain.bench_randomness", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256, help="samples per step")
@@ -113,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     mask = bench_mask()
     print(f"dropout mask (p=0.2) over 256 x 4096 = 1.05M float32 activations: per-sample {mask['per-sample']:.2f} ms, "
           f"torch nn.Dropout {mask['torch']:.2f} ms")
+    print(f"flip_crop of 256 images of 3x32x32 (padding 4): {bench_augment():.2f} ms")
     return 0
 
 

@@ -181,20 +181,20 @@ def augment_images(x: torch.Tensor, keys: SampleKeys, mode: str, padding: int) -
     if mode == "none":
         return x
     u = uniform(keys, AUGMENT_STREAM, 3, x.device)
-    if mode in ("crop", "flip_crop"):
-        n, _, h, w = x.shape
-        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        # Offsets uniform in {0, ..., 2 * padding}; a window of the original size at that corner.
-        top = (u[:, 1] * (2 * padding + 1)).long()
-        left = (u[:, 2] * (2 * padding + 1)).long()
-        rows = (top[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (n, h, 1)
-        cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (n, 1, w)
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        x = padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # advanced indices first: (n, h, w, C) -> (n, C, h, w)
+    n, c, h, w = x.shape
+    pad = padding if mode in ("crop", "flip_crop") else 0
+    source = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+    # Offsets uniform in {0, ..., 2 * pad}: the corner of a window of the original size.
+    top = (u[:, 1] * (2 * pad + 1)).long()[:, None]
+    left = (u[:, 2] * (2 * pad + 1)).long()[:, None]
+    rows = top + torch.arange(h, device=x.device)  # (n, h)
+    cols = torch.arange(w, device=x.device).expand(n, w)
     if mode in ("flip", "flip_crop"):
-        flip = (u[:, 0] < 0.5).reshape(-1, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x)
-    return x.contiguous()
+        cols = torch.where(u[:, :1] < 0.5, (w - 1) - cols, cols)  # a flipped window reads its columns backwards
+    cols = left + cols  # (n, w)
+    # Crop and flip are one gather from each padded image, the same for every channel.
+    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return source.reshape(n, c, -1).gather(2, index).reshape(n, c, h, w)
 
 
 class GlobalBatches:

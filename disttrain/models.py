@@ -52,7 +52,7 @@ class CNN(nn.Module):
         super().__init__()
         mid = max(hidden // 2, 1)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, mid, 3, padding=1), norm_layer(norm, mid, 2), nn.ReLU(), *dropout_layers(dropout),
+            nn.Conv2d(in_channels, mid, 3, padding=1), norm_layer(norm, mid, 2), nn.ReLU(),
             nn.Conv2d(mid, hidden, 3, stride=2, padding=1), norm_layer(norm, hidden, 2), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), *dropout_layers(dropout),
         )

@@ -62,7 +62,7 @@ def test_dropout_and_augmentation_uneven_w3_match_one_device(pools, tmp_path):
     plain_losses = torch.tensor(_ref(plain, tmp_path)[1])
     assert float((plain_losses - torch.tensor(ref_losses)).abs().max()) > 1e-2 * float(plain_losses.max())
 
-    # torch's nn.Dropout in the same two places: every rank draws its own masks, and the runs differ.
+    # torch's nn.Dropout in the same place: every rank draws its own masks, and the runs differ.
     cfg = load_config(None, [*overrides, f"train.out_dir={tmp_path / 'torch'}"])
     (torch_state, _), *_ = pools(3).run(train_with_torch_dropout, cfg.to_dict())
     torch_ref, _ = train_with_torch_dropout(load_config(None, [*overrides, f"train.out_dir={tmp_path / 'tr'}"]
