@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import ConfigError
+from .config import Config, ConfigError
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -77,7 +77,7 @@ def call_factory(key: str, path: str, *args: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"{key}: {path!r} raised {one_line(exc)}") from None
 
 
-def preflight(cfg: Any, build: bool) -> None:
+def preflight(cfg: Config, build: bool) -> None:
     """Check the config's import paths before any worker starts (an error inside a worker is a failed worker,
     not a user error): import them; with ``build``, also build the data and the model once here, on the CPU,
     so wrong return types and shapes are reported in one line too."""

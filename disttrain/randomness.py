@@ -43,7 +43,7 @@ AUGMENT_STREAM = 0  # data augmentation; dropout layers get streams 1, 2, ...
 _C1, _C2 = 0x21F0AAAD, 0x735A2D97
 
 
-def mix32(x):
+def mix32(x: int | torch.Tensor) -> int | torch.Tensor:
     """A bijective 32-bit hash (xorshift-multiply, constants from hash-prospector); ``x`` a Python int or an
     int64 tensor with values in [0, 2^32)."""
     x = x ^ (x >> 16)
