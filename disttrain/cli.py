@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _preflight(nproc: int | None, cfg: Config) -> None:
-    """User errors that would otherwise surface inside workers: worker count, device, output directory."""
+    """User errors that would otherwise surface inside workers: worker count, device, output directory, import
+    paths and what the factories return."""
     from .dist import launched_by_torchrun, resolve_device
 
     if nproc is not None:
@@ -80,6 +81,11 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"train.out_dir: cannot create {out_dir}: {exc.strerror or exc}") from None
+    # Users' code (model.name / data.name import paths): imported here; built here too when workers will be
+    # started, since an error inside a worker is a failed worker (exit 1), not a user error (exit 2).
+    from .factory import preflight
+
+    preflight(cfg, build=nproc is not None)
 
 
 def _preflight_train(cfg: Config, args: argparse.Namespace) -> None:

@@ -28,21 +28,36 @@ def _doc(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+BUILTIN_DATA = ("synthetic", "digits")
+BUILTIN_MODELS = ("mlp", "cnn")
+
+
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "digits"] = field(
-        default="synthetic", metadata=_doc("dataset: seeded in-process synthetic data, or scikit-learn's 8x8 digits"))
+    name: str = field(
+        default="synthetic", metadata=_doc("synthetic (seeded prototypes plus noise), digits (scikit-learn's 8x8), "
+                                           "or 'package.module:function' returning (x, y)"))
     num_samples: int = field(
         default=512, metadata=_doc("samples in the dataset (digits: at most 1797, a seeded subset)"))
-    num_classes: int = field(default=10, metadata=_doc("classes of the synthetic dataset (digits has 10)"))
+    num_classes: int = field(
+        default=10, metadata=_doc("classes of the synthetic data or of a data factory's labels (digits has 10)"))
+    kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata=_doc("keyword arguments of a data factory: function(num_samples, seed, **kwargs)"))
+    augment: Literal["none", "flip", "crop", "flip_crop"] = field(
+        default="none", metadata=_doc("per-sample image augmentation: horizontal flip, padded random crop, or both"))
+    crop_padding: int = field(default=1, metadata=_doc("crop: zero padding on each side before cropping, >= 1"))
 
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "cnn"] = field(default="mlp", metadata=_doc("mlp on vectors, or a small cnn on images"))
+    name: str = field(default="mlp", metadata=_doc(
+        "mlp on vectors, a small cnn on images, or 'package.module:function' returning an nn.Module"))
     norm: Literal["none", "bn", "syncbn"] = field(
         default="none", metadata=_doc("norm layer slot: none, per-rank BatchNorm (bn), or SyncBatchNorm (syncbn)"))
     hidden: int = field(default=64, metadata=_doc("hidden width (mlp) / channels of the last conv (cnn)"))
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata=_doc(
+        "keyword arguments of a model factory: function(input_shape, num_classes, **kwargs)"))
+    dropout: float = field(default=0.0, metadata=_doc("per-sample dropout in the mlp / cnn, in [0, 1)"))
 
 
 @dataclass
@@ -104,6 +119,8 @@ class TrainConfig:
     steps: int = field(default=20, metadata=_doc("optimizer steps"))
     accumulation_steps: int = field(
         default=1, metadata=_doc("micro-batches per optimizer step on each rank; gradients communicated once"))
+    loss: Literal["cross_entropy", "mse"] = field(
+        default="cross_entropy", metadata=_doc("per-sample loss: cross entropy on labels, or mse on float targets"))
     dtype: Literal["float32", "float64"] = field(default="float32", metadata=_doc("parameter and data dtype"))
     device: Literal["auto", "cpu", "cuda"] = field(
         default="auto", metadata=_doc("auto: cuda:LOCAL_RANK when CUDA is available, else cpu"))
@@ -143,6 +160,8 @@ def _type_name(tp: Any) -> str:
         return " / ".join(str(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -159,6 +178,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:  # free-form keyword arguments: string keys, any YAML values
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
     # bool is a subclass of int in Python: never let true/false pass as a number, or 1 as a bool.
     if tp is bool:
         if not isinstance(value, bool):
@@ -280,6 +303,7 @@ def validate(cfg: Config) -> None:
     d, m, o, c, t, sc, cl = cfg.data, cfg.model, cfg.optim, cfg.comm, cfg.train, cfg.schedule, cfg.clip
     _require(cfg.seed >= 0, f"seed: must be >= 0, got {cfg.seed}")
     _require(d.num_samples >= 1, f"data.num_samples: must be >= 1, got {d.num_samples}")
+    _check_own_code(cfg)
     if d.name == "digits":
         _require(d.num_samples <= DIGITS_SAMPLES,
                  f"data.num_samples: {d.num_samples} exceeds the {DIGITS_SAMPLES} samples of the digits dataset")
@@ -327,6 +351,27 @@ def validate(cfg: Config) -> None:
     _require(not cl.before_average or c.impl == "allreduce",
              "clip.before_average: true needs comm.impl=allreduce (DDP reduces gradients during backward, "
              "before anything could clip them)")
+
+
+def _check_own_code(cfg: Config) -> None:
+    """Names, import paths and the keys that go with them (nothing is imported here: see factory.py)."""
+    from .factory import check_name, is_import_path
+
+    d, m = cfg.data, cfg.model
+    check_name("data.name", d.name, BUILTIN_DATA)
+    check_name("model.name", m.name, BUILTIN_MODELS)
+    own_data, own_model = is_import_path(d.name), is_import_path(m.name)
+    _require(own_data or not d.kwargs, f"data.kwargs: only for a data factory, not data.name={d.name}")
+    _require(own_model or not m.kwargs, f"model.kwargs: only for a model factory, not model.name={m.name}")
+    _require(0 <= m.dropout < 1, f"model.dropout: must be in [0, 1), got {m.dropout}")
+    _require(not own_model or m.dropout == 0,
+             f"model.dropout: applies to the built-in mlp and cnn; a model from {m.name} keeps its own dropout "
+             "layers (converted to per-sample dropout)")
+    _require(d.crop_padding >= 1, f"data.crop_padding: must be >= 1, got {d.crop_padding}")
+    _require(d.augment == "none" or own_data or m.name != "mlp",
+             f"data.augment={d.augment} needs images: data.name={d.name} gives the mlp vectors")
+    _require(cfg.train.loss != "mse" or own_data,
+             f"train.loss=mse needs float targets from a data factory; data.name={d.name} has class labels")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

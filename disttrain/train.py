@@ -28,6 +28,7 @@ from .data import GlobalBatches, build_dataset
 from .dist import DistEnv, broadcast_from_main, restart_count
 from .metrics import MetricsLogger, StepMetrics
 from .models import build_model
+from .randomness import sample_keys
 from .schedule import base_lr, build_scheduler
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -40,6 +41,17 @@ def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum over the batch of per-sample losses (a sample is a row of ``target``).
+
+    mse: a sample's loss is the mean squared error over its outputs, so the logged global mean loss
+    (sum over samples / samples) is torch's ``mse_loss`` on the global batch.
+    """
+    if kind == "mse":
+        return F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()
+    return F.cross_entropy(output, target, reduction="sum")
+
+
 @dataclass
 class StepResult:
     loss_sum: torch.Tensor  # this rank's sum of per-sample losses (detached)
@@ -47,20 +59,23 @@ class StepResult:
     stepped: bool  # False: non-finite gradient, optimizer step skipped on every rank
 
 
-def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-               clip: ClipConfig, step: int) -> StepResult:
+def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
+               clip: ClipConfig, step: int, loss: str = "cross_entropy") -> StepResult:
     """One optimizer step on this rank's slice, in a fixed order:
 
     forward/backward per micro-batch (no communication until the last) -> reduce gradients over ranks ->
     clip the global gradient -> optimizer step (skipped on every rank if the gradient is not finite).
+    A micro-batch is (x, y), or (x, y, keys) with the samples' keys for per-sample randomness (randomness.py).
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0][1].device)
-    for j, (x, y) in enumerate(micro_batches):
+    for j, (x, y, *keys) in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
         with contextlib.nullcontext() if last else sync.no_sync():
-            micro_loss = F.cross_entropy(sync.module(x), y, reduction="sum")
+            with sample_keys(keys[0]) if keys else contextlib.nullcontext():
+                output = sync.module(x)
+            micro_loss = summed_loss(loss, output, y)
             # Summed loss over a fixed divisor (the global batch size B for the mean), not a per-micro-batch
             # mean divided by k: exact for micro-batches and rank slices of any size. Why B, and why before
             # backward rather than in the reduction: see comm.py.
@@ -171,9 +186,10 @@ def run(cfg: Config, env: DistEnv, console: bool = True, resume: bool | str | Pa
             print(f"resuming from step {start} (checkpoint written by {state['world_size']} processes, now "
                   f"{env.world_size})", flush=True)
 
-    dataset = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype)
+    dataset = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype, loss=t.loss)
     batches = GlobalBatches(dataset, t.global_batch_size, cfg.seed, env.rank, env.world_size)
-    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device)
+    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device,
+                        example=dataset.x[:2])
     if state is not None:
         model.load_state_dict(state["model"])  # before DDP: its constructor broadcasts rank 0's state anyway
     sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
@@ -193,8 +209,8 @@ def run(cfg: Config, env: DistEnv, console: bool = True, resume: bool | str | Pa
     for step in range(start, stop):
         start_time = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        out = train_step(sync, optimizer, batches.micro_batches(step, env.device, t.accumulation_steps),
-                         cfg.clip, step)
+        out = train_step(sync, optimizer, batches.keyed_micro_batches(step, env.device, t.accumulation_steps),
+                         cfg.clip, step, loss=t.loss)
         scheduler.step()  # one schedule step per optimizer step (also when a non-finite step was skipped)
         result.grad_norms.append(out.grad_norm)
         result.skipped_steps += not out.stepped

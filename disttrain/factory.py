@@ -1,0 +1,99 @@
+"""Users' own code by import path: ``"package.module:function"`` -> the function, and calling it.
+
+``model.name`` and ``data.name`` take such a path besides the built-in names. Paths resolve like
+``python -m``: the current directory comes first on the import path, so a module beside the config's
+working directory imports without installing it (the ``disttrain`` console script does not put the current
+directory on the path itself; ``--nproc`` workers are started in the same directory and resolve the same).
+
+Every failure is a :class:`ConfigError` in one line naming the key, the path and what went wrong: the
+module does not import, has no such attribute, the attribute is not callable, or calling it raised.
+What a factory must return is checked where it is used (data.py, models.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .config import Config, ConfigError
+
+IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def check_name(key: str, name: str, builtins: tuple[str, ...]) -> None:
+    """``name`` is a built-in name or a well-formed ``package.module:function`` (nothing is imported)."""
+    if name in builtins or IMPORT_PATH.match(name):
+        return
+    raise ConfigError(f"{key}: {name!r} is neither one of {', '.join(builtins)} nor an import path "
+                      "'package.module:function'")
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: an exception as one line of an error message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+
+
+def _cwd_first() -> None:
+    # What `python -m` does: the current directory is importable, ahead of installed packages.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def resolve(key: str, path: str) -> Callable[..., Any]:
+    """Import ``package.module`` of ``path`` and return its callable ``function`` (dotted attributes allowed)."""
+    if not IMPORT_PATH.match(path):
+        raise ConfigError(f"{key}: {path!r} is not an import path 'package.module:function'")
+    module_name, attr = path.split(":", 1)
+    _cwd_first()
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or anything the module raises while it is imported
+        raise ConfigError(f"{key}: cannot import {module_name!r} (from {path!r}): {one_line(exc)}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r} (from {path!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{key}: {path!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def call_factory(key: str, path: str, *args: Any, **kwargs: Any) -> Any:
+    """``resolve(key, path)(*args, **kwargs)``; an exception inside the factory becomes a one-line ConfigError."""
+    factory = resolve(key, path)
+    try:
+        return factory(*args, **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"{key}: {path!r} raised {one_line(exc)}") from None
+
+
+def preflight(cfg: Config, build: bool) -> None:
+    """Check the config's import paths before any worker starts (an error inside a worker is a failed worker,
+    not a user error): import them; with ``build``, also build the data and the model once here, on the CPU,
+    so wrong return types and shapes are reported in one line too."""
+    paths = [(k, n) for k, n in (("data.name", cfg.data.name), ("model.name", cfg.model.name)) if is_import_path(n)]
+    for key, name in paths:
+        resolve(key, name)
+    if build and paths:
+        import torch
+
+        from .data import build_dataset
+        from .models import build_model
+
+        dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.train.dtype]
+        data = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype, loss=cfg.train.loss)
+        build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, dtype, torch.device("cpu"),
+                    example=data.x[:2])
+
+
+__all__ = ["IMPORT_PATH", "is_import_path", "check_name", "resolve", "call_factory", "preflight", "one_line"]

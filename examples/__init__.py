@@ -1,0 +1,1 @@
+"""Examples of bringing your own model and data to disttrain (imported by path from the repository root)."""

@@ -1,0 +1,122 @@
+"""Users' code as disttrain imports it by path in the tests: good factories and every kind of bad one."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, width: int, dropout: float):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(ResidualBlock(width), nn.Dropout2d(dropout), ResidualBlock(width))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def tiny_resnet(input_shape, num_classes, width=4, dropout=0.0):
+    return TinyResNet(input_shape[0], num_classes, width, dropout)
+
+
+def images(num_samples, seed, size=6, channels=2, num_classes=3):
+    """Class prototypes plus noise, as (x, y) numpy arrays (float64 images, int64 labels)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, num_samples)
+    x = rng.standard_normal((num_classes, channels, size, size))[y] + rng.standard_normal((num_samples, channels,
+                                                                                           size, size))
+    return x, y
+
+
+class PairDataset:
+    """A map-style dataset of (x, y) pairs."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return torch.as_tensor(self.x[i]), int(self.y[i])
+
+
+def image_dataset(num_samples, seed):
+    return PairDataset(*images(num_samples, seed))
+
+
+def regression(num_samples, seed, features=5, outputs=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, features, generator=g, dtype=torch.float64)
+    w = torch.randn(features, outputs, generator=g, dtype=torch.float64)
+    return x, torch.tanh(x @ w) + 0.1 * torch.randn(num_samples, outputs, generator=g, dtype=torch.float64)
+
+
+def regressor(input_shape, num_classes, hidden=8, dropout=0.1):
+    return nn.Sequential(nn.Linear(input_shape[0], hidden), nn.Tanh(), nn.Dropout(dropout),
+                         nn.Linear(hidden, num_classes))
+
+
+# --------------------------------------------------------------------------- bad factories
+
+NOT_CALLABLE = 3
+
+
+def raises(input_shape, num_classes):
+    raise ValueError("width must be even\nsecond line")
+
+
+def not_a_module(input_shape, num_classes):
+    return [nn.Linear(2, 2)]
+
+
+def wrong_width(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes + 1))
+
+
+def fails_in_forward(input_shape, num_classes):
+    return nn.Linear(7, num_classes)  # the inputs have another size
+
+
+def not_data(num_samples, seed):
+    return "x, y"
+
+
+def too_few(num_samples, seed):
+    x, y = images(num_samples, seed)
+    return x[:-1], y[:-1]
+
+
+def float_labels(num_samples, seed):
+    x, y = images(num_samples, seed)
+    return x, y.astype(np.float64)
+
+
+def labels_too_large(num_samples, seed):
+    x, y = images(num_samples, seed)
+    return x, y + 2
+
+
+def not_pairs(num_samples, seed):
+    return [torch.zeros(3)] * num_samples
+
+
+def vectors(num_samples, seed):
+    return torch.zeros(num_samples, 4), torch.zeros(num_samples, dtype=torch.long)
