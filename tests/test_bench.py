@@ -64,6 +64,11 @@ def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
     assert {"disttrain", "two-pass", "all_gather+Chan", "local"} <= row["ms"].keys()
     assert row["vs_two_pass"] == pytest.approx(row["ms"]["disttrain"] / row["ms"]["two-pass"])
 
+    randomness = _bench_json(pools, capsys, "randomness", "--batch", "4", "--hidden", "2", "--steps", "2")
+    assert [r["variant"] for r in randomness["rows"]] == ["none", "dropout", "dropout+flip_crop", "torch dropout"]
+    assert all(r["min_ms"] > 0 for r in randomness["rows"]) and randomness["rows"][0]["min_vs_none"] == 1.0
+    assert randomness["dropout_mask_ms"].keys() == {"per-sample", "torch"} and randomness["flip_crop_ms"] > 0
+
     assert bench_main(["allreduce", "--world-sizes", "2", "--sizes", "1KiB", "--iters", "2"],
                       run_world=lambda w, fn, *args: pools(w).run(fn, *args)) == 0
     table = capsys.readouterr().out.splitlines()

@@ -1,6 +1,6 @@
 """Benchmark: what per-sample randomness costs per training step (one process, the built-in CNN).
 
-    python -m disttrain.bench_randomness [--batch 256] [--hidden 64] [--steps 100]
+    disttrain bench randomness [--batch 256] [--hidden 64] [--steps 100] [--json]
 
 Side by side in one run, one step of each variant in turn, so machine noise hits every variant alike:
 - ``none``: no dropout, no augmentation;
@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
+from typing import Any
 
 import torch
 from torch import nn
 
-from .comm import LocalSync
-from .config import load_config
-from .data import GlobalBatches, augment_images, build_dataset
-from .models import build_model
-from .randomness import SampleDropout, SampleKeys, assign_streams, sample_keys
-from .train import build_optimizer, train_step
+from ..comm import LocalSync
+from ..config import load_config
+from ..data import GlobalBatches, augment_images, build_dataset
+from ..models import build_model
+from ..randomness import SampleDropout, SampleKeys, assign_streams, sample_keys
+from ..train import build_optimizer, train_step
+from .common import RunWorld, machine, markdown_table, positive_int, spawn_world
 
 VARIANTS = {
     "none": ["model.dropout=0", "data.augment=none"],
@@ -108,27 +109,34 @@ def bench_augment(samples: int = 256, size: int = 32, padding: int = 4, rounds: 
     return min(times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m disttrain.bench_randomness", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256, help="samples per step")
-    parser.add_argument("--hidden", type=int, default=64, help="model.hidden of the cnn")
-    parser.add_argument("--steps", type=int, default=100, help="timed steps per variant")
-    args = parser.parse_args(argv)
-    if min(args.batch, args.hidden, args.steps) < 1:
-        parser.error("--batch, --hidden and --steps must be >= 1")
-    result = bench(args.batch, args.hidden, args.steps)
-    base_median, base_min = result["none"]
-    print(f"cnn hidden {args.hidden}, batch {args.batch} of 3x8x8 images, float32, 1 thread, {args.steps} steps each")
-    print("| variant | median ms/step | min ms/step | min vs none |")
-    print("|---|---|---|---|")
-    for name, (median, least) in result.items():
-        print(f"| {name} | {median:.2f} | {least:.2f} | {least - base_min:+.2f} ms ({100 * (least / base_min - 1):+.1f} %) |")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=positive_int, default=256, help="samples per step (default 256)")
+    parser.add_argument("--hidden", type=positive_int, default=64, help="model.hidden of the cnn (default 64)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="timed steps per variant (default 100)")
+
+
+def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str, Any]:
+    """One process (no process group: the cost is per sample, not per rank)."""
+    steps = bench(args.batch, args.hidden, args.steps)
+    base_min = steps["none"][1]
     mask = bench_mask()
-    print(f"dropout mask (p=0.2) over 256 x 4096 = 1.05M float32 activations (min): per-sample {mask['per-sample']:.2f} "
-          f"ms, torch nn.Dropout {mask['torch']:.2f} ms")
-    print(f"flip_crop of 256 images of 3x32x32, padding 4 (min): {bench_augment():.2f} ms")
-    return 0
+    return {"benchmark": "randomness", "machine": machine(),
+            "setting": {"batch": args.batch, "hidden": args.hidden, "steps": args.steps, "dtype": "float32",
+                        "threads": 1},
+            "rows": [{"variant": name, "median_ms": median, "min_ms": least, "min_vs_none": least / base_min}
+                     for name, (median, least) in steps.items()],
+            "dropout_mask_ms": mask, "flip_crop_ms": bench_augment()}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def format_table(result: dict[str, Any]) -> str:
+    st = result["setting"]
+    lines = [f"cnn hidden {st['hidden']}, batch {st['batch']} of 3x8x8 images, float32, 1 thread, "
+             f"{st['steps']} steps each", ""]
+    lines.append(markdown_table(["variant", "median ms/step", "min ms/step", "min vs none"], [
+        [r["variant"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{100 * (r['min_vs_none'] - 1):+.1f} %"]
+        for r in result["rows"]]))
+    mask = result["dropout_mask_ms"]
+    lines += ["", f"dropout mask (p=0.2) over 256 x 4096 = 1.05M float32 activations (min): per-sample "
+              f"{mask['per-sample']:.2f} ms, torch nn.Dropout {mask['torch']:.2f} ms",
+              f"flip_crop of 256 images of 3x32x32, padding 4 (min): {result['flip_crop_ms']:.2f} ms"]
+    return "\n".join(lines)
