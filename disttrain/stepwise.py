@@ -231,8 +231,9 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
                   reference_dtype: str, env: DistEnv, scratch: Path) -> Segment:
     """Retrain steps [start, stop) in this process from checkpoint ``start`` and compare with checkpoint ``stop``."""
     ref_cfg = _reference_config(cfg, str(scratch), reference_dtype, str(env.device.type))
-    (scratch / "metrics.jsonl").unlink(missing_ok=True)  # the reference's own log: not needed, keep it short
+    (scratch / "metrics.jsonl").unlink(missing_ok=True)  # run() would reread the previous segments' records
     resume = checkpoint_path(run_dir, start) if start > 0 else False
+    # A float64 reference continues a float32 checkpoint: load_state_dict widens every tensor exactly.
     allow = frozenset({"train.dtype"}) if reference_dtype != cfg.train.dtype else frozenset()
     result = run(ref_cfg, env, console=False, resume=resume, until=stop, allow=allow)
     target = load_checkpoint(checkpoint_path(run_dir, stop))
@@ -327,6 +328,7 @@ def verify_stepwise(cfg: Config, run_dir: Path, reference_dtype: str | None = No
 
 def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dtype: str, device: str,
               seconds: float, jobs: int) -> StepwiseReport:
+    """The report: the worst segment (smallest tolerance / error), the first one over tolerance, the verdict."""
     def margin(s: Segment) -> float:
         return s.tolerance / s.error if s.error > 0 else float("inf")
 
@@ -337,7 +339,8 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
     longest = max((s.stop - s.start for s in segments), default=0)
     note = (f"segments of up to {longest} {cfg.train.dtype} steps: in a chaotic phase of training, rounding alone can "
             f"grow past the tolerance in segments of more than {limit} steps (measured: {measured}); checkpoint "
-            f"every {limit} steps or fewer for a verdict that holds in any phase" if longest > limit else "")
+            f"every {limit} steps or fewer to separate correct from broken runs in every regime measured"
+            if longest > limit else "")
     return StepwiseReport(run_dir=str(run_dir), dtype=cfg.train.dtype, reference_dtype=reference_dtype,
                           device=device, segments=segments, equivalent=not reason and first is None,
                           margin=margin(worst) if worst else float("inf"), worst=worst, first_failure=first,

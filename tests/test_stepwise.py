@@ -17,7 +17,7 @@ import torch
 from disttrain.checkpoint import checkpoint_path, list_checkpoints
 from disttrain.cli import main as cli_main
 from disttrain.config import load_config
-from disttrain.stepwise import tolerance, verify_stepwise
+from disttrain.stepwise import Segment, summarize, tolerance, verify_stepwise
 from disttrain.verify import compare_runs
 from tests.stepwise_runs import train_run
 from tests.test_cli import free_port
@@ -131,6 +131,18 @@ def test_torchrun_float32_run_verifies_stepwise_against_float64_in_2_jobs(tmp_pa
     assert [s.param_rel_diff for s in alone.segments] == [s["param_rel_diff"] for s in report["segments"]]
 
 
+def test_report_notes_segments_too_long_to_separate_and_exact_runs():
+    def segments(k: int, error: float) -> list[Segment]:
+        return [Segment(s, s + k, 2, error, "w", 0.0, 0.0, tolerance("float32", k), True) for s in (0, k)]
+
+    cfg = load_config(CHAOTIC)
+    short = summarize(cfg, Path("run"), segments(10, 1e-6), "float32", "cpu", 1.0, 1)
+    assert short.note == "" and short.margin == pytest.approx(1000) and short.equivalent
+    long = summarize(cfg, Path("run"), segments(50, 0.0), "float32", "cpu", 1.0, 1)
+    assert "segments of up to 50 float32 steps" in long.note and "note: segments of up to 50" in long.table()
+    assert json.loads(long.to_json())["margin"] is None and "(margin exact)" in long.table()
+
+
 # --------------------------------------------------------------------------- user errors: one line, exit 2
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
@@ -150,10 +162,14 @@ def test_stepwise_user_errors_are_one_line_exit_2(capsys, tmp_path):
     def verify(run_dir: Path, *extra: str) -> tuple[int, str]:
         return _cli(capsys, "verify", str(config), "--against", str(run_dir), "--stepwise", *extra)
 
-    broken = tmp_path / "broken"
-    shutil.copytree(good, broken)
+    broken, renamed, unlogged = tmp_path / "broken", tmp_path / "renamed", tmp_path / "unlogged"
+    for copy in (broken, renamed, unlogged):
+        shutil.copytree(good, copy)
     path = checkpoint_path(broken, 4)
     path.write_bytes(path.read_bytes()[:300])
+    checkpoint_path(renamed, 6).write_bytes(checkpoint_path(renamed, 4).read_bytes())
+    metrics = unlogged / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:3]))
     cases = [
         (_cli(capsys, "verify", str(config), "--stepwise"), "verify --stepwise needs --against RUN_DIR"),
         (_cli(capsys, "verify", str(config), "--reference-dtype", "float64"),
@@ -166,10 +182,16 @@ def test_stepwise_user_errors_are_one_line_exit_2(capsys, tmp_path):
         (verify(good, "--set", "optim.lr=0.2"), "step_00000002.pt was trained with a different config "
                                                   "(optim.lr differ)"),
         (verify(good, "--jobs", "0"), "--jobs: must be >= 1, got 0"),
+        (verify(renamed), f"--against: {checkpoint_path(renamed, 6)}: holds step 4, not 6"),
+        (verify(unlogged), "metrics.jsonl has no record of step 3"),
+        (verify(good, "--set", "train.steps=4"), "the run has a checkpoint at step 6, beyond train.steps=4"),
     ]
     for (code, err), message in cases:
         assert code == 2 and message in err and len(err.splitlines()) == 1, (message, err)
     assert "train.checkpoint_every > 0 and train.keep_checkpoints: 0" in cases[3][0][1]
+    (unlogged / "metrics.jsonl").unlink()
+    code, err = verify(unlogged)
+    assert code == 2 and err.endswith("no metrics.jsonl there"), err
     code, err = verify(good)  # the same directory, intact: verifies
     assert code == 0, err
     assert [s for s, _ in list_checkpoints(good)] == [2, 4, 6]
