@@ -2,6 +2,7 @@
 
     disttrain train  CONFIG [--nproc N] [--resume] [--max-restarts R] [--stop-at S] [--set section.key=value ...]
     disttrain verify CONFIG [--nproc N | --against RUN_DIR] [--set ...] [--json]
+    disttrain verify CONFIG --against RUN_DIR --stepwise [--reference-dtype float32|float64] [--jobs N] [--json]
     disttrain config CONFIG [--set ...]            print the resolved config
     disttrain bench [NAME [options] [--json]]      benchmarks: step, scaling, allreduce, syncbn
     disttrain demo NAME|all [--out DIR] [--nproc N] [--json] [--quick]
@@ -50,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare an existing run (final.pt + metrics.jsonl, e.g. from torchrun) instead of "
                         "launching workers")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the table")
+    p.add_argument("--stepwise", action="store_true",
+                   help="with --against: retrain each segment between consecutive checkpoints of the run in one "
+                        "process and compare it (long float32, GPU and multi-node runs; needs every checkpoint)")
+    p.add_argument("--reference-dtype", choices=["float32", "float64"], default=None,
+                   help="--stepwise: the reference's dtype (default: the run's)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="--stepwise: check segments in N local processes")
     p = sub.add_parser("config", help="print the resolved config (defaults < YAML < --set)")
     common(p)
     p = sub.add_parser("bench", help="benchmarks that print numbers: `disttrain bench` lists them", add_help=False)
@@ -135,6 +142,15 @@ def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool)
     return EXIT_OK if report.equivalent else EXIT_FAILED
 
 
+def _verify_stepwise(cfg: Config, args: argparse.Namespace) -> int:
+    from .stepwise import verify_stepwise
+
+    report = verify_stepwise(cfg, args.against, args.reference_dtype, jobs=args.jobs,
+                             announce=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report.to_json() if args.json else report.table(), flush=True)
+    return EXIT_OK if report.equivalent else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
@@ -165,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "(to check a torchrun run, use verify --against RUN_DIR)")
             if args.against is not None and args.nproc is not None:
                 raise ConfigError("verify: give --nproc or --against, not both")
+            if args.stepwise and args.against is None:
+                raise ConfigError("verify --stepwise needs --against RUN_DIR (a run trained with checkpoints)")
+            if not args.stepwise and (args.reference_dtype or args.jobs != 1):
+                raise ConfigError("verify: --reference-dtype and --jobs need --stepwise")
+            if args.stepwise:
+                return _verify_stepwise(cfg, args)
             if args.against is None and args.nproc is None:
                 args.nproc = 2
         _preflight(args.nproc, cfg)

@@ -110,13 +110,14 @@ def _schedule_uses_total_steps(cfg: Config) -> bool:
     return cfg.schedule.decay in ("cosine", "linear", "poly")
 
 
-def resume_state(cfg: Config, env: DistEnv, resume: bool | str | Path) -> dict | None:
+def resume_state(cfg: Config, env: DistEnv, resume: bool | str | Path, allow: frozenset[str] = frozenset()
+                 ) -> dict | None:
     """The checkpoint this run continues from, the same on every rank; None for a fresh start.
 
     ``resume``: True for the newest readable checkpoint in train.out_dir, a path for that file, False for a
     fresh start unless torch's elastic agent restarted this worker group (then, like True, but a group that
     failed before its first checkpoint starts over). Rank 0 decides and reads; the others receive its answer,
-    errors included, so no rank waits in a collective that another has left.
+    errors included, so no rank waits in a collective that another has left. ``allow``: see check_resumable.
     """
     restarted = restart_count() > 0
     if not (resume or restarted):
@@ -124,7 +125,7 @@ def resume_state(cfg: Config, env: DistEnv, resume: bool | str | Path) -> dict |
     state, error = None, None
     if env.is_main:
         try:
-            state = _read_resume_state(cfg, resume, restarted)
+            state = _read_resume_state(cfg, resume, restarted, allow)
         except ConfigError as exc:
             error = str(exc)
     state, error = broadcast_from_main((state, error), env)
@@ -133,7 +134,7 @@ def resume_state(cfg: Config, env: DistEnv, resume: bool | str | Path) -> dict |
     return state
 
 
-def _read_resume_state(cfg: Config, resume: bool | str | Path, restarted: bool) -> dict | None:
+def _read_resume_state(cfg: Config, resume: bool | str | Path, restarted: bool, allow: frozenset[str]) -> dict | None:
     out_dir = Path(cfg.train.out_dir)
     if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
         try:
@@ -146,14 +147,18 @@ def _read_resume_state(cfg: Config, resume: bool | str | Path, restarted: bool) 
             if not resume:  # restarted before any checkpoint was written: start over
                 return None
             raise ConfigError(f"--resume: no readable checkpoint in {checkpoint_dir(out_dir)}")
-    check_resumable(cfg, state)
+    check_resumable(cfg, state, allow)
     return state
 
 
-def check_resumable(cfg: Config, state: dict) -> None:
-    """Refuse a checkpoint whose run computed a different trajectory (one line naming the keys)."""
+def check_resumable(cfg: Config, state: dict, allow: frozenset[str] = frozenset()) -> None:
+    """Refuse a checkpoint whose run computed a different trajectory (one line naming the keys).
+
+    ``allow``: trajectory keys that may differ all the same, on purpose (a float64 reference continuing a
+    float32 checkpoint: {"train.dtype"}; load_state_dict casts the tensors).
+    """
     # train.steps moves the end of a cosine/linear/poly decay, and with it every lr: only allowed otherwise.
-    allowed = frozenset() if _schedule_uses_total_steps(cfg) else frozenset({"train.steps"})
+    allowed = allow if _schedule_uses_total_steps(cfg) else allow | {"train.steps"}
     differ = trajectory_differences(cfg.to_dict(), state["config"], allowed)
     if differ:
         raise ConfigError(f"cannot resume from step {state['step']}: the checkpoint was trained with a different "
@@ -163,19 +168,20 @@ def check_resumable(cfg: Config, state: dict) -> None:
 
 
 def run(cfg: Config, env: DistEnv, console: bool = True, resume: bool | str | Path = False,
-        until: int | None = None) -> TrainResult:
+        until: int | None = None, allow: frozenset[str] = frozenset()) -> TrainResult:
     """Train per ``cfg`` on this rank; every rank returns the same model and losses.
 
     ``console``: rank 0 prints a line every ``train.log_every`` steps (metrics.jsonl gets every step anyway).
     ``resume``: continue from a checkpoint (see :func:`resume_state`). ``until``: stop after this many
     completed steps (with a checkpoint there when checkpointing is on) instead of train.steps; no final.pt.
+    ``allow``: config keys that may differ from the checkpoint's although they change the trajectory.
     """
     check_world_size(cfg, env.world_size)
     t = cfg.train
     out_dir = Path(t.out_dir)
     dtype = DTYPES[t.dtype]
     stop = t.steps if until is None else min(until, t.steps)
-    state = resume_state(cfg, env, resume)
+    state = resume_state(cfg, env, resume, allow)
     start = 0 if state is None else state["step"]
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

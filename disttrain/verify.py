@@ -13,7 +13,7 @@ more so near convergence or at the edge of stability. Measured with W=4: the dem
 float64 and 8e-7 in float32; an MLP trained to near-zero loss at lr 0.1 reaches 1.1e-5 (float32) after
 100 steps, and 3e-9 (float64) / 0.76 (float32) after 300, where rounding differences have grown
 ~1e7-fold. The verdict allows 1e-10 in float64 and 1e-4 in float32: verify is a check for runs of tens
-to about a hundred steps. Every real mistake measured is orders of magnitude above (clipping before
+to about a hundred steps (longer runs: stepwise.py, segment by segment between checkpoints). Every real mistake measured is orders of magnitude above (clipping before
 averaging 5e-2, per-rank BatchNorm 0.16, reduce=sum 1.3).
 """
 
