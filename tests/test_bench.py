@@ -86,7 +86,7 @@ def test_bench_lists_names_and_rejects_usage_errors(capsys):
 
     assert bench_main(["nope"]) == 2
     assert capsys.readouterr().err == ("disttrain: error: unknown benchmark 'nope' "
-                                       "(choose from step, scaling, allreduce, syncbn)\n")
+                                       "(choose from step, scaling, allreduce, syncbn, randomness)\n")
     with pytest.raises(SystemExit) as done:
         bench_main(["allreduce", "--sizes", "6B"])
     err = capsys.readouterr().err
