@@ -6,7 +6,16 @@ fixed cost, so every module shares them. A pool whose task failed or hung is res
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# The suite runs many small processes on few cores (2 here): one intra-op thread per process, as torchrun
+# gives each of several workers. Set before any test starts a subprocess, which inherits it; tiny models gain
+# nothing from a second thread and lose much to oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from tests.harness import WorkerPool
 

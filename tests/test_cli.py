@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from disttrain.cli import main as cli_main
 from disttrain.verify import relative_difference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,13 +26,22 @@ def disttrain(*args: str, timeout: float = 120, env: dict | None = None) -> subp
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+def disttrain_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``disttrain ARGS`` through the same entry point, in this process (its workers are still launched
+    processes): saves a Python start and a torch import per call, which the suite pays for every command."""
+    capsys.readouterr()
+    code = cli_main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["disttrain", *args], code, out.out, out.err)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_verify_demo_is_equivalent_and_sum_is_not(tmp_path):
+def test_verify_demo_is_equivalent_and_sum_is_not(tmp_path, capsys):
     ok = disttrain("verify", str(DEMO), "--set", f"train.out_dir={tmp_path / 'a'}")
     assert ok.returncode == 0, ok.stderr
     assert "verdict: EQUIVALENT: 2 processes match one process" in ok.stdout
@@ -39,7 +49,7 @@ def test_verify_demo_is_equivalent_and_sum_is_not(tmp_path):
     assert len(rows) == 20 and [int(r[0]) for r in rows] == list(range(20))  # one row per step
     assert all(float(r[3]) <= 1e-10 for r in rows)
 
-    bad = disttrain("verify", str(DEMO), "--json", "--set", f"train.out_dir={tmp_path / 'b'}",
+    bad = disttrain_here(capsys, "verify", str(DEMO), "--json", "--set", f"train.out_dir={tmp_path / 'b'}",
                     "--set", "comm.reduce=sum")
     assert bad.returncode == 1, bad.stderr
     report = json.loads(bad.stdout)  # --json: stdout is only the JSON summary
@@ -72,23 +82,23 @@ def test_train_nproc_3_equals_nproc_1(tmp_path):
     assert "global_batch_size: 30" in (tmp_path / "w3" / "config.yaml").read_text()
 
 
-def test_torchrun_run_checked_with_verify_against(tmp_path):
+def test_torchrun_run_checked_with_verify_against(tmp_path, capsys):
     run_dir = tmp_path / "torchrun"
     trained = subprocess.run(
         [*TORCHRUN, "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
          "-m", "disttrain", "train", str(DEMO), "--set", f"train.out_dir={run_dir}", "--set", "train.steps=8"],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
-    checked = disttrain("verify", str(DEMO), "--against", str(run_dir), "--json",
+    checked = disttrain_here(capsys, "verify", str(DEMO), "--against", str(run_dir), "--json",
                         "--set", f"train.out_dir={tmp_path / 'check'}", "--set", "train.steps=8")
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["world_size"] == 2
 
-    other = disttrain("verify", str(DEMO), "--against", str(run_dir), "--set", "train.steps=8",
+    other = disttrain_here(capsys, "verify", str(DEMO), "--against", str(run_dir), "--set", "train.steps=8",
                       "--set", "optim.lr=0.2", "--set", f"train.out_dir={tmp_path / 'check'}")
     assert other.returncode == 2
     assert other.stderr.strip().endswith("trained with a different config (optim.lr differ)")
-    missing = disttrain("verify", str(DEMO), "--against", str(tmp_path / "nothing"))
+    missing = disttrain_here(capsys, "verify", str(DEMO), "--against", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no final.pt there" in missing.stderr
 
 
@@ -163,8 +173,8 @@ SCHEDULE_CLIP_ACCUM = ["--set", "schedule.warmup=linear", "--set", "schedule.war
                        "--set", "train.accumulation_steps=2", "--set", "train.steps=12"]
 
 
-def test_verify_with_warmup_clipping_and_accumulation(tmp_path):
-    ok = disttrain("verify", str(DEMO), "--nproc", "3", "--json", "--set", f"train.out_dir={tmp_path / 'a'}",
+def test_verify_with_warmup_clipping_and_accumulation(tmp_path, capsys):
+    ok = disttrain_here(capsys, "verify", str(DEMO), "--nproc", "3", "--json", "--set", f"train.out_dir={tmp_path / 'a'}",
                    "--set", "model.norm=none", *SCHEDULE_CLIP_ACCUM)
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
@@ -174,7 +184,7 @@ def test_verify_with_warmup_clipping_and_accumulation(tmp_path):
     assert any(m["grad_norm"] > 0.3 for m in metrics)  # clipping was active
 
     # With batch norm, accumulation changes the statistics: verify says so instead of claiming equivalence.
-    bn = disttrain("verify", str(DEMO), "--nproc", "3", "--set", f"train.out_dir={tmp_path / 'b'}",
+    bn = disttrain_here(capsys, "verify", str(DEMO), "--nproc", "3", "--set", f"train.out_dir={tmp_path / 'b'}",
                    "--set", "model.norm=bn", *SCHEDULE_CLIP_ACCUM)
     assert bn.returncode == 1, bn.stderr
     assert "note: model.norm=bn with train.accumulation_steps=2: batch-norm statistics are computed per " \
@@ -196,14 +206,14 @@ def test_large_batch_example_logs_lr_and_grad_norm(tmp_path):
     assert all(float(f["grad_norm"]) > 0 for f in fields)
 
 
-def test_verify_syncbn_cnn_uneven_batch_and_per_rank_bn_contrast(tmp_path):
+def test_verify_syncbn_cnn_uneven_batch_and_per_rank_bn_contrast(tmp_path, capsys):
     """The demo CNN with SyncBN, W=3, B=31 (slices 11/10/10), float64: equivalent; per-rank BN: not."""
     common = ["--nproc", "3", "--json", "--set", "train.global_batch_size=31", "--set", "train.steps=10"]
-    sync = disttrain("verify", str(DEMO), *common, "--set", f"train.out_dir={tmp_path / 's'}")
+    sync = disttrain_here(capsys, "verify", str(DEMO), *common, "--set", f"train.out_dir={tmp_path / 's'}")
     assert sync.returncode == 0, sync.stderr
     report = json.loads(sync.stdout)
     assert report["equivalent"] and report["max_param_rel_diff"] <= 1e-10 and report["world_size"] == 3
-    local = disttrain("verify", str(DEMO), *common, "--set", "model.norm=bn", "--set", f"train.out_dir={tmp_path / 'b'}")
+    local = disttrain_here(capsys, "verify", str(DEMO), *common, "--set", "model.norm=bn", "--set", f"train.out_dir={tmp_path / 'b'}")
     assert local.returncode == 1, local.stderr
     assert json.loads(local.stdout)["max_param_rel_diff"] > 1e-3
 
