@@ -38,7 +38,8 @@ shift. Counts are float64 in the exchange, exact up to 2^53.
 - nccl and others: one ``all_reduce`` of [n_r, n_r mu_r, M2_r + n_r mu_r^2] (2C+1 values, independent of
   the world size, where all_gather moves W(2C+1)); M2 = S2 - S1^2/n in float64. Only the between-rank
   part sum n_r mu_r^2 - n mu^2 cancels there, in float64: the variance's relative error is ~1e-16 *
-  (mean/std)^2, below 1e-4 for any data float32 can represent. Backward: one all_reduce of the 2C sums.
+  (mean/std)^2, about 1e-4 at mean/std = 1e6 (measured 1.2e-4 to 1.6e-4 on mean 1e4, std 1e-2; torch's
+  BatchNorm2d in one process: 7e-4). Backward: one all_reduce of the 2C sums.
 Both schemes run (and are tested) on gloo; ``layer.collective = "all_reduce" | "all_gather"`` overrides.
 
 An empty rank (N=0) still joins both collectives with zeros, or its peers would wait forever. Eval mode,
