@@ -1,15 +1,11 @@
 """`disttrain train/verify --nproc N` outside torchrun: N local workers through torch's elastic launcher.
 
 This is the same agent torchrun runs (torch.distributed.launcher.api), with a c10d rendezvous on a free
-loopback port (port 0: the store picks it) and workers started with spawn. Several runs (or other tasks) can
-share one launched group, which pays the worker start-up (import torch) once. With ``max_restarts`` R > 0 the
-agent restarts the whole worker group when a worker dies (kill -9, OOM, an exception), up to R times; the
-restarted workers see TORCHELASTIC_RESTART_COUNT > 0 and continue from the newest checkpoint (train.run).
-
-Threads: torchrun gives each worker one intra-op thread (OMP_NUM_THREADS=1) when it starts several on a node,
-unless the user set OMP_NUM_THREADS; the elastic API it is built on does not. Without that, N workers with
-torch's default of one thread per core oversubscribe the cores: 2 workers on 2 cores ran 2.3x slower per step.
-launch_local_tasks does what torchrun does.
+loopback port (port 0: the store picks it) and workers started with spawn, each with one intra-op thread
+(see one_thread_per_worker). Several runs (or other tasks) can share one launched group, which pays the
+worker start-up (import torch) once. With ``max_restarts`` R > 0 the agent restarts the whole worker group
+when a worker dies (kill -9, OOM, an exception), up to R times; the restarted workers see
+TORCHELASTIC_RESTART_COUNT > 0 and continue from the newest checkpoint (train.run).
 """
 
 from __future__ import annotations
@@ -88,10 +84,13 @@ def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = F
 
 @contextlib.contextmanager
 def one_thread_per_worker(nproc: int) -> Iterator[None]:
-    """OMP_NUM_THREADS=1 for the workers started inside (torchrun's rule), unless the user set it or nproc is 1.
+    """OMP_NUM_THREADS=1 for the workers started inside, unless the user set it or nproc is 1.
 
-    The elastic agent copies this process's OMP_NUM_THREADS into every worker's environment. It is set only
-    for the launch: this process's own torch already chose its thread count, and is left as it was.
+    torchrun does this when it starts several workers on a node; the elastic API it is built on does not.
+    Without it, N workers with torch's default of one intra-op thread per core oversubscribe the cores
+    (2 workers on 2 cores: twice the time per step). The elastic agent copies this process's OMP_NUM_THREADS
+    into every worker's environment; it is set only for the launch, and this process's own torch, which
+    has chosen its thread count already, is left as it was.
     """
     if nproc <= 1 or "OMP_NUM_THREADS" in os.environ:
         yield

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import statistics
 
 import pytest
 import torch
@@ -39,8 +40,8 @@ def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
     assert [r["world_size"] for r in step["rows"]] == [1, 2]
     for row in step["rows"]:
         assert row["ms"].keys() == {"disttrain", EVERY_STEP, "hand-written DDP"} and min(row["ms"].values()) > 0
-        assert row["ratio"] == pytest.approx(row["ms"]["disttrain"] / row["ms"]["hand-written DDP"])
-        assert row["every_step_ratio"] == pytest.approx(row["ms"][EVERY_STEP] / row["ms"]["hand-written DDP"])
+        assert len(row["round_ratios"]) == 2 and row["ratio"] == pytest.approx(statistics.median(row["round_ratios"]))
+        assert row["every_step_ratio"] > 0
     assert step["setting"]["config"][-1] == "data.num_samples=16"
 
     scaling = _bench_json(pools, capsys, "scaling", "--world-sizes", "2", "--steps", "2", "--warmup", "0",

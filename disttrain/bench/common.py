@@ -90,19 +90,20 @@ def time_calls(fn: Callable[[], Any], n: int) -> list[float]:
     return times
 
 
-def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
+def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[list[float]]]:
     """Run every variant once per round, the order rotated each round, after a barrier on every rank.
 
-    Each call returns its own list of times. Alternating the variants in rounds exposes them alike to load
-    from elsewhere on a shared machine, so their ratio is measured side by side.
+    Each call returns its own list of times; the result holds them per variant and round. Alternating the
+    variants in rounds exposes them alike to load from elsewhere on a shared machine, so their ratio is
+    measured side by side (see :func:`paired_ratios`).
     """
     names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             if dist.is_initialized():
                 dist.barrier()
-            times[name] += variants[name]()
+            times[name].append(variants[name]())
     return times
 
 
@@ -111,9 +112,23 @@ def step_periods(stamps: Sequence[float], warmup: int) -> list[float]:
     return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
 
 
-def slowest_median_ms(per_rank: Sequence[dict[str, list[float]]]) -> dict[str, float]:
-    """Name -> the largest of the ranks' median times, in milliseconds."""
-    return {name: 1e3 * max(statistics.median(r[name]) for r in per_rank) for name in per_rank[0]}
+def slowest_median_ms(per_rank: Sequence[dict[str, list[list[float]]]]) -> dict[str, float]:
+    """Name -> the largest of the ranks' median times over all rounds, in milliseconds."""
+    return {name: 1e3 * max(statistics.median(t for times in r[name] for t in times) for r in per_rank)
+            for name in per_rank[0]}
+
+
+def paired_ratios(per_rank: Sequence[dict[str, list[list[float]]]], a: str, b: str) -> list[float]:
+    """Per round: time of ``a`` / time of ``b`` (each the slowest rank's median in that round).
+
+    The two ran back to back, so a load that comes and goes over minutes cancels out of each ratio; the
+    median of these ratios is steadier than the ratio of the overall medians on a shared machine.
+    """
+    def per_round(name: str) -> list[float]:
+        rounds = len(per_rank[0][name])
+        return [max(statistics.median(r[name][i]) for r in per_rank) for i in range(rounds)]
+
+    return [x / y for x, y in zip(per_round(a), per_round(b))]
 
 
 def machine() -> dict[str, Any]:
