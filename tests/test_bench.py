@@ -41,7 +41,7 @@ def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
     for row in step["rows"]:
         assert row["ms"].keys() == {"disttrain", EVERY_STEP, "hand-written DDP"} and min(row["ms"].values()) > 0
         assert len(row["round_ratios"]) == 2 and row["ratio"] == pytest.approx(statistics.median(row["round_ratios"]))
-        assert row["every_step_ratio"] > 0
+        assert row["every_step_ratio"] > 0 and row["page_faults_per_step"].keys() == row["ms"].keys()
     assert step["setting"]["config"][-1] == "data.num_samples=16"
 
     scaling = _bench_json(pools, capsys, "scaling", "--world-sizes", "2", "--steps", "2", "--warmup", "0",
