@@ -80,10 +80,12 @@ class StepMetrics:
         if self.env.is_distributed:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         values = buf.tolist()  # the one read back to the host
+        records = []
         for i, (step, _, fields) in enumerate(self._pending):
             total_loss, samples = values[i], values[n + i]
             self.losses.append(total_loss / samples)
-            self.logger.log({"step": step, "loss": total_loss / samples, "samples": int(samples), **fields})
+            records.append({"step": step, "loss": total_loss / samples, "samples": int(samples), **fields})
+        self.logger.log(*records)
         self.interval = int(values[2 * n])
         self.flushes += 1
         self._loss_sums, self._pending = [], []
@@ -110,15 +112,17 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
 
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+    def log(self, *records: dict[str, Any]) -> None:
+        """Append ``records`` (one per step) to metrics.jsonl, and print the console lines that are due."""
+        if not self.enabled or not records:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        step = record["step"]
-        if self.console and (step % self.log_every == 0 or step == self.total_steps - 1):
-            fields = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
-            print(f"step {step + 1:>4}/{self.total_steps} | {fields}", file=self.stream, flush=True)
+            f.write("".join(json.dumps(record) + "\n" for record in records))
+        for record in records:
+            step = record["step"]
+            if self.console and (step % self.log_every == 0 or step == self.total_steps - 1):
+                fields = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
+                print(f"step {step + 1:>4}/{self.total_steps} | {fields}", file=self.stream, flush=True)
 
 
 def _fmt(value: Any) -> str:
