@@ -158,7 +158,7 @@ class AllReduceSync(GradSync):
 def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_count: int,
                     global_count: int) -> GradSync:
     """Wrap ``module`` for gradient reduction; this rank holds ``local_count`` of ``global_count`` samples."""
-    if not env.is_distributed:
+    if not env.is_distributed or env.world_size == 1:  # one rank: nothing to reduce, DDP would be pure cost
         return LocalSync(module, loss_divisor=local_count)
     divisor = global_count if cfg.reduce == "mean" else local_count
     spec = ReduceSpec(mode=cfg.reduce, world_size=env.world_size)  # the default process group

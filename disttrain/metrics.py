@@ -81,10 +81,12 @@ class StepMetrics:
         if self.env.is_distributed:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         values = buf.tolist()  # the one read back to the host
+        records = []
         for i, (step, _, fields) in enumerate(self._pending):
             total_loss, samples = values[i], values[n + i]
             self.losses.append(total_loss / samples)
-            self.logger.log({"step": step, "loss": total_loss / samples, "samples": int(samples), **fields})
+            records.append({"step": step, "loss": total_loss / samples, "samples": int(samples), **fields})
+        self.logger.log(*records)
         self.interval = int(values[2 * n])
         self.flushes += 1
         self._loss_sums, self._pending = [], []
@@ -118,13 +120,15 @@ class MetricsLogger:
             kept = [r for r in _read_records(self.path) if r["step"] < start_step] if start_step else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+    def log(self, *records: dict[str, Any]) -> None:
+        """Append ``records`` (one per step) to metrics.jsonl, and print the console lines that are due."""
+        if not self.enabled or not records:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(record) + "\n" for record in records))
         if self.progress is not None:
-            self.progress.update(record)
+            for record in records:
+                self.progress.update(record)
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
     for row in step["rows"]:
         assert row["ms"].keys() == {"disttrain", EVERY_STEP, "hand-written DDP"} and min(row["ms"].values()) > 0
         assert len(row["round_ratios"]) == 2 and row["ratio"] == pytest.approx(statistics.median(row["round_ratios"]))
-        assert row["every_step_ratio"] > 0
+        assert row["every_step_ratio"] > 0 and row["page_faults_per_step"].keys() == row["ms"].keys()
     assert step["setting"]["config"][-1] == "data.num_samples=16"
 
     scaling = _bench_json(pools, capsys, "scaling", "--world-sizes", "2", "--steps", "2", "--warmup", "0",
@@ -198,3 +198,19 @@ def test_flush_at_any_step_puts_every_step_on_disk(tmp_path):
     for step in range(3):
         every_step.record(step, torch.tensor(1.0, dtype=torch.float64), 1)
         assert len(read_metrics(tmp_path / "b")) == step + 1
+
+
+def grad_sync_kind(cfg_dict: dict) -> str:
+    from disttrain.comm import build_grad_sync
+    from disttrain.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    with distributed("cpu") as env:
+        return type(build_grad_sync(torch.nn.Linear(2, 2), cfg.comm, env, 8, 8)).__name__
+
+
+def test_a_process_group_of_one_reduces_nothing(pools):
+    """Under torchrun with one process there is a group of one: no DDP (nothing to reduce), as without a group."""
+    for impl in ("ddp", "allreduce"):
+        assert pools(1).run(grad_sync_kind, load_config(None, [f"comm.impl={impl}"]).to_dict()) == ["LocalSync"]
+    assert pools(2).run(grad_sync_kind, load_config(None, []).to_dict()) == ["DDPSync", "DDPSync"]

@@ -19,6 +19,7 @@ import os
 import platform
 import queue
 import re
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -107,9 +108,27 @@ def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> 
     return times
 
 
-def step_periods(stamps: Sequence[float], warmup: int) -> list[float]:
-    """Seconds from the start of each step to the start of the next, the first ``warmup`` steps dropped."""
-    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+class StepClock:
+    """A stamp at the start of every step: the wall time, and the minor page faults of this process so far.
+
+    Page faults are counted because on CPU they can be a large part of a step: memory that the C allocator
+    handed back to the operating system and takes again is zero-filled page by page on first touch.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.faults: list[int] = []
+
+    def stamp(self) -> None:
+        self.times.append(time.perf_counter())
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+    def periods(self, warmup: int) -> list[float]:
+        """Seconds from the start of each step to the start of the next, the first ``warmup`` steps dropped."""
+        return [b - a for a, b in zip(self.times[warmup:], self.times[warmup + 1:])]
+
+    def faults_per_step(self, warmup: int) -> list[int]:
+        return [b - a for a, b in zip(self.faults[warmup:], self.faults[warmup + 1:])]
 
 
 def slowest_median_ms(per_rank: Sequence[dict[str, list[list[float]]]]) -> dict[str, float]:

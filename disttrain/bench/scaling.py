@@ -20,13 +20,13 @@ from typing import Any
 from ..config import check_world_size, config_from_dict
 from .common import (RunWorld, machine, markdown_table, non_negative_int, positive_int, positive_ints,
                      spawn_world)
-from .step import DEFAULTS, bench_config, trainer_step_times
+from .step import DEFAULTS, bench_config, trainer_steps
 
 
 def _rank_scaling(cfg_dict: dict[str, Any], steps: int, warmup: int, rounds: int) -> list[float]:
     times: list[float] = []
     for _ in range(rounds):
-        times += trainer_step_times(cfg_dict, steps, warmup)
+        times += trainer_steps(cfg_dict, steps, warmup).periods(warmup)
     return times
 
 

@@ -14,7 +14,9 @@ On every rank of a W-process gloo group (one intra-op thread per rank), alternat
 
 Time per step is the time from the start of one step to the start of the next, so it holds everything
 the loop does; the median over steps and rounds on the slowest rank. The ratios are the median over rounds
-of each round's ratio, the loops having run back to back in it. The default setting is a CNN with
+of each round's ratio, the loops having run back to back in it. Minor page faults per step are reported
+too (the median, on the rank with most): on CPU, re-faulting the activation memory that the C allocator
+returned to the system can cost more than communication. The default setting is a CNN with
 hidden 64 in float32, global batch 256 (``--set`` changes it, as for ``disttrain train``). The hand-written
 loop does no clipping, schedule or accumulation: with those set, the trainer does more work than it.
 """
@@ -25,6 +27,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch.nn.functional as F
@@ -36,8 +39,8 @@ from ..data import GlobalBatches, build_dataset
 from ..dist import distributed
 from ..metrics import StepMetrics
 from ..models import build_model
-from .common import (RunWorld, interleaved, machine, markdown_table, non_negative_int, paired_ratios, positive_int,
-                     positive_ints, slowest_median_ms, spawn_world, step_periods)
+from .common import (RunWorld, StepClock, interleaved, machine, markdown_table, non_negative_int, paired_ratios,
+                     positive_int, positive_ints, slowest_median_ms, spawn_world)
 
 EVERY_STEP = "disttrain, loss reduced every step"
 HAND = "hand-written DDP"
@@ -52,15 +55,14 @@ def bench_config(overrides: list[str], out_dir: str) -> dict[str, Any]:
     return load_config(None, [*DEFAULTS, *overrides, f"train.out_dir={out_dir}"]).to_dict()
 
 
-def trainer_step_times(cfg_dict: dict[str, Any], steps: int, warmup: int,
-                       reduce_loss_every_step: bool = False) -> list[float]:
-    """On every rank: seconds per step of ``disttrain.train.run`` over ``warmup + steps + 1`` steps."""
+def trainer_steps(cfg_dict: dict[str, Any], steps: int, warmup: int, reduce_loss_every_step: bool = False) -> StepClock:
+    """On every rank: ``disttrain.train.run`` for ``warmup + steps + 1`` steps, stamped at each step's start."""
     cfg = config_from_dict({**cfg_dict, "train": {**cfg_dict["train"], "steps": warmup + steps + 1}})
-    stamps: list[float] = []
+    clock = StepClock()
     real_step, flush_seconds = train.train_step, StepMetrics.flush_seconds
 
     def stamped(*args: Any, **kwargs: Any) -> Any:
-        stamps.append(time.perf_counter())
+        clock.stamp()
         return real_step(*args, **kwargs)
 
     train.train_step = stamped  # run() calls it once per step: a stamp at the start of each step
@@ -71,12 +73,13 @@ def trainer_step_times(cfg_dict: dict[str, Any], steps: int, warmup: int,
             train.run(cfg, env, console=False)
     finally:
         train.train_step, StepMetrics.flush_seconds = real_step, flush_seconds
-    return step_periods(stamps, warmup)
+    return clock
 
 
-def hand_written_step_times(cfg_dict: dict[str, Any], steps: int, warmup: int) -> list[float]:
-    """On every rank: seconds per step of a torch-tutorial DDP loop on the trainer's model, data and batches."""
+def hand_written_steps(cfg_dict: dict[str, Any], steps: int, warmup: int) -> StepClock:
+    """On every rank: a torch-tutorial DDP loop on the trainer's model, data and batches, stamped per step."""
     cfg = config_from_dict(cfg_dict)
+    clock = StepClock()
     with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
         dtype = train.DTYPES[cfg.train.dtype]
         dataset = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype)
@@ -84,21 +87,30 @@ def hand_written_step_times(cfg_dict: dict[str, Any], steps: int, warmup: int) -
         model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device)
         ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         optimizer = train.build_optimizer(ddp.parameters(), cfg.optim)
-        stamps = []
         for step in range(warmup + steps + 1):
-            stamps.append(time.perf_counter())
+            clock.stamp()
             x, y = batches.batch(step, env.device)
             loss = F.cross_entropy(ddp(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return step_periods(stamps, warmup)
+    return clock
 
 
-def _rank_step(cfg_dict: dict[str, Any], steps: int, warmup: int, rounds: int) -> dict[str, list[list[float]]]:
-    return interleaved({"disttrain": lambda: trainer_step_times(cfg_dict, steps, warmup),
-                        EVERY_STEP: lambda: trainer_step_times(cfg_dict, steps, warmup, reduce_loss_every_step=True),
-                        HAND: lambda: hand_written_step_times(cfg_dict, steps, warmup)}, rounds)
+def _rank_step(cfg_dict: dict[str, Any], steps: int, warmup: int, rounds: int) -> dict[str, Any]:
+    faults: dict[str, list[int]] = {}
+
+    def timed(name: str, run: Callable[[], StepClock]) -> Callable[[], list[float]]:
+        def once() -> list[float]:
+            clock = run()
+            faults.setdefault(name, []).extend(clock.faults_per_step(warmup))
+            return clock.periods(warmup)
+        return once
+
+    times = interleaved({"disttrain": timed("disttrain", lambda: trainer_steps(cfg_dict, steps, warmup)),
+                         EVERY_STEP: timed(EVERY_STEP, lambda: trainer_steps(cfg_dict, steps, warmup, True)),
+                         HAND: timed(HAND, lambda: hand_written_steps(cfg_dict, steps, warmup))}, rounds)
+    return {"times": times, "faults": {name: statistics.median(f) for name, f in faults.items()}}
 
 
 def bench_step(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2), steps: int = 20, warmup: int = 5,
@@ -113,12 +125,14 @@ def bench_step(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2), step
         for world_size in world_sizes:
             check_world_size(config_from_dict(cfg_dict), world_size)
         for world_size in world_sizes:
-            per_rank = run_world(world_size, _rank_step, cfg_dict, steps, warmup, rounds)
+            results = run_world(world_size, _rank_step, cfg_dict, steps, warmup, rounds)
+            per_rank = [r["times"] for r in results]
             ratios = paired_ratios(per_rank, "disttrain", HAND)
             every_step = paired_ratios(per_rank, EVERY_STEP, HAND)
             rows.append({"world_size": world_size, "ms": slowest_median_ms(per_rank),
                          "ratio": statistics.median(ratios), "every_step_ratio": statistics.median(every_step),
-                         "round_ratios": ratios})
+                         "round_ratios": ratios,
+                         "page_faults_per_step": {k: max(r["faults"][k] for r in results) for k in per_rank[0]}})
     return rows
 
 
@@ -143,6 +157,9 @@ def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str
 
 def format_table(result: dict[str, Any]) -> str:
     return markdown_table(["W", "hand-written DDP ms/step", "disttrain ms/step", "disttrain / hand-written",
-                           "loss reduced every step ms/step", "every step / hand-written"], [
+                           "loss reduced every step ms/step", "every step / hand-written",
+                           "page faults/step (disttrain, hand-written)"], [
         [str(r["world_size"]), f"{r['ms'][HAND]:.2f}", f"{r['ms']['disttrain']:.2f}", f"{r['ratio']:.3f}",
-         f"{r['ms'][EVERY_STEP]:.2f}", f"{r['every_step_ratio']:.3f}"] for r in result["rows"]])
+         f"{r['ms'][EVERY_STEP]:.2f}", f"{r['every_step_ratio']:.3f}",
+         f"{r['page_faults_per_step']['disttrain']:.0f}, {r['page_faults_per_step'][HAND]:.0f}"]
+        for r in result["rows"]])
