@@ -18,9 +18,8 @@ import tempfile
 from typing import Any
 
 from ..config import check_world_size, config_from_dict
-from .common import (RunWorld, machine, markdown_table, non_negative_int, positive_int, positive_ints,
-                     spawn_world)
-from .step import DEFAULTS, bench_config, trainer_steps
+from .common import RunWorld, markdown_table, spawn_world
+from .step import add_run_arguments, bench_config, run_result, trainer_steps
 
 
 def _rank_scaling(cfg_dict: dict[str, Any], steps: int, warmup: int, rounds: int) -> list[float]:
@@ -51,21 +50,14 @@ def bench_scaling(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2, 4)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world-sizes", type=positive_ints, default=(1, 2, 4),
-                        help="comma-separated process counts; 1 is always added as the base (default 1,2,4)")
-    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per run (default 20)")
-    parser.add_argument("--warmup", type=non_negative_int, default=5,
-                        help="untimed steps at the start of each run (default 5)")
-    parser.add_argument("--rounds", type=positive_int, default=5, help="runs per world size (default 5)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help=f"change the benchmarked config (default: {' '.join(DEFAULTS)})")
+    add_run_arguments(parser, (1, 2, 4),
+                      "comma-separated process counts; 1 is always added as the base (default 1,2,4)", 5,
+                      "runs per world size (default 5)")
 
 
 def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str, Any]:
-    rows = bench_scaling(args.overrides, args.world_sizes, args.steps, args.warmup, args.rounds, run_world)
-    setting = {"config": [*DEFAULTS, *args.overrides], "steps": args.steps, "warmup": args.warmup,
-               "rounds": args.rounds}
-    return {"benchmark": "scaling", "machine": machine(), "setting": setting, "rows": rows}
+    return run_result("scaling", args, bench_scaling(args.overrides, args.world_sizes, args.steps, args.warmup,
+                                                     args.rounds, run_world))
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -136,23 +135,32 @@ def bench_step(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2), step
     return rows
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world-sizes", type=positive_ints, default=(1, 2),
-                        help="comma-separated process counts (default 1,2)")
+def add_run_arguments(parser: argparse.ArgumentParser, world_sizes: tuple[int, ...], world_help: str, rounds: int,
+                      rounds_help: str) -> None:
+    """The options of the benchmarks that time the trainer (step, scaling)."""
+    parser.add_argument("--world-sizes", type=positive_ints, default=world_sizes, help=world_help)
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per run (default 20)")
     parser.add_argument("--warmup", type=non_negative_int, default=5,
                         help="untimed steps at the start of each run (default 5)")
-    parser.add_argument("--rounds", type=positive_int, default=10,
-                        help="runs of each loop, alternating: short runs, many rounds (default 10)")
+    parser.add_argument("--rounds", type=positive_int, default=rounds, help=rounds_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help=f"change the benchmarked config (default: {' '.join(DEFAULTS)})")
 
 
-def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str, Any]:
-    rows = bench_step(args.overrides, args.world_sizes, args.steps, args.warmup, args.rounds, run_world)
+def run_result(name: str, args: argparse.Namespace, rows: list[dict]) -> dict[str, Any]:
     setting = {"config": [*DEFAULTS, *args.overrides], "steps": args.steps, "warmup": args.warmup,
                "rounds": args.rounds}
-    return {"benchmark": "step", "machine": machine(), "setting": setting, "rows": rows}
+    return {"benchmark": name, "machine": machine(), "setting": setting, "rows": rows}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser, (1, 2), "comma-separated process counts (default 1,2)", 10,
+                      "runs of each loop, alternating: short runs, many rounds (default 10)")
+
+
+def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str, Any]:
+    return run_result("step", args, bench_step(args.overrides, args.world_sizes, args.steps, args.warmup,
+                                               args.rounds, run_world))
 
 
 def format_table(result: dict[str, Any]) -> str:
