@@ -4,9 +4,9 @@
 
 On every rank of a W-process gloo group (one intra-op thread per rank), alternating in rounds:
 - ``disttrain``: ``disttrain.train.run``, the trainer's own loop: this rank's slice of the global batch, the
-  step function (loss sum over the global batch size, DDP with the count-weighted-mean hook, the global
-  gradient norm, optimizer step), the schedule, and the per-step metrics (reduced over ranks in batches
-  of steps, written to metrics.jsonl on rank 0);
+  step function (loss sum over the global batch size, DDP with the count-weighted-mean hook when W > 1,
+  the global gradient norm, optimizer step), the schedule, and the per-step metrics (reduced over ranks in
+  batches of steps, written to metrics.jsonl on rank 0);
 - ``disttrain, loss reduced every step``: the same loop with the logged loss reduced over ranks by a
   blocking all_reduce every step, as a simple trainer does: the cost of that one small collective;
 - ``hand-written DDP``: the loop of torch's DDP tutorial on the same model and initial weights, optimizer
