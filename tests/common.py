@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 
 import torch
 
@@ -30,3 +31,10 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     """The largest max|a-b| / max|b| over the floating-point tensors of two state_dicts."""
     assert a.keys() == b.keys()
     return max(relative_difference(a[k], b[k]) for k in b if b[k].is_floating_point())
+
+
+def free_port() -> int:
+    """A loopback port the OS reports free now (for torchrun's rendezvous endpoint in a test)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import torch
 
 from disttrain.cli import main as cli_main
 from disttrain.verify import relative_difference
+from tests.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -33,12 +33,6 @@ def disttrain_here(capsys, *args: str) -> subprocess.CompletedProcess:
     code = cli_main(list(args))
     out = capsys.readouterr()
     return subprocess.CompletedProcess(["disttrain", *args], code, out.out, out.err)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_verify_demo_is_equivalent_and_sum_is_not(tmp_path, capsys):

@@ -19,13 +19,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -42,12 +43,6 @@ def _env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], timeout: float = RUN_TIMEOUT_S, **kwargs) -> subprocess.CompletedProcess:
@@ -133,7 +128,7 @@ def test_slurm_script_runs_two_agents_through_c10d_rendezvous(single_node_run, t
         (stubs / name).chmod(0o755)
     run_dir = tmp_path / "run"
     env = _env(SLURM_NNODES="2", SLURM_JOB_NODELIST="localhost,localhost", SLURM_JOB_ID="4242",
-               SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(_free_port()), NPROC_PER_NODE="1")
+               SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(free_port()), NPROC_PER_NODE="1")
     env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
     out = _check(_run(["bash", str(LAUNCH / "slurm.sbatch"), str(CONFIG), "--set", "train.device=cpu",
                        "--set", f"train.out_dir={run_dir}"], env=env, cwd=tmp_path), "launch/slurm.sbatch")

@@ -29,7 +29,7 @@ from disttrain.dist import distributed
 from disttrain.metrics import read_metrics
 from disttrain.train import run
 from disttrain.verify import compare_runs
-from tests.common import max_rel_diff
+from tests.common import free_port, max_rel_diff
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,14 +308,6 @@ def test_kill_9_then_max_restarts_and_resume_are_bitwise(pools, tmp_path):
         assert _steps(run_dir) == list(range(200))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_elastic_membership_survivor_finishes_alone(tmp_path):
     """Two torchrun agents (--nnodes=1:2, one worker each) on loopback; the second agent and its worker are
@@ -325,7 +317,7 @@ def test_torchrun_elastic_membership_survivor_finishes_alone(tmp_path):
     # Long enough that the kill lands mid-run (the survivor then waits for the lost node at the end).
     overrides = ["train.steps=300", "train.checkpoint_every=5", "train.log_every=1000", "model.hidden=8",
                  f"train.out_dir={tmp_path / 'run'}"]
-    port = _free_port()
+    port = free_port()
 
     def agent(is_host: int) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",

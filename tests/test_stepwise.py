@@ -20,7 +20,7 @@ from disttrain.config import load_config
 from disttrain.stepwise import Segment, summarize, tolerance, verify_stepwise
 from disttrain.verify import compare_runs
 from tests.stepwise_runs import train_run
-from tests.test_cli import free_port
+from tests.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
