@@ -44,14 +44,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read as one; the message names the file."""
 
 
-def _cpu(state: Any) -> Any:
+def cpu_copy(state: Any) -> Any:
     """A copy of a (nested) state with every tensor detached on the CPU: loadable on any device."""
     if isinstance(state, torch.Tensor):
         return state.detach().cpu().clone()
     if isinstance(state, dict):
-        return {k: _cpu(v) for k, v in state.items()}
+        return {k: cpu_copy(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(_cpu(v) for v in state)
+        return type(state)(cpu_copy(v) for v in state)
     return state
 
 
@@ -87,8 +87,10 @@ def _fsync_dir(directory: Path) -> None:
 
 # --------------------------------------------------------------------------- final.pt
 
-def save_final(path: str | Path, model: nn.Module, step: int, config: dict[str, Any], world_size: int) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def save_final(path: str | Path, model: nn.Module | dict[str, torch.Tensor], step: int, config: dict[str, Any],
+               world_size: int) -> None:
+    """Write final.pt: ``model`` is a module or its state_dict."""
+    state = {k: v.detach().cpu() for k, v in (model.state_dict() if isinstance(model, nn.Module) else model).items()}
     atomic_save({"model": state, "step": int(step), "config": config, "world_size": int(world_size)}, path)
 
 
@@ -131,11 +133,12 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, skipped: int,
+def training_state(model_and_optimizer: dict[str, Any], scheduler: Any, step: int, skipped: int,
                    config: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """The resumable state after ``step`` completed optimizer steps, on the CPU."""
-    return {"format": FORMAT, "step": int(step), "model": _cpu(model.state_dict()),
-            "optimizer": _cpu(optimizer.state_dict()), "scheduler": dict(scheduler.state_dict()),
+    """The resumable state after ``step`` completed optimizer steps: ``model_and_optimizer`` as the gradient
+    strategy returns it on rank 0 (CPU copies: comm.GradSync.state_dict), and the rest."""
+    return {"format": FORMAT, "step": int(step), "model": model_and_optimizer["model"],
+            "optimizer": model_and_optimizer["optimizer"], "scheduler": dict(scheduler.state_dict()),
             "skipped": int(skipped), "config": config, "world_size": int(world_size)}
 
 
@@ -157,7 +160,7 @@ def save_checkpoint(out_dir: str | Path, state: dict[str, Any], keep: int) -> Pa
 class CheckpointWriter:
     """Writes checkpoints on a background thread, so training does not wait for the disk.
 
-    The caller hands over a CPU snapshot (:func:`training_state` copies every tensor), so later steps cannot
+    The caller hands over a CPU snapshot (the strategy's state_dict copies every tensor), so later steps cannot
     change what is being written. At most one write is in flight: :meth:`submit` first waits for the previous
     one, so checkpoints land in step order. A failed write is raised by the next :meth:`submit` or :meth:`wait`.
     The file operations are the atomic ones above: a process killed mid-write leaves the previous checkpoint.
@@ -188,6 +191,35 @@ class CheckpointWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class Checkpointer:
+    """When the loop checkpoints, and how: every ``every`` completed steps, at ``stop_at`` and at the end.
+
+    :meth:`save` is called on every rank: the gradient strategy assembles the model and optimizer state there
+    (a sharded strategy gathers; a replicated one copies rank 0's), and rank 0 hands it to a background writer.
+    :meth:`close` waits for the write in flight: the loop calls it on every exit path, so a checkpoint is never
+    abandoned mid-write by a returning or failing run.
+    """
+
+    def __init__(self, out_dir: str | Path, every: int, keep: int, total_steps: int, is_main: bool):
+        self.every, self.total_steps = every, total_steps
+        self.writer = CheckpointWriter(out_dir, keep) if is_main and every else None
+
+    def due(self, done: int, stop_at: int) -> bool:
+        """Whether to checkpoint after ``done`` completed steps of a run that stops at ``stop_at``."""
+        return bool(self.every) and (done % self.every == 0 or done in (stop_at, self.total_steps))
+
+    def save(self, sync: Any, optimizer: torch.optim.Optimizer, scheduler: Any, done: int, skipped: int,
+             config: dict[str, Any], world_size: int) -> None:
+        payload = sync.state_dict(optimizer)  # every rank: a collective for a sharded strategy
+        if self.writer is not None:
+            self.writer.submit(training_state(payload, scheduler, done, skipped, config, world_size))
+
+    def close(self) -> None:
+        """Block until the write in flight is durable; re-raise its error."""
+        if self.writer is not None:
+            self.writer.wait()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -19,9 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, ConfigError, check_world_size, load_config
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from .config import Config, check_world_size, load_config
+from .errors import EXIT_FAILED, EXIT_OK, ConfigError, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,16 +89,16 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
         raise ConfigError(f"train.out_dir: cannot create {out_dir}: {exc.strerror or exc}") from None
     # Users' code (model.name / data.name import paths): imported here; built here too when workers will be
     # started, since an error inside a worker is a failed worker (exit 1), not a user error (exit 2).
-    from .factory import preflight
+    from .build import preflight
 
-    preflight(cfg, build=nproc is not None)
+    preflight(cfg, build_parts=nproc is not None)
 
 
 def _preflight_train(cfg: Config, args: argparse.Namespace) -> None:
     """Resume and restart options that would otherwise fail inside every worker."""
     from .checkpoint import checkpoint_dir, newest_readable
     from .dist import launched_by_torchrun
-    from .train import check_resumable
+    from .resume import check_resumable
 
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts: must be >= 0, got {args.max_restarts}")
@@ -124,10 +123,10 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     from .train import run
 
     if args.nproc is not None and args.nproc > 1:
-        launch_local(cfg, args.nproc, resume=args.resume, until=args.stop_at, max_restarts=args.max_restarts)
+        launch_local(cfg, args.nproc, resume=args.resume, stop_at=args.stop_at, max_restarts=args.max_restarts)
     else:
         with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
-            run(cfg, env, resume=args.resume, until=args.stop_at)
+            run(cfg, env, resume=args.resume, stop_at=args.stop_at)
     return EXIT_OK
 
 
@@ -166,40 +165,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return plot_main(argv[1:], prog="disttrain plot")
     args = _parser().parse_args(argv)
-    from .clip import NonFiniteGradient
-    from .dist import PeerFailure, launched_by_torchrun
-    from .launcher import WorkerFailure
+    return run_command(lambda: _command(args))
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "config":
-            print(cfg.to_yaml(), end="")
-            return EXIT_OK
-        if args.command == "verify":
-            if launched_by_torchrun():
-                raise ConfigError("verify starts its own workers: run it directly, not under torchrun "
-                                  "(to check a torchrun run, use verify --against RUN_DIR)")
-            if args.against is not None and args.nproc is not None:
-                raise ConfigError("verify: give --nproc or --against, not both")
-            if args.stepwise and args.against is None:
-                raise ConfigError("verify --stepwise needs --against RUN_DIR (a run trained with checkpoints)")
-            if not args.stepwise and (args.reference_dtype or args.jobs != 1):
-                raise ConfigError("verify: --reference-dtype and --jobs need --stepwise")
-            if args.stepwise:
-                return _verify_stepwise(cfg, args)
-            if args.against is None and args.nproc is None:
-                args.nproc = 2
-        _preflight(args.nproc, cfg)
-        if args.command == "train":
-            _preflight_train(cfg, args)
-            return _train(cfg, args)
-        return _verify(cfg, args.nproc, args.against, args.json)
-    except ConfigError as exc:
-        print(f"disttrain: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (WorkerFailure, PeerFailure, NonFiniteGradient) as exc:
-        print(f"disttrain: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("disttrain: interrupted", file=sys.stderr)
-        return 130
+
+def _command(args: argparse.Namespace) -> int:
+    from .dist import launched_by_torchrun
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(cfg.to_yaml(), end="")
+        return EXIT_OK
+    if args.command == "verify":
+        if launched_by_torchrun():
+            raise ConfigError("verify starts its own workers: run it directly, not under torchrun "
+                              "(to check a torchrun run, use verify --against RUN_DIR)")
+        if args.against is not None and args.nproc is not None:
+            raise ConfigError("verify: give --nproc or --against, not both")
+        if args.stepwise and args.against is None:
+            raise ConfigError("verify --stepwise needs --against RUN_DIR (a run trained with checkpoints)")
+        if not args.stepwise and (args.reference_dtype or args.jobs != 1):
+            raise ConfigError("verify: --reference-dtype and --jobs need --stepwise")
+        if args.stepwise:
+            return _verify_stepwise(cfg, args)
+        if args.against is None and args.nproc is None:
+            args.nproc = 2
+    _preflight(args.nproc, cfg)
+    if args.command == "train":
+        _preflight_train(cfg, args)
+        return _train(cfg, args)
+    return _verify(cfg, args.nproc, args.against, args.json)

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from .config import ClipConfig
+from .errors import RunFailure
 
 
-class NonFiniteGradient(RuntimeError):
+class NonFiniteGradient(RunFailure):
     """The global gradient norm is inf or nan and ``clip.nonfinite`` is ``error``."""
 
 

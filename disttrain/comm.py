@@ -31,14 +31,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import CommConfig
-from .dist import DistEnv
+from .checkpoint import cpu_copy
+from .clip import clip_gradients, gradient_norm
+from .config import ClipConfig, CommConfig
+from .dist import DistEnv, broadcast_from_main
 
 # mean is a SUM: the 1/B normalisation already happened in the loss (see the module docstring).
 # avg is a SUM followed by a division by W (ReduceSpec.divisor), as DDP does without a hook.
@@ -72,10 +75,24 @@ def _ddp_comm_hook(spec, bucket):  # no annotations: DDP checks them, and this m
 
 
 class GradSync:
-    """What the step function needs from gradient communication."""
+    """Everything the trainer does that depends on how gradients are communicated, behind one interface.
+
+    A strategy wraps the model (``module``: call forward on it; ``model``: the user's model inside), says how
+    the summed loss is scaled before backward (``loss_divisor``), keeps micro-batches local (``no_sync``),
+    reduces the gradients (``sync``), measures and clips the global gradient (``clip``), and moves the training
+    state in and out of the ranks (``state_dict``, ``load_state_dict``). The step function and the loop never
+    ask which strategy they hold. This base class is the replicated case: after ``sync`` every rank holds the
+    whole reduced gradient and the same parameters and optimizer state.
+    """
 
     module: nn.Module  # call forward on this
     loss_divisor: int  # divide this rank's *summed* loss by this before backward: B (mean) or b_r
+    env: DistEnv | None = None  # None: no process group
+
+    @property
+    def model(self) -> nn.Module:
+        """The model without any wrapper (what a checkpoint stores)."""
+        return self.module
 
     def sync(self) -> None:
         """Make every rank's .grad the reduced gradient (no-op where backward already did it)."""
@@ -84,6 +101,42 @@ class GradSync:
     def no_sync(self) -> Iterator[None]:
         """Backward passes inside accumulate locally, without communication."""
         yield
+
+    def clip(self, cfg: ClipConfig) -> float:
+        """Clip the reduced gradient per ``cfg``; return the global gradient norm before clipping.
+
+        Every rank holds the whole reduced gradient (the same on all ranks), so the local norm *is* the global
+        one and every rank takes the same decision, with no collective (clip.py).
+        """
+        return clip_gradients(self.model.parameters(), cfg)
+
+    def clip_local(self, cfg: ClipConfig) -> None:
+        """Clip this rank's gradient before the reduction: the wrong order, for demonstration
+        (``clip.before_average``)."""
+        clip_gradients(self.model.parameters(), cfg)
+
+    def gradient_norm(self, norm_type: float) -> float:
+        """The global gradient norm, without clipping."""
+        return float(gradient_norm(self.model.parameters(), norm_type))
+
+    def state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
+        """{"model": ..., "optimizer": ...} (the optimizer's only when given) as CPU tensors on rank 0, None on the
+        others. Called on every rank: a sharded strategy gathers here; replicated ranks hold the same state, so
+        rank 0 copies its own."""
+        if self.env is not None and not self.env.is_main:
+            return None
+        state = {"model": cpu_copy(self.model.state_dict())}
+        if optimizer is not None:
+            state["optimizer"] = cpu_copy(optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> None:
+        """Load ``state`` (from :meth:`state_dict`, read by rank 0; None on the other ranks) on every rank.
+        Replicated: rank 0's state is broadcast whole, so every rank resumes from the file rank 0 read."""
+        if self.env is not None:
+            state = broadcast_from_main(state, self.env)
+        self.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])  # momentum / Adam moments, and the current lr
 
 
 class LocalSync(GradSync):
@@ -99,10 +152,15 @@ class DDPSync(GradSync):
 
     def __init__(self, module: nn.Module, spec: ReduceSpec, env: DistEnv, bucket_mb: float, loss_divisor: int):
         self.loss_divisor = loss_divisor
+        self.env = env
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         self.module = DistributedDataParallel(module, device_ids=device_ids, bucket_cap_mb=bucket_mb,
                                               process_group=spec.group)
         self.module.register_comm_hook(spec, _ddp_comm_hook)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.module.module
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -118,9 +176,10 @@ class AllReduceSync(GradSync):
     issues the same collectives with the same sizes.
     """
 
-    def __init__(self, module: nn.Module, spec: ReduceSpec, bucket_mb: float, loss_divisor: int):
+    def __init__(self, module: nn.Module, spec: ReduceSpec, env: DistEnv, bucket_mb: float, loss_divisor: int):
         self.module = module
         self.spec = spec
+        self.env = env
         self.loss_divisor = loss_divisor
         cap = int(bucket_mb * 2**20)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -164,11 +223,7 @@ def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_coun
     spec = ReduceSpec(mode=cfg.reduce, world_size=env.world_size)  # the default process group
     if cfg.impl == "ddp":
         return DDPSync(module, spec, env, cfg.bucket_mb, divisor)
-    return AllReduceSync(module, spec, cfg.bucket_mb, divisor)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
+    return AllReduceSync(module, spec, env, cfg.bucket_mb, divisor)
 
 
 def sum_over_ranks(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:

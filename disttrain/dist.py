@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .errors import ConfigError, RunFailure
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -67,7 +67,7 @@ def _env_int(name: str) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-class PeerFailure(RuntimeError):
+class PeerFailure(RunFailure):
     """A collective could not complete because another rank died or stopped responding."""
 
 

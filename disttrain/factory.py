@@ -7,7 +7,8 @@ directory on the path itself; ``--nproc`` workers are started in the same direct
 
 Every failure is a :class:`ConfigError` in one line naming the key, the path and what went wrong: the
 module does not import, has no such attribute, the attribute is not callable, or calling it raised.
-What a factory must return is checked where it is used (data.py, models.py).
+What a factory must return is checked where it is used (data/, models.py), and the whole config is tried once
+before workers start by its caller (build.preflight). This module imports nothing of the project but its errors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import Config, ConfigError
+from .errors import ConfigError, one_line
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -34,12 +35,6 @@ def check_name(key: str, name: str, builtins: tuple[str, ...]) -> None:
         return
     raise ConfigError(f"{key}: {name!r} is neither one of {', '.join(builtins)} nor an import path "
                       "'package.module:function'")
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: an exception as one line of an error message."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
 
 
 def _cwd_first() -> None:
@@ -77,23 +72,4 @@ def call_factory(key: str, path: str, *args: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"{key}: {path!r} raised {one_line(exc)}") from None
 
 
-def preflight(cfg: Config, build: bool) -> None:
-    """Check the config's import paths before any worker starts (an error inside a worker is a failed worker,
-    not a user error): import them; with ``build``, also build the data and the model once here, on the CPU,
-    so wrong return types and shapes are reported in one line too."""
-    paths = [(k, n) for k, n in (("data.name", cfg.data.name), ("model.name", cfg.model.name)) if is_import_path(n)]
-    for key, name in paths:
-        resolve(key, name)
-    if build and paths:
-        import torch
-
-        from .data import build_dataset
-        from .models import build_model
-
-        dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.train.dtype]
-        data = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype, loss=cfg.train.loss)
-        build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, dtype, torch.device("cpu"),
-                    example=data.x[:2])
-
-
-__all__ = ["IMPORT_PATH", "is_import_path", "check_name", "resolve", "call_factory", "preflight", "one_line"]
+__all__ = ["IMPORT_PATH", "is_import_path", "check_name", "resolve", "call_factory"]

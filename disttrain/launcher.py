@@ -20,9 +20,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from .config import Config, config_from_dict
+from .errors import RunFailure
 
 
-class WorkerFailure(RuntimeError):
+class WorkerFailure(RunFailure):
     """A worker process failed; the message names the rank and its exception in one line."""
 
 
@@ -39,17 +40,26 @@ def _run_tasks(tasks: list[Task], device: str, timeout_s: float) -> list[Any]:
 
 
 def _train_task(env: Any, cfg_dict: dict[str, Any], console: bool, resume: bool = False,
-                until: int | None = None) -> list[float]:
+                stop_at: int | None = None) -> list[float]:
     from .train import run
 
-    return run(config_from_dict(cfg_dict), env, console=console, resume=resume, until=until).losses
+    return run(config_from_dict(cfg_dict), env, console=console, resume=resume, stop_at=stop_at).losses
+
+
+def one_thread(env: Any) -> None:
+    """A task: one intra-op thread in this worker, also when it is the only one (benchmarks, the demos)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", timeout_s: float = 300.0,
-                       max_restarts: int = 0) -> list[Any]:
+                       max_restarts: int = 0) -> list[list[Any]]:
     """Run each task ``fn(env, *args)`` on ``nproc`` local workers, one after another in the same process
-    group; return rank 0's results. ``fn`` must be importable (workers are spawned). ``max_restarts``: elastic
-    restarts of the worker group after a failure (the tasks then run again from the first)."""
+    group; return every rank's results (``[rank][task]``). ``fn`` must be importable (workers are spawned).
+    ``max_restarts``: elastic restarts of the worker group after a failure (the tasks then run again from the
+    first). This is the one way disttrain starts local ranks: ``--nproc``, verify, the demos and the
+    benchmarks."""
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
                           monitor_interval=0.1, start_method="spawn")
@@ -58,28 +68,19 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
             results = elastic_launch(launch, _run_tasks)(tasks, device, timeout_s)
     except ChildFailedError as exc:
         raise WorkerFailure(_describe(exc)) from None
-    return results[0]
+    return [results[rank] for rank in range(nproc)]
 
 
-def launch_local_runs(cfgs: list[Config], nproc: int, console: bool = True) -> list[list[float]]:
-    """Train each config in turn with the same ``nproc`` local workers; return each run's per-step losses.
-
-    The group is created once, with the first config's device and collective timeout.
-    """
-    tasks = [(_train_task, (cfg.to_dict(), console)) for cfg in cfgs]
-    return launch_local_tasks(tasks, nproc, cfgs[0].train.device, cfgs[0].comm.timeout_s)
-
-
-def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = False, until: int | None = None,
+def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = False, stop_at: int | None = None,
                  max_restarts: int = 0) -> list[float]:
     """Train ``cfg`` with ``nproc`` local worker processes; return the global losses of the steps rank 0 ran
     last (after a resume or restart: from its starting step on).
 
     ``console``: rank 0 prints its per-step log lines (metrics.jsonl is written either way). ``resume`` and
-    ``until``: as in train.run. ``max_restarts``: elastic restarts of the worker group after a failure.
+    ``stop_at``: as in train.run. ``max_restarts``: elastic restarts of the worker group after a failure.
     """
-    task = (_train_task, (cfg.to_dict(), console, resume, until))
-    return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts)[0]
+    task = (_train_task, (cfg.to_dict(), console, resume, stop_at))
+    return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts)[0][0]
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,7 @@ import torch.distributed as dist
 
 from .dist import DistEnv
 from .progress import Progress
-
-
-def all_reduce_sum(values: Sequence[float | torch.Tensor], env: DistEnv) -> list[float]:
-    """Sum scalars over ranks: packed into one float64 buffer, so one collective however many values."""
-    buf = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values]).to(env.device)
-    if env.is_distributed:
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.tolist()
+from .runlog import read_records
 
 
 class StepMetrics:
@@ -117,7 +109,7 @@ class MetricsLogger:
         self.progress = Progress(total_steps, log_every, self.stream) if self.enabled and console else None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = [r for r in _read_records(self.path) if r["step"] < start_step] if start_step else []
+            kept = [r for r in read_records(self.path) if r["step"] < start_step] if start_step else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, *records: dict[str, Any]) -> None:
@@ -129,23 +121,3 @@ class MetricsLogger:
         if self.progress is not None:
             for record in records:
                 self.progress.update(record)
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a torn last line (a kill mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
-
-
-def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -9,14 +9,13 @@ error naming the extra.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .errors import EXIT_OK, ConfigError, run_command
+from .runlog import read_metrics
 
 DPI = 100
 RUN_PLOT_SIZE = (15.0, 4.0)  # inches: 1500 x 400 pixels at DPI
@@ -51,25 +50,9 @@ def finite(values: Sequence[float | None]) -> list[float]:
     return [v if v is not None and math.isfinite(v) else math.nan for v in values]
 
 
-def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl``; a missing, empty or unreadable file is a ConfigError."""
-    path = run_dir / "metrics.jsonl"
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no metrics.jsonl (train into it first)")
-    try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable: {exc}") from None
-    if not records:
-        raise ConfigError(f"{path}: empty (the run logged no step)")
-    return records
-
-
 def plot_runs(run_dirs: Sequence[Path], out: Path) -> Path:
     """Loss, lr and gradient norm against the step, one line per run; written to ``out`` (PNG)."""
-    runs = [(str(d), load_metrics(Path(d))) for d in run_dirs]
+    runs = [(str(d), read_metrics(d)) for d in run_dirs]
     fig, (loss_ax, lr_ax, norm_ax) = new_figure(3, RUN_PLOT_SIZE)
     for label, records in runs:
         steps = [r["step"] + 1 for r in records]
@@ -95,15 +78,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "disttrain plot") -> int
     parser.add_argument("--out", type=Path, default=Path("plot.png"), metavar="FILE.png",
                         help="where to write the PNG (default: plot.png)")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> int:
         if args.out.suffix.lower() != ".png":
             raise ConfigError(f"--out {args.out}: must be a .png file")
-        out = plot_runs(args.run_dirs, args.out)
-    except ConfigError as exc:
-        print(f"disttrain: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"disttrain: error: --out {args.out}: cannot write: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        try:
+            out = plot_runs(args.run_dirs, args.out)
+        except OSError as exc:
+            raise ConfigError(f"--out {args.out}: cannot write: {exc.strerror or exc}") from None
+        print(f"wrote {out}")
+        return EXIT_OK
+
+    return run_command(command)

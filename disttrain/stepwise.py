@@ -49,13 +49,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,105 +61,16 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, checkpoint_dir, checkpoint_path, list_checkpoints, load_checkpoint
-from .config import Config, ConfigError, config_from_dict, trajectory_differences
+from .config import Config, config_from_dict
 from .dist import DistEnv, resolve_device
-from .metrics import read_metrics
-from .train import _schedule_uses_total_steps, run
-from .verify import relative_difference, state_difference, unclaimed_reason
-
-# Per segment of k steps: tolerance = BASE[dtype] * k (see the module docstring for the measurement).
-BASE_TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
-# The longest segments for which correct and broken runs stayed separated in every regime measured, and what
-# rounding alone reached in a chaotic phase beyond them.
-SEPARATED_UP_TO = {"float32": (10, "0.2 in 50 steps"), "float64": (50, "6e-9 in 100 steps")}
-
-
-def tolerance(dtype: str, k: int) -> float:
-    """The largest per-segment relative difference accepted for a run in ``dtype`` over ``k`` steps."""
-    return BASE_TOLERANCE[dtype] * k
-
-
-@dataclass
-class Segment:
-    start: int  # the checkpoint the reference starts from (0: the seeded initialisation)
-    stop: int  # the checkpoint it is compared with
-    world_size: int  # processes of the run that wrote checkpoint ``stop``
-    param_rel_diff: float  # parameters and buffers
-    worst_param: str
-    loss_rel_diff: float  # the k losses, relative to the scale of the run's loss curve
-    optimizer_rel_diff: float  # momentum / Adam moments (reported, not judged: see the module docstring)
-    tolerance: float
-    passed: bool
-
-    @property
-    def error(self) -> float:
-        return max(self.param_rel_diff, self.loss_rel_diff)
-
-
-@dataclass
-class StepwiseReport:
-    run_dir: str
-    dtype: str  # the run's
-    reference_dtype: str
-    device: str
-    segments: list[Segment]
-    equivalent: bool
-    margin: float  # min over segments of tolerance / error (inf when every segment is exact)
-    worst: Segment | None  # the segment with the smallest margin
-    first_failure: Segment | None  # the first segment over its tolerance
-    steps: int  # optimizer steps retrained
-    seconds: float
-    jobs: int
-    claimed: bool = True
-    reason: str = ""
-    note: str = ""  # segments longer than the measured separation holds for
-
-    def to_json(self) -> str:
-        summary = dataclasses.asdict(self)
-        summary["margin"] = None if self.margin == float("inf") else self.margin  # JSON has no infinity
-        return json.dumps(summary, indent=2)
-
-    def table(self) -> str:
-        lines = [f"{'segment':>17}  {'W':>3}  {'param diff':>10}  {'loss diff':>9}  {'optim diff':>10}  "
-                 f"{'tolerance':>9}"]
-        for s in self.segments:
-            lines.append(f"{s.start:>8} ->{s.stop:>6}  {s.world_size:>3}  {s.param_rel_diff:>10.2e}  "
-                         f"{s.loss_rel_diff:>9.2e}  {s.optimizer_rel_diff:>10.2e}  {s.tolerance:>9.0e}"
-                         f"{'' if s.passed else '  FAIL'}")
-        if not self.claimed:
-            lines.append(f"note: {self.reason}")
-        if self.note:
-            lines.append(f"note: {self.note}")
-        w = self.worst
-        if w is not None:
-            lines.append(f"worst segment: {_name(w)}: parameters {w.param_rel_diff:.3e} ({w.worst_param}), loss "
-                         f"{w.loss_rel_diff:.3e}, tolerance {w.tolerance:.0e} (margin {_margin(self.margin)})")
-        f = self.first_failure
-        lines.append("first segment over tolerance: " + ("none" if f is None else
-                     f"{_name(f)} (parameters {f.param_rel_diff:.3e}, loss {f.loss_rel_diff:.3e}, "
-                     f"tolerance {f.tolerance:.0e})"))
-        lines.append(f"retrained {self.steps} steps in {len(self.segments)} segments in {self.seconds:.1f} s "
-                     f"({self.reference_dtype} on {self.device}, {self.jobs} process{'es' if self.jobs > 1 else ''})")
-        verdict = "EQUIVALENT" if self.equivalent else "NOT EQUIVALENT"
-        lines.append(f"verdict: {verdict}: {'every' if self.equivalent else 'not every'} segment of the run in "
-                     f"{self.run_dir} matches one process on the global batch (margin {_margin(self.margin)})")
-        return "\n".join(lines)
-
-
-def _name(s: Segment) -> str:
-    return f"steps {s.start} -> {s.stop}"
-
-
-def _margin(margin: float) -> str:
-    return "exact" if margin == float("inf") else f"{margin:.3g}x"
-
+from .errors import ConfigError
+from .identity import continuation_keys, trajectory_differences
+from .runlog import read_metrics
+from .train import run
+from .stepwise_report import Segment, StepwiseReport, summarize
+from .verify import relative_difference, state_difference, tolerance
 
 # --------------------------------------------------------------------------- the run's segments
-
-def _allowed(cfg: Config) -> frozenset[str]:
-    # As for resume: train.steps may differ (an extended run) unless the schedule's decay depends on it.
-    return frozenset() if _schedule_uses_total_steps(cfg) else frozenset({"train.steps"})
-
 
 def plan_segments(cfg: Config, run_dir: Path) -> list[tuple[int, int]]:
     """The segments (s, s+k) of the run in ``run_dir``, after checking that every one can be verified.
@@ -186,7 +95,7 @@ def plan_segments(cfg: Config, run_dir: Path) -> list[tuple[int, int]]:
             raise ConfigError(f"--against: {exc}") from None
         if state["step"] != step:
             raise ConfigError(f"--against: {path}: holds step {state['step']}, not {step}")
-        differ = trajectory_differences(cfg.to_dict(), state["config"], _allowed(cfg))
+        differ = trajectory_differences(cfg.to_dict(), state["config"], continuation_keys(cfg))
         if differ:
             raise ConfigError(f"{where}: {path.name} was trained with a different config ({', '.join(differ)} "
                               "differ)")
@@ -235,7 +144,7 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
     resume = checkpoint_path(run_dir, start) if start > 0 else False
     # A float64 reference continues a float32 checkpoint: load_state_dict widens every tensor exactly.
     allow = frozenset({"train.dtype"}) if reference_dtype != cfg.train.dtype else frozenset()
-    result = run(ref_cfg, env, console=False, resume=resume, until=stop, allow=allow)
+    result = run(ref_cfg, env, console=False, resume=resume, stop_at=stop, allow=allow)
     target = load_checkpoint(checkpoint_path(run_dir, stop))
     diffs = state_difference(target["model"], {k: v.detach().cpu() for k, v in result.model.state_dict().items()})
     worst = max(diffs, key=diffs.get)
@@ -324,25 +233,3 @@ def verify_stepwise(cfg: Config, run_dir: Path, reference_dtype: str | None = No
                        for c in chunks]
             results = [s for f in futures for s in f.result()]
     return summarize(cfg, run_dir, results, reference_dtype, device, time.perf_counter() - started, len(chunks))
-
-
-def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dtype: str, device: str,
-              seconds: float, jobs: int) -> StepwiseReport:
-    """The report: the worst segment (smallest tolerance / error), the first one over tolerance, the verdict."""
-    def margin(s: Segment) -> float:
-        return s.tolerance / s.error if s.error > 0 else float("inf")
-
-    worst = min(segments, key=margin) if segments else None
-    first = next((s for s in segments if not s.passed), None)
-    reason = unclaimed_reason(cfg)
-    limit, measured = SEPARATED_UP_TO[cfg.train.dtype]
-    longest = max((s.stop - s.start for s in segments), default=0)
-    note = (f"segments of up to {longest} {cfg.train.dtype} steps: in a chaotic phase of training, rounding alone can "
-            f"grow past the tolerance in segments of more than {limit} steps (measured: {measured}); checkpoint "
-            f"every {limit} steps or fewer to separate correct from broken runs in every regime measured"
-            if longest > limit else "")
-    return StepwiseReport(run_dir=str(run_dir), dtype=cfg.train.dtype, reference_dtype=reference_dtype,
-                          device=device, segments=segments, equivalent=not reason and first is None,
-                          margin=margin(worst) if worst else float("inf"), worst=worst, first_failure=first,
-                          steps=sum(s.stop - s.start for s in segments), seconds=round(seconds, 3), jobs=jobs,
-                          claimed=not reason, reason=reason, note=note)

@@ -26,13 +26,22 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_final
-from .config import Config, ConfigError, trajectory_differences
+from .config import Config
 from .dist import distributed
+from .errors import ConfigError
+from .identity import trajectory_differences
 from .launcher import launch_local
-from .metrics import read_metrics
+from .runlog import read_metrics
 from .train import run
 
+# The largest relative difference accepted per step of training (whole-run verify: a run of tens of steps;
+# step-wise verify: BASE * k for a segment of k steps, stepwise.py). Measurements: the module docstrings.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
+
+
+def tolerance(dtype: str, steps: int = 1) -> float:
+    """The tolerance of ``steps`` steps in ``dtype``: TOLERANCE[dtype] * steps."""
+    return TOLERANCE[dtype] * steps
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,7 +108,7 @@ def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
              for i, (d, r) in enumerate(zip(dist_losses, ref_losses, strict=True))]
     diffs = state_difference(dist_ckpt["model"], ref_ckpt["model"])
     worst = max(diffs, key=diffs.get)
-    tol = TOLERANCE[cfg.train.dtype]
+    tol = tolerance(cfg.train.dtype)
     max_loss = max(s["rel_diff"] for s in steps)
     reason = unclaimed_reason(cfg)
     return VerifyReport(world_size=world_size, dtype=cfg.train.dtype, tolerance=tol, steps=steps,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from unittest import mock
-
 from disttrain import train
 from disttrain.comm import GradSync
 from disttrain.config import config_from_dict
 from disttrain.dist import distributed
+from disttrain.train import Hook
 
 
 class SkipOneAllReduce(GradSync):
@@ -18,7 +15,7 @@ class SkipOneAllReduce(GradSync):
     run finishes normally, and only its state is wrong."""
 
     def __init__(self, inner: GradSync, rank: int, this_rank: int, step: int):
-        self.inner, self.module, self.loss_divisor = inner, inner.module, inner.loss_divisor
+        self.inner, self.module, self.loss_divisor, self.env = inner, inner.module, inner.loss_divisor, inner.env
         self.skip = this_rank == rank
         self.step, self.calls = step, 0
 
@@ -35,25 +32,21 @@ class SkipOneAllReduce(GradSync):
         return self.inner.no_sync()
 
 
-@contextlib.contextmanager
-def skipping_all_reduce(rank: int, step: int) -> Iterator[None]:
-    """train.run builds its gradient sync through this factory while the context is open (comm.impl=allreduce:
-    one sync() per optimizer step)."""
-    real = train.build_grad_sync
+class SkipAllReduceHook(Hook):
+    """Wraps the run's gradient strategy in SkipOneAllReduce once the parts are built (comm.impl=allreduce: one
+    sync() per optimizer step)."""
 
-    def build(module, cfg, env, local_count, global_count):
-        return SkipOneAllReduce(real(module, cfg, env, local_count, global_count), rank, env.rank, step)
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
 
-    with mock.patch.object(train, "build_grad_sync", build):
-        yield
+    def on_start(self, trainer) -> None:
+        trainer.parts.sync = SkipOneAllReduce(trainer.parts.sync, self.rank, trainer.env.rank, self.step)
 
 
-def train_run(cfg_dict: dict, resume: bool = False, until: int | None = None,
+def train_run(cfg_dict: dict, resume: bool = False, stop_at: int | None = None,
               skip: tuple[int, int] | None = None) -> list[float]:
     """Train on this rank (in a pool worker: the pool's group); ``skip`` = (rank, step): see SkipOneAllReduce."""
     cfg = config_from_dict(cfg_dict)
-    with contextlib.ExitStack() as stack:
-        if skip is not None:
-            stack.enter_context(skipping_all_reduce(*skip))
-        env = stack.enter_context(distributed("cpu", cfg.comm.timeout_s))
-        return train.run(cfg, env, console=False, resume=resume, until=until).losses
+    hooks = [SkipAllReduceHook(*skip)] if skip is not None else []
+    with distributed("cpu", cfg.comm.timeout_s) as env:
+        return train.run(cfg, env, console=False, resume=resume, stop_at=stop_at, hooks=hooks).losses

@@ -18,7 +18,8 @@ from disttrain.bench import main as bench_main
 from disttrain.bench.step import EVERY_STEP
 from disttrain.config import load_config
 from disttrain.dist import DistEnv, distributed
-from disttrain.metrics import MetricsLogger, StepMetrics, read_metrics
+from disttrain.metrics import MetricsLogger, StepMetrics
+from disttrain.runlog import read_metrics
 from disttrain.train import run
 
 TINY = ["--set", "model.hidden=4", "--set", "train.global_batch_size=8", "--set", "data.num_samples=16"]

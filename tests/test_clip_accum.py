@@ -9,13 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from disttrain.build import build
 from disttrain.config import config_from_dict, load_config
-from disttrain.data import GlobalBatches, build_dataset
 from disttrain.dist import distributed
-from disttrain.metrics import StepMetrics
-from disttrain.models import build_model
-from disttrain.comm import build_grad_sync
-from disttrain.train import build_optimizer, run, train_step
+from disttrain.step import train_step
+from disttrain.train import Hook, Trainer
 from disttrain.verify import unclaimed_reason
 from tests.common import max_rel_diff
 
@@ -23,7 +21,7 @@ BASE = ["train.global_batch_size=30", "train.steps=8", "train.device=cpu", "data
         "train.dtype=float64", "model.name=cnn", "optim.lr=0.2"]
 
 
-def train_counting(cfg_dict: dict) -> dict:
+def train_counting(cfg_dict: dict, hooks: tuple[Hook, ...] = ()) -> dict:
     """Train on this rank, counting all_reduce calls (gradient buckets and the metrics reduction).
 
     The metrics reduce the loss every 1, 2, 4, ... steps here (not by elapsed time), so the count is exact.
@@ -36,14 +34,12 @@ def train_counting(cfg_dict: dict) -> dict:
         return real(tensor, *args, **kwargs)
 
     dist.all_reduce = counting
-    flush_seconds, StepMetrics.flush_seconds = StepMetrics.flush_seconds, math.inf
     try:
         cfg = config_from_dict(cfg_dict)
         with distributed("cpu") as env:
-            result = run(cfg, env, console=False)
+            result = Trainer(cfg, env, hooks, console=False, flush_seconds=math.inf).run()
     finally:
         dist.all_reduce = real
-        StepMetrics.flush_seconds = flush_seconds
     return {"state": {k: v.clone() for k, v in result.model.state_dict().items()}, "losses": result.losses,
             "grad_norms": result.grad_norms, "skipped": result.skipped_steps, "all_reduces": len(calls)}
 
@@ -109,11 +105,8 @@ def nonfinite_steps(cfg_dict: dict, bad_rank: int, bad_step: int) -> list[dict]:
     cfg = config_from_dict(cfg_dict)
     records = []
     with distributed("cpu") as env:
-        ds = build_dataset(cfg.data, cfg.model.name, cfg.seed, torch.float64)
-        batches = GlobalBatches(ds, cfg.train.global_batch_size, cfg.seed, env.rank, env.world_size)
-        model = build_model(cfg.model, ds.input_shape, ds.num_classes, cfg.seed, torch.float64, env.device)
-        sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, cfg.train.global_batch_size)
-        optimizer = build_optimizer(model.parameters(), cfg.optim)
+        parts = build(cfg, env)
+        batches, sync, optimizer, model = parts.batches, parts.sync, parts.optimizer, parts.sync.model
         for step in range(4):
             micro = batches.micro_batches(step, env.device, 1)
             if step == bad_step and env.rank == bad_rank:
@@ -163,21 +156,15 @@ def test_skipped_steps_are_counted_and_match_one_device(pools, tmp_path):
         assert max_rel_diff(out["state"], ref["state"]) <= 1e-10
 
 
+class PoisonSample(Hook):
+    """Sample 17 of the dataset becomes NaN once the run's parts are built."""
+
+    def on_start(self, trainer) -> None:
+        trainer.parts.batches.dataset.x[17] = float("nan")
+
+
 def train_with_nan_sample(cfg_dict: dict) -> dict:
-    import disttrain.train as train_module
-
-    real = train_module.build_dataset
-
-    def poisoned(*args, **kwargs):
-        ds = real(*args, **kwargs)
-        ds.x[17] = float("nan")
-        return ds
-
-    train_module.build_dataset = poisoned
-    try:
-        return train_counting(cfg_dict)
-    finally:
-        train_module.build_dataset = real
+    return train_counting(cfg_dict, (PoisonSample(),))
 
 
 def single_with_nan(overrides: list[str], tmp_path) -> dict:

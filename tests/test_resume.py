@@ -26,7 +26,7 @@ from disttrain.checkpoint import (CheckpointError, atomic_save, checkpoint_path,
 from disttrain.cli import main as cli_main
 from disttrain.config import config_from_dict, load_config
 from disttrain.dist import distributed
-from disttrain.metrics import read_metrics
+from disttrain.runlog import read_metrics
 from disttrain.train import run
 from disttrain.verify import compare_runs
 from tests.common import free_port, max_rel_diff
@@ -54,7 +54,7 @@ def train_segment(cfg_dict: dict, resume: bool, until: int | None) -> dict[str, 
     """Train (or continue) on this rank up to ``until``; the model's state_dict."""
     cfg = config_from_dict(cfg_dict)
     with distributed("cpu", cfg.comm.timeout_s) as env:
-        result = run(cfg, env, console=False, resume=resume, until=until)
+        result = run(cfg, env, console=False, resume=resume, stop_at=until)
     return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
 

@@ -16,6 +16,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from ..errors import EXIT_OK, run_command
+
 BENCHMARKS = {
     "step": "the trainer's step vs a hand-written DDP loop, same model, data and batch (W=1,2)",
     "scaling": "strong scaling of the trainer: fixed global batch, W=1..N, efficiency T1/(W TW)",
@@ -55,16 +57,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "disttrain bench", run_w
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args(argv[1:])
 
-    from ..config import ConfigError
     from .common import spawn_world
 
-    try:
+    def command() -> int:
         result = module.run(args, run_world or spawn_world)
-    except ConfigError as exc:
-        print(f"disttrain: error: {exc}", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"disttrain: error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2) if args.json else module.format_table(result), flush=True)
-    return 0
+        print(json.dumps(result, indent=2) if args.json else module.format_table(result), flush=True)
+        return EXIT_OK
+
+    return run_command(command)

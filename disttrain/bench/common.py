@@ -2,7 +2,7 @@
 
 A benchmark's per-rank work is a module-level function that runs on every rank of a W-process gloo group
 (the default process group); ``run_world(W, fn, *args)`` returns its per-rank results in rank order.
-:func:`spawn_world` starts W fresh processes for that; a caller that already holds W ranks (a pool of
+:func:`spawn_world` starts W fresh processes for that (the launcher's, as ``--nproc`` does); a caller that already holds W ranks (a pool of
 workers) can pass its own ``run_world``.
 
 One intra-op thread per rank: W processes share the machine's cores, and torch's default (one thread per
@@ -14,10 +14,8 @@ median.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
-import queue
 import re
 import resource
 import statistics
@@ -27,58 +25,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ..launcher import launch_local_tasks, one_thread
 
 RunWorld = Callable[..., list[Any]]
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, results: Any,
-               timeout_s: float) -> None:
-    torch.set_num_threads(1)
-    try:
-        store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        out = fn(*args)
-        dist.destroy_process_group()
-        results.put((rank, "ok", out))
-    except BaseException as e:  # report, so the parent does not wait for its timeout
-        results.put((rank, "err", f"{type(e).__name__}: {e}"))
+def _on_rank(env: Any, fn: Callable[..., Any], args: tuple) -> Any:
+    return fn(*args)
 
 
 def spawn_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 900.0) -> list[Any]:
-    """Run ``fn(*args)`` on every rank of ``world_size`` fresh gloo processes; the results in rank order.
-
-    The rendezvous store listens on a port the OS picks. A rank that raises ends the benchmark with its
-    error; one that hangs ends it after ``timeout_s`` (also the collectives' timeout).
-    """
-    ctx = mp.get_context("spawn")
-    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(r, world_size, store.port, fn, args, results, timeout_s))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    per_rank: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(per_rank) < world_size:
-            try:
-                rank, status, value = results.get(timeout=max(deadline - time.monotonic(), 0.1))
-            except queue.Empty:
-                raise TimeoutError(f"benchmark with {world_size} processes did not finish in {timeout_s:.0f} s"
-                                   ) from None
-            if status != "ok":
-                raise RuntimeError(f"benchmark rank {rank} failed: {value}")
-            per_rank[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [per_rank[r] for r in range(world_size)]
+    """Run ``fn(*args)`` on every rank of ``world_size`` fresh gloo processes (launcher.launch_local_tasks, one
+    intra-op thread each); the results in rank order. A rank that raises ends the benchmark with its error
+    (RunFailure); ``timeout_s`` bounds every collective, so a hung rank ends it too."""
+    tasks = [(one_thread, ()), (_on_rank, (fn, args))]
+    return [results[1] for results in launch_local_tasks(tasks, world_size, "cpu", timeout_s)]
 
 
 def time_calls(fn: Callable[[], Any], n: int) -> list[float]:

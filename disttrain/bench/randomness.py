@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..comm import LocalSync
+from ..build import build
 from ..config import load_config
-from ..data import GlobalBatches, augment_images, build_dataset
-from ..models import build_model
+from ..data import augment_images
+from ..dist import DistEnv
 from ..randomness import SampleDropout, SampleKeys, assign_streams, sample_keys
-from ..train import build_optimizer, train_step
+from ..step import train_step
 from .common import RunWorld, machine, markdown_table, positive_int, spawn_world
 
 VARIANTS = {
@@ -52,14 +52,11 @@ def _torch_dropout(module: nn.Module) -> nn.Module:
 def _setup(name: str, batch: int, hidden: int):
     cfg = load_config(None, ["model.name=cnn", f"model.hidden={hidden}", "train.device=cpu",
                              f"data.num_samples={4 * batch}", f"train.global_batch_size={batch}", *VARIANTS[name]])
-    data = build_dataset(cfg.data, cfg.model.name, cfg.seed, torch.float32)
-    batches = GlobalBatches(data, batch, cfg.seed, 0, 1)
-    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, torch.float32, torch.device("cpu"))
+    parts = build(cfg, DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None))
     if name == "torch dropout":
-        model = _torch_dropout(model)
-    model.train()
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    return cfg, batches, LocalSync(model, batch), optimizer
+        _torch_dropout(parts.sync.model)
+    parts.sync.model.train()
+    return cfg, parts.batches, parts.sync, parts.optimizer
 
 
 def bench(batch: int = 256, hidden: int = 64, steps: int = 100) -> dict[str, tuple[float, float]]:
@@ -71,7 +68,7 @@ def bench(batch: int = 256, hidden: int = 64, steps: int = 100) -> dict[str, tup
     for step in range(steps + 5):  # the first 5 warm up
         for name, (cfg, batches, sync, optimizer) in setups.items():
             start = time.perf_counter()
-            train_step(sync, optimizer, batches.keyed_micro_batches(step, cpu, 1), cfg.clip, step)
+            train_step(sync, optimizer, batches.keyed_micro_batches(step, cpu, 1), cfg.clip, step, cfg.train.loss)
             if step >= 5:
                 times[name].append(1000 * (time.perf_counter() - start))
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}

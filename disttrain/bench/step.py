@@ -32,12 +32,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import train
+from ..build import build_data_and_model, build_optimizer
 from ..config import check_world_size, config_from_dict, load_config
-from ..data import GlobalBatches, build_dataset
+from ..data import GlobalBatches
 from ..dist import distributed
-from ..metrics import StepMetrics
-from ..models import build_model
+from ..train import Hook, Trainer
 from .common import (RunWorld, StepClock, interleaved, machine, markdown_table, non_negative_int, paired_ratios,
                      positive_int, positive_ints, slowest_median_ms, spawn_world)
 
@@ -58,21 +57,21 @@ def trainer_steps(cfg_dict: dict[str, Any], steps: int, warmup: int, reduce_loss
     """On every rank: ``disttrain.train.run`` for ``warmup + steps + 1`` steps, stamped at each step's start."""
     cfg = config_from_dict({**cfg_dict, "train": {**cfg_dict["train"], "steps": warmup + steps + 1}})
     clock = StepClock()
-    real_step, flush_seconds = train.train_step, StepMetrics.flush_seconds
-
-    def stamped(*args: Any, **kwargs: Any) -> Any:
-        clock.stamp()
-        return real_step(*args, **kwargs)
-
-    train.train_step = stamped  # run() calls it once per step: a stamp at the start of each step
-    if reduce_loss_every_step:
-        StepMetrics.flush_seconds = 0.0
-    try:
-        with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
-            train.run(cfg, env, console=False)
-    finally:
-        train.train_step, StepMetrics.flush_seconds = real_step, flush_seconds
+    with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
+        # flush_seconds=0: the logged loss is reduced by a collective every step.
+        Trainer(cfg, env, hooks=[StampSteps(clock)], console=False,
+                flush_seconds=0.0 if reduce_loss_every_step else 1.0).run()
     return clock
+
+
+class StampSteps(Hook):
+    """A stamp of ``clock`` at the start of every step of the trainer's loop."""
+
+    def __init__(self, clock: StepClock):
+        self.clock = clock
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        self.clock.stamp()
 
 
 def hand_written_steps(cfg_dict: dict[str, Any], steps: int, warmup: int) -> StepClock:
@@ -80,16 +79,14 @@ def hand_written_steps(cfg_dict: dict[str, Any], steps: int, warmup: int) -> Ste
     cfg = config_from_dict(cfg_dict)
     clock = StepClock()
     with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
-        dtype = train.DTYPES[cfg.train.dtype]
-        dataset = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype)
+        dataset, model = build_data_and_model(cfg, env.device)
         batches = GlobalBatches(dataset, cfg.train.global_batch_size, cfg.seed, env.rank, env.world_size)
-        model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed, dtype, env.device)
         ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        optimizer = train.build_optimizer(ddp.parameters(), cfg.optim)
+        optimizer = build_optimizer(ddp.parameters(), cfg.optim)
         for step in range(warmup + steps + 1):
             clock.stamp()
             x, y = batches.batch(step, env.device)
-            loss = F.cross_entropy(ddp(x), y)
+            loss = (F.mse_loss if cfg.train.loss == "mse" else F.cross_entropy)(ddp(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

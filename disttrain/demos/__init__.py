@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError, run_command
 from . import clip, kmeans, reduce, scaling, syncbn, warmup
 from .common import Lab, Result, Settings, save_result
 
@@ -65,37 +65,30 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str = "disttrain demo") -> int:
     args = _parser(prog).parse_args(argv)
+    return run_command(lambda: _demo(args))
+
+
+def _demo(args: argparse.Namespace) -> int:
     from ..dist import launched_by_torchrun
-    from ..launcher import WorkerFailure
     from ..plot import require_matplotlib
 
+    if args.name != "all" and args.name not in DEMOS:
+        raise ConfigError(f"demo: unknown demo {args.name!r} (choose from {', '.join(DEMOS)}, or all)")
+    if launched_by_torchrun():
+        raise ConfigError("demo starts its own workers: run it directly, not under torchrun")
+    if args.nproc < 2:
+        raise ConfigError(f"--nproc: the demos compare W processes with one, so W must be >= 2, got {args.nproc}")
     try:
-        if args.name != "all" and args.name not in DEMOS:
-            raise ConfigError(f"demo: unknown demo {args.name!r} (choose from {', '.join(DEMOS)}, or all)")
-        if launched_by_torchrun():
-            raise ConfigError("demo starts its own workers: run it directly, not under torchrun")
-        if args.nproc < 2:
-            raise ConfigError(f"--nproc: the demos compare W processes with one, so W must be >= 2, got {args.nproc}")
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--out {args.out}: cannot create: {exc.strerror or exc}") from None
-        require_matplotlib()  # before any training: a run without its plots would be lost time
-        _require_scikit_learn()
-        names = list(DEMOS) if args.name == "all" else [args.name]
-        start = time.perf_counter()
-        print(f"demo: {', '.join(names)} with W={args.nproc} processes{' (quick settings)' if args.quick else ''}, "
-              f"into {args.out}", file=sys.stderr, flush=True)
-        results = run_demos(names, Settings(out=args.out, nproc=args.nproc, quick=args.quick))
-    except ConfigError as exc:
-        print(f"disttrain: error: {exc}", file=sys.stderr)
-        return 2
-    except WorkerFailure as exc:
-        print(f"disttrain: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("disttrain: interrupted", file=sys.stderr)
-        return 130
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out}: cannot create: {exc.strerror or exc}") from None
+    require_matplotlib()  # before any training: a run without its plots would be lost time
+    _require_scikit_learn()
+    names = list(DEMOS) if args.name == "all" else [args.name]
+    start = time.perf_counter()
+    print(f"demo: {', '.join(names)} with W={args.nproc} processes{' (quick settings)' if args.quick else ''}, "
+          f"into {args.out}", file=sys.stderr, flush=True)
+    results = run_demos(names, Settings(out=args.out, nproc=args.nproc, quick=args.quick))
     text = "\n\n".join(r.text() for r in results)
     if args.json:
         print(text, file=sys.stderr)

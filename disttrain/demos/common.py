@@ -19,17 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..build import build_data_and_model
 from ..checkpoint import load_final
 from ..config import Config, config_from_dict, load_config
-from ..data import build_dataset
 from ..dist import DistEnv, distributed
-from ..launcher import launch_local_tasks
-from ..metrics import read_metrics
-from ..models import build_model
-from ..train import DTYPES, run
+from ..launcher import launch_local_tasks, one_thread
+from ..runlog import read_metrics
+from ..train import run
 from ..verify import compare_runs
 
 EQUAL = 1e-10  # float64: "equals one device" (verify's tolerance); measured runs agree to ~1e-15
@@ -84,11 +84,6 @@ def _timed(env: DistEnv, fn: Callable[..., Any], args: tuple) -> tuple[float, An
     return time.perf_counter() - start, value
 
 
-def _one_thread(env: DistEnv) -> None:
-    # W workers share the machine's cores: one intra-op thread each, as torchrun sets for several workers.
-    torch.set_num_threads(1)
-
-
 class Lab:
     """Collects the runs of several demos, then runs them with one worker group per world size."""
 
@@ -126,8 +121,9 @@ class Lab:
                 with distributed("cpu", TIMEOUT_S) as env:
                     values = [_timed(env, fn, args) for fn, args, _ in work]
             else:
-                tasks = [(_one_thread, ())] + [(_timed, (fn, args)) for fn, args, _ in work]
-                values = launch_local_tasks(tasks, world_size, "cpu", TIMEOUT_S)[1:]
+                # W workers share the machine's cores: one intra-op thread each.
+                tasks = [(one_thread, ())] + [(_timed, (fn, args)) for fn, args, _ in work]
+                values = launch_local_tasks(tasks, world_size, "cpu", TIMEOUT_S)[0][1:]
             for (_, _, pending), (seconds, value) in zip(work, values, strict=True):
                 pending.set(value)
                 pending.seconds = seconds
@@ -152,14 +148,13 @@ def evaluate(run_dir: Path) -> tuple[float, float]:
     its running statistics, as a trained model is used)."""
     ckpt = load_final(run_dir / "final.pt")
     cfg = config_from_dict(ckpt["config"])
-    dtype = DTYPES[cfg.train.dtype]
-    data = build_dataset(cfg.data, cfg.model.name, cfg.seed, dtype)
-    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, dtype, torch.device("cpu"))
+    data, model = build_data_and_model(cfg, torch.device("cpu"))
     model.load_state_dict(ckpt["model"])
     model.eval()
+    x, y = data.fetch(np.arange(len(data)))
     with torch.no_grad():
-        logits = model(data.x)
-    return F.cross_entropy(logits, data.y).item(), (logits.argmax(1) == data.y).double().mean().item()
+        logits = model(x)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).double().mean().item()
 
 
 def deviation(run_dir: Path, ref_dir: Path) -> float:

@@ -1,0 +1,86 @@
+"""One builder for a run's parts: the data, the model inside its gradient strategy, the optimizer, the schedule.
+
+Everything that trains or inspects a model builds it here (train, verify and step-wise verify through the
+trainer, the benchmarks, the demos, the checks before workers start), so they all see the same data and the same
+initial weights for a config. Data flow: config -> data source (data/) -> model (models.py, shapes from the
+data) -> gradient strategy (comm.py) -> optimizer -> schedule (schedule.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .comm import GradSync, build_grad_sync
+from .config import Config, OptimConfig
+from .data import GlobalBatches, Source, build_dataset
+from .dist import DistEnv
+from .factory import is_import_path, resolve
+from .models import build_model
+from .schedule import base_lr, build_scheduler
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """train.dtype's name -> the torch dtype."""
+    return DTYPES[name]
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def build_data(cfg: Config) -> Source:
+    """The run's dataset, in train.dtype, shaped for model.name."""
+    return build_dataset(cfg.data, cfg.model.name, cfg.seed, torch_dtype(cfg.train.dtype), loss=cfg.train.loss)
+
+
+def build_data_and_model(cfg: Config, device: torch.device) -> tuple[Source, nn.Module]:
+    """The dataset and the seeded model (the same weights on every rank), on ``device``."""
+    data = build_data(cfg)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, torch_dtype(cfg.train.dtype),
+                        device, example=data.example())
+    return data, model
+
+
+@dataclass
+class Parts:
+    """What a run trains with on this rank."""
+
+    batches: GlobalBatches  # this rank's slice of every step's global batch
+    sync: GradSync  # the model inside its gradient strategy (sync.module: forward; sync.model: the model)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def build(cfg: Config, env: DistEnv) -> Parts:
+    """This rank's parts of a run of ``cfg``, freshly initialised (a resumed run then loads its state)."""
+    t = cfg.train
+    data, model = build_data_and_model(cfg, env.device)
+    batches = GlobalBatches(data, t.global_batch_size, cfg.seed, env.rank, env.world_size)
+    sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
+    optimizer = build_optimizer(sync.model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
+                                cfg.schedule)
+    return Parts(batches, sync, optimizer, scheduler)
+
+
+def preflight(cfg: Config, build_parts: bool) -> None:
+    """Check the config's import paths before any worker starts (an error inside a worker is a failed worker,
+    not a user error): import them; with ``build_parts``, also build the data and the model once here, on the
+    CPU, so wrong return types and shapes are reported in one line too."""
+    paths = [(k, n) for k, n in (("data.name", cfg.data.name), ("model.name", cfg.model.name)) if is_import_path(n)]
+    for key, name in paths:
+        resolve(key, name)
+    if build_parts and paths:
+        build_data_and_model(cfg, torch.device("cpu"))
+
+
+__all__ = ["DTYPES", "torch_dtype", "build_optimizer", "build_data", "build_data_and_model", "Parts", "build",
+           "preflight"]

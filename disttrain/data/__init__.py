@@ -1,0 +1,41 @@
+"""Data: the global batch of every step, this rank's slice of it, and the datasets it is drawn from.
+
+- batching.py: which samples step k's global batch holds, and which of them this rank holds (pure arithmetic);
+- source.py: what a dataset must offer (read a batch by index); one module per format: builtin.py (synthetic,
+  digits), users.py (a factory's data);
+- augment.py: per-sample augmentation from the samples' keys;
+- loader.py: this rank's micro-batches of every step, from any source.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DataConfig
+from ..errors import ConfigError
+from ..factory import is_import_path
+from .augment import augment_images
+from .batching import epoch_permutation, global_batch_indices, local_batch_size, local_slice
+from .builtin import BUILTIN
+from .loader import GlobalBatches
+from .source import Dataset, Source
+from .users import from_factory
+
+
+def build_dataset(cfg: DataConfig, model_name: str, seed: int, dtype: torch.dtype,
+                  loss: str = "cross_entropy") -> Dataset:
+    """The dataset in the shape the model wants: built-in data as vectors for the mlp and (C, 8, 8) images
+    for every other model; a data factory's (``data.name: module:function``) as it returns it, checked."""
+    if is_import_path(cfg.name):
+        x, y, num_classes = from_factory(cfg, seed, dtype, loss)
+    else:
+        x, y, num_classes = BUILTIN[cfg.name](cfg, model_name != "mlp", seed)
+        x, y = torch.as_tensor(x, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
+    if cfg.augment != "none" and x.dim() != 4:
+        raise ConfigError(f"data.augment={cfg.augment} needs images (N, C, H, W), but the inputs have shape "
+                          f"{tuple(x.shape)}")
+    return Dataset(x, y, num_classes, cfg.augment, cfg.crop_padding)
+
+
+__all__ = ["build_dataset", "Dataset", "Source", "GlobalBatches", "augment_images", "epoch_permutation",
+           "global_batch_indices", "local_batch_size", "local_slice"]

@@ -1,0 +1,61 @@
+"""The error classes every part of disttrain raises for its user, and how each ends a command.
+
+Two kinds, two exit codes, one line each (no traceback):
+- :class:`ConfigError` (exit 2): the user asked for something impossible or missing: a bad key or value, an
+  impossible batch split, a missing file, wrong usage. Raised before work starts where it can be.
+- :class:`RunFailure` (exit 1): a run that started and could not finish: a worker died, a peer stopped
+  answering, the gradient became non-finite under ``clip.nonfinite: error``, a benchmark rank failed.
+
+Every command's entry point goes through :func:`run_command`, the one place exceptions become exit codes.
+This module imports nothing of the project (a leaf): every other module may raise these.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class ConfigError(ValueError):
+    """A user error: one line naming the key, file or option, and what is allowed."""
+
+
+class RunFailure(RuntimeError):
+    """A run that could not complete (a worker or peer failed, a non-finite gradient was an error): one line."""
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of a command that ended with ``exc``; None for an exception that is a bug (re-raised)."""
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, RunFailure):
+        return EXIT_FAILED
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return None
+
+
+def run_command(command: Callable[[], int], stream: TextIO | None = None) -> int:
+    """``command()``'s exit code; a user error or failed run prints ``disttrain: error: ...`` and its code."""
+    try:
+        return command()
+    except (ConfigError, RunFailure, KeyboardInterrupt) as exc:
+        out = stream or sys.stderr
+        if isinstance(exc, KeyboardInterrupt):
+            print("disttrain: interrupted", file=out)
+        else:
+            print(f"disttrain: error: {exc}", file=out)
+        return exit_code(exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: an exception as one line of an error message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+
+
+__all__ = ["ConfigError", "RunFailure", "exit_code", "run_command", "one_line", "EXIT_OK", "EXIT_FAILED",
+           "EXIT_USAGE", "EXIT_INTERRUPTED"]

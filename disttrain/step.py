@@ -1,0 +1,71 @@
+"""The step function: one optimizer step on this rank's slice of the global batch, in a fixed order.
+
+forward/backward per micro-batch (no communication until the last) -> reduce gradients over ranks (the
+strategy, comm.py) -> clip the global gradient -> optimizer step (skipped on every rank if the gradient is not
+finite). The strategy decides how gradients travel; this order never changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .clip import should_step
+from .comm import GradSync
+from .config import ClipConfig
+from .randomness import sample_keys
+
+
+def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum over the batch of per-sample losses (a sample is a row of ``target``).
+
+    mse: a sample's loss is the mean squared error over its outputs, so the logged global mean loss
+    (sum over samples / samples) is torch's ``mse_loss`` on the global batch.
+    """
+    if kind == "mse":
+        return F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()
+    return F.cross_entropy(output, target, reduction="sum")
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this rank's sum of per-sample losses (detached)
+    grad_norm: float  # global gradient norm before clipping
+    stepped: bool  # False: non-finite gradient, optimizer step skipped on every rank
+
+
+def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
+               clip: ClipConfig, step: int, loss: str = "cross_entropy") -> StepResult:
+    """One optimizer step. A micro-batch is (x, y), or (x, y, keys) with the samples' keys for per-sample
+    randomness (randomness.py)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0][1].device)
+    for j, (x, y, *keys) in enumerate(micro_batches):
+        last = j == len(micro_batches) - 1
+        # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
+        with contextlib.nullcontext() if last else sync.no_sync():
+            with sample_keys(keys[0]) if keys else contextlib.nullcontext():
+                output = sync.module(x)
+            micro_loss = summed_loss(loss, output, y)
+            # Summed loss over a fixed divisor (the global batch size B for the mean), not a per-micro-batch
+            # mean divided by k: exact for micro-batches and rank slices of any size. Why B, and why before
+            # backward rather than in the reduction: see comm.py.
+            (micro_loss / sync.loss_divisor).backward()
+        loss_sum += micro_loss.detach().double()
+    if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient, then reduce
+        sync.clip_local(clip)
+        sync.sync()
+        grad_norm = sync.gradient_norm(clip.norm_type)
+    else:
+        sync.sync()
+        grad_norm = sync.clip(clip)
+    stepped = should_step(grad_norm, clip, step)
+    if stepped:
+        optimizer.step()
+    return StepResult(loss_sum, grad_norm, stepped)
+
+
+__all__ = ["summed_loss", "StepResult", "train_step"]
