@@ -77,6 +77,16 @@ def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
     assert table[0].startswith("| W | size | time us | algbw GB/s | busbw GB/s") and len(table) == 3
 
 
+def test_bench_step_takes_an_mse_data_factory(pools, capsys):
+    """The benchmark builds its data and model with the trainer's builder: float targets and train.loss=mse
+    reach both loops (the hand-written one uses F.mse_loss)."""
+    mse = ["--set", "data.name=tests.factories:regression", "--set", "model.name=tests.factories:regressor",
+           "--set", "train.loss=mse", "--set", "data.num_samples=16", "--set", "train.global_batch_size=8"]
+    step = _bench_json(pools, capsys, "step", "--world-sizes", "1", "--steps", "2", "--warmup", "0", "--rounds", "1",
+                       *mse)
+    assert min(step["rows"][0]["ms"].values()) > 0
+
+
 def test_bench_lists_names_and_rejects_usage_errors(capsys):
     assert bench_main([]) == 0
     listing = capsys.readouterr().out

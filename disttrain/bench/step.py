@@ -36,6 +36,7 @@ from ..build import build_data_and_model, build_optimizer
 from ..config import check_world_size, config_from_dict, load_config
 from ..data import GlobalBatches
 from ..dist import distributed
+from ..randomness import sample_keys
 from ..train import Hook, Trainer
 from .common import (RunWorld, StepClock, interleaved, machine, markdown_table, non_negative_int, paired_ratios,
                      positive_int, positive_ints, slowest_median_ms, spawn_world)
@@ -85,8 +86,10 @@ def hand_written_steps(cfg_dict: dict[str, Any], steps: int, warmup: int) -> Ste
         optimizer = build_optimizer(ddp.parameters(), cfg.optim)
         for step in range(warmup + steps + 1):
             clock.stamp()
-            x, y = batches.batch(step, env.device)
-            loss = (F.mse_loss if cfg.train.loss == "mse" else F.cross_entropy)(ddp(x), y)
+            x, y, keys = batches.keyed_batch(step, env.device)
+            with sample_keys(keys):  # a model with dropout draws its masks per sample (randomness.py)
+                output = ddp(x)
+            loss = (F.mse_loss if cfg.train.loss == "mse" else F.cross_entropy)(output, y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
