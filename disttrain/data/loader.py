@@ -85,6 +85,7 @@ class GlobalBatches:
                 yield step, self.keyed_micro_batches(step, device, k)
             return
         cuda = device.type == "cuda"
+        self.close()  # an earlier pass's workers
         self._loader = DataLoader(_Steps(self), batch_sampler=[[step] for step in range(start, stop)],
                                   collate_fn=_only, num_workers=self.workers, prefetch_factor=self.prefetch,
                                   persistent_workers=True, pin_memory=cuda, worker_init_fn=_one_thread)
