@@ -20,6 +20,7 @@ from .dist import DistEnv
 from .factory import is_import_path, resolve
 from .models import build_model
 from .schedule import base_lr, build_scheduler
+from .validate import ON_DISK
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -45,7 +46,7 @@ def build_data_and_model(cfg: Config, device: torch.device) -> tuple[Source, nn.
     """The dataset and the seeded model (the same weights on every rank), on ``device``."""
     data = build_data(cfg)
     model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, torch_dtype(cfg.train.dtype),
-                        device, example=data.example())
+                        device, example=data.example() if is_import_path(cfg.model.name) else None)
     return data, model
 
 
@@ -63,7 +64,8 @@ def build(cfg: Config, env: DistEnv) -> Parts:
     """This rank's parts of a run of ``cfg``, freshly initialised (a resumed run then loads its state)."""
     t = cfg.train
     data, model = build_data_and_model(cfg, env.device)
-    batches = GlobalBatches(data, t.global_batch_size, cfg.seed, env.rank, env.world_size)
+    batches = GlobalBatches(data, t.global_batch_size, cfg.seed, env.rank, env.world_size, cfg.data.workers,
+                            cfg.data.prefetch)
     sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
     optimizer = build_optimizer(sync.model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
@@ -78,8 +80,9 @@ def preflight(cfg: Config, build_parts: bool) -> None:
     paths = [(k, n) for k, n in (("data.name", cfg.data.name), ("model.name", cfg.model.name)) if is_import_path(n)]
     for key, name in paths:
         resolve(key, name)
-    if build_parts and paths:
-        build_data_and_model(cfg, torch.device("cpu"))
+    if build_parts and (paths or cfg.data.name in ON_DISK):  # on-disk data: its directory and first sample
+        data, _ = build_data_and_model(cfg, torch.device("cpu"))
+        GlobalBatches(data, cfg.train.global_batch_size, cfg.seed, 0, 1)  # the global batch fits the data
 
 
 __all__ = ["DTYPES", "torch_dtype", "build_optimizer", "build_data", "build_data_and_model", "Parts", "build",

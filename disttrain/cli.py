@@ -7,6 +7,7 @@
     disttrain bench [NAME [options] [--json]]      benchmarks: step, scaling, allreduce, syncbn
     disttrain demo NAME|all [--out DIR] [--nproc N] [--json] [--quick]
     disttrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
+    disttrain data export digits DIR               scikit-learn's digits as an image folder (DIR/CLASS/*.png)
 
 Exit codes: 0 success; 1 verify found no equivalence, or a worker failed; 2 a user error (bad config,
 impossible batch split, missing file, wrong usage), reported in one line without a traceback.
@@ -25,7 +26,7 @@ from .errors import EXIT_FAILED, EXIT_OK, ConfigError, run_command
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML config file (see configs/)")
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("demo", "the demonstrations: `disttrain demo all`, `disttrain demo --help`"),
                        ("plot", "loss, lr and gradient norm of runs: `disttrain plot --help`")):
         sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("data", help="data tools: `disttrain data export digits DIR`")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{export}")
+    p = data_sub.add_parser("export", help="write a bundled dataset as an image folder (DIR/CLASS_NAME/*.png)")
+    p.add_argument("dataset", help="digits (scikit-learn's 1,797 8x8 handwritten digits)")
+    p.add_argument("out_dir", type=Path, metavar="DIR", help="the folder to write (created if missing)")
     return parser
 
 
@@ -171,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(args: argparse.Namespace) -> int:
     from .dist import launched_by_torchrun
 
+    if args.command == "data":
+        from .data.export import export
+
+        count = export(args.dataset, args.out_dir)
+        print(f"wrote {count} images to {args.out_dir} (one folder per class)")
+        return EXIT_OK
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(cfg.to_yaml(), end="")

@@ -23,7 +23,9 @@ import yaml
 
 from .configparse import apply_override, build_dataclass, read_yaml, reference_table as _table
 from .errors import ConfigError
-from .validate import check_world_size, validate
+from .validate import ON_DISK, check_world_size, validate
+
+IN_MEMORY_SAMPLES = 512  # data.num_samples of synthetic, digits and factory data when unset
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -34,16 +36,35 @@ def _doc(text: str) -> dict[str, str]:
 class DataConfig:
     name: str = field(
         default="synthetic", metadata=_doc("synthetic (seeded prototypes plus noise), digits (scikit-learn's 8x8), "
-                                           "or 'package.module:function' returning (x, y)"))
-    num_samples: int = field(
-        default=512, metadata=_doc("samples in the dataset (digits: at most 1797, a seeded subset)"))
+                                           "imagefolder or arrays (on disk, data.path), or 'package.module:function' "
+                                           "returning (x, y) or a map-style dataset"))
+    num_samples: int | None = field(
+        default=None, metadata=_doc("samples in the dataset; unset: 512 (in memory) or 0 (on disk); on disk, 0 is "
+                                    "every sample and N a seeded subset (digits: at most 1797, a seeded subset)"))
+    path: str = field(default="", metadata=_doc(
+        "imagefolder: DIR/CLASS_NAME/*.png|jpg|jpeg (labels from the sorted class names); arrays: DIR/x.npy (N, ...) "
+        "and DIR/y.npy (N,), memory-mapped"))
+    image_size: list[int] = field(default_factory=list, metadata=_doc(
+        "imagefolder: resize every image to [H, W]; empty: every image must have the same size"))
+    mean: list[float] = field(default_factory=list, metadata=_doc(
+        "on-disk data: per-channel mean subtracted from the inputs in [0, 1] (empty: none)"))
+    std: list[float] = field(default_factory=list, metadata=_doc(
+        "on-disk data: per-channel std the inputs are divided by, each > 0 (empty: none)"))
+    workers: int = field(default=0, metadata=_doc(
+        "loader worker processes per rank (torch DataLoader); 0: batches are read in the training process"))
+    prefetch: int = field(default=2, metadata=_doc("data.workers > 0: batches each worker reads ahead, >= 1"))
     num_classes: int = field(
-        default=10, metadata=_doc("classes of the synthetic data or of a data factory's labels (digits has 10)"))
+        default=10, metadata=_doc("classes of the synthetic data or of a data factory's labels (digits has 10; "
+                                   "imagefolder: its class folders; arrays: the largest label + 1)"))
     kwargs: dict[str, Any] = field(
         default_factory=dict, metadata=_doc("keyword arguments of a data factory: function(num_samples, seed, **kwargs)"))
     augment: Literal["none", "flip", "crop", "flip_crop"] = field(
         default="none", metadata=_doc("per-sample image augmentation: horizontal flip, padded random crop, or both"))
     crop_padding: int = field(default=1, metadata=_doc("crop: zero padding on each side before cropping, >= 1"))
+
+    def __post_init__(self) -> None:
+        if self.num_samples is None:  # resolved at once, so config.yaml and checkpoints hold the number
+            self.num_samples = 0 if self.name in ON_DISK else IN_MEMORY_SAMPLES
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,8 @@ _FLOAT_LITERAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " / ".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if typing.get_origin(tp) is dict:
@@ -35,6 +38,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None: an optional value
+        if value is None:
+            return None
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(key, value, tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

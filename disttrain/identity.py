@@ -11,8 +11,10 @@ from typing import Any
 # Keys that change where, on what and how a run executes or reports, never the trajectory it computes: they may
 # differ between a run and its resumption, and between a run and what `verify --against` compares it with.
 # (comm.impl and comm.bucket_mb regroup the same sums; the device changes rounding, not the mathematics.)
+# data.workers and data.prefetch change who reads a batch and when, never which samples or how they are augmented.
 EXECUTION_KEYS = frozenset({"train.out_dir", "train.log_every", "train.device", "comm.timeout_s", "comm.impl",
-                            "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints"})
+                            "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints", "data.workers",
+                            "data.prefetch"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,7 +15,8 @@ from .factory import check_name, is_import_path
 if TYPE_CHECKING:
     from .config import Config
 
-BUILTIN_DATA = ("synthetic", "digits")
+ON_DISK = ("imagefolder", "arrays")  # read from data.path while training (data/imagefolder.py, data/arrays.py)
+BUILTIN_DATA = ("synthetic", "digits", *ON_DISK)
 BUILTIN_MODELS = ("mlp", "cnn")
 
 
@@ -31,7 +32,10 @@ def validate(cfg: Config) -> None:
     """Range and consistency checks that do not depend on the world size."""
     d, m, o, c, t, sc, cl = cfg.data, cfg.model, cfg.optim, cfg.comm, cfg.train, cfg.schedule, cfg.clip
     _require(cfg.seed >= 0, f"seed: must be >= 0, got {cfg.seed}")
-    _require(d.num_samples >= 1, f"data.num_samples: must be >= 1, got {d.num_samples}")
+    on_disk = d.name in ON_DISK
+    _require(d.num_samples >= (0 if on_disk else 1),
+             f"data.num_samples: must be >= {0 if on_disk else 1}, got {d.num_samples}")
+    _check_data_files(cfg)
     _check_own_code(cfg)
     if d.name == "digits":
         _require(d.num_samples <= DIGITS_SAMPLES,
@@ -49,7 +53,7 @@ def validate(cfg: Config) -> None:
     _require(c.bucket_mb > 0, f"comm.bucket_mb: must be > 0, got {c.bucket_mb}")
     _require(c.timeout_s > 0, f"comm.timeout_s: must be > 0, got {c.timeout_s}")
     _require(t.global_batch_size >= 1, f"train.global_batch_size: must be >= 1, got {t.global_batch_size}")
-    _require(t.global_batch_size <= d.num_samples,
+    _require(t.global_batch_size <= d.num_samples or (on_disk and d.num_samples == 0),
              f"train.global_batch_size: {t.global_batch_size} exceeds data.num_samples={d.num_samples}; "
              "a global batch may not repeat a sample")
     _require(t.steps >= 1, f"train.steps: must be >= 1, got {t.steps}")
@@ -95,10 +99,28 @@ def _check_own_code(cfg: Config) -> None:
              f"model.dropout: applies to the built-in mlp and cnn; a model from {m.name} keeps its own dropout "
              "layers (converted to per-sample dropout)")
     _require(d.crop_padding >= 1, f"data.crop_padding: must be >= 1, got {d.crop_padding}")
-    _require(d.augment == "none" or own_data or m.name != "mlp",
+    _require(d.augment == "none" or own_data or d.name in ON_DISK or m.name != "mlp",
              f"data.augment={d.augment} needs images: data.name={d.name} gives the mlp vectors")
-    _require(cfg.train.loss != "mse" or own_data,
-             f"train.loss=mse needs float targets from a data factory; data.name={d.name} has class labels")
+    _require(cfg.train.loss != "mse" or own_data or d.name == "arrays",
+             f"train.loss=mse needs float targets from a data factory; data.name={d.name} has class labels (or "
+             "data.name=arrays with a float y.npy)")
+
+
+def _check_data_files(cfg: Config) -> None:
+    """The keys of on-disk data and its loader (whether the files exist and hold data: data/, when opened)."""
+    d = cfg.data
+    on_disk = d.name in ON_DISK
+    _require(not on_disk or bool(d.path.strip()), f"data.path: data.name={d.name} reads a directory; set data.path")
+    _require(on_disk or not d.path, f"data.path: only for imagefolder and arrays, not data.name={d.name}")
+    _require(not d.image_size or (d.name == "imagefolder" and len(d.image_size) == 2 and min(d.image_size) >= 1),
+             f"data.image_size: must be [H, W] with H, W >= 1, for data.name=imagefolder; got {d.image_size}")
+    for key, values in (("mean", d.mean), ("std", d.std)):
+        _require(not values or on_disk, f"data.{key}: only for imagefolder and arrays, not data.name={d.name}")
+    _require(len(d.mean) == len(d.std), f"data.mean and data.std: one value per channel each, got {len(d.mean)} "
+             f"and {len(d.std)}")
+    _require(all(s > 0 for s in d.std), f"data.std: every value must be > 0, got {d.std}")
+    _require(d.workers >= 0, f"data.workers: must be >= 0, got {d.workers}")
+    _require(d.prefetch >= 1, f"data.prefetch: must be >= 1, got {d.prefetch}")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
@@ -115,4 +137,4 @@ def check_world_size(cfg: Config, world_size: int) -> None:
              f"into train.accumulation_steps={k} micro-batches of at least one sample")
 
 
-__all__ = ["validate", "check_world_size", "BUILTIN_DATA", "BUILTIN_MODELS", "DIGITS_SAMPLES"]
+__all__ = ["validate", "check_world_size", "BUILTIN_DATA", "BUILTIN_MODELS", "DIGITS_SAMPLES", "ON_DISK"]

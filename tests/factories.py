@@ -120,3 +120,33 @@ def not_pairs(num_samples, seed):
 
 def vectors(num_samples, seed):
     return torch.zeros(num_samples, 4), torch.zeros(num_samples, dtype=torch.long)
+
+
+class CountingDataset(PairDataset):
+    """A map-style dataset that records which items were read (per process)."""
+
+    reads: list[int] = []
+
+    def __getitem__(self, i):
+        CountingDataset.reads.append(i)
+        return super().__getitem__(i)
+
+
+def counting_images(num_samples, seed):
+    CountingDataset.reads = []
+    return CountingDataset(*images(num_samples, seed))
+
+
+class KeyedFlipDataset(PairDataset):
+    """A map-style dataset with its own random transform, drawn from each sample's keys: a horizontal flip."""
+
+    def getitem_keyed(self, i, keys):
+        from disttrain.randomness import AUGMENT_STREAM, uniform
+
+        x, y = self[i]
+        flip = uniform(keys, AUGMENT_STREAM, 1, call=1)[0, 0] < 0.5
+        return (x.flip(-1) if flip else x), y
+
+
+def keyed_flip_images(num_samples, seed):
+    return KeyedFlipDataset(*images(num_samples, seed))

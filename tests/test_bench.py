@@ -98,7 +98,7 @@ def test_bench_lists_names_and_rejects_usage_errors(capsys):
 
     assert bench_main(["nope"]) == 2
     assert capsys.readouterr().err == ("disttrain: error: unknown benchmark 'nope' "
-                                       "(choose from step, scaling, allreduce, syncbn, randomness)\n")
+                                       "(choose from step, scaling, allreduce, syncbn, randomness, data)\n")
     with pytest.raises(SystemExit) as done:
         bench_main(["allreduce", "--sizes", "6B"])
     err = capsys.readouterr().err
@@ -225,3 +225,21 @@ def test_a_process_group_of_one_reduces_nothing(pools):
     for impl in ("ddp", "allreduce"):
         assert pools(1).run(grad_sync_kind, load_config(None, [f"comm.impl={impl}"]).to_dict()) == ["LocalSync"]
     assert pools(2).run(grad_sync_kind, load_config(None, []).to_dict()) == ["DDPSync", "DDPSync"]
+
+
+def test_bench_data_runs_tiny_and_reports_its_fields(pools, capsys):
+    """Loader throughput per worker count, step time from disk vs memory (identical samples, so identical
+    losses), and fresh processes on two arrays sizes: every number there and positive (none is asserted on)."""
+    data = _bench_json(pools, capsys, "data", "--steps", "2", "--rounds", "1", "--sizes", "200,400", "--batch", "8")
+    loader, steps, sizes = data["rows"]["loader"], data["rows"]["step"], data["rows"]["sizes"]
+    assert [r["workers"] for r in loader] == [0, 1, 2] and loader[0]["speedup_vs_0"] == 1.0
+    assert all(min(r["samples_per_s"], r["ms_per_batch"], r["first_batch_ms"], r["speedup_vs_0"]) > 0 for r in loader)
+    assert [r["data"] for r in steps] == ["arrays (decoded, float32)", "imagefolder, 0 workers",
+                                          "imagefolder, 2 workers"]
+    assert all(r["ms_per_step"] > 0 and r["vs_arrays"] > 0 for r in steps) and steps[0]["vs_arrays"] == 1.0
+    assert data["same_losses"] is True
+    assert [(r["samples"], r["x_bytes"] // (3 * 32 * 32)) for r in sizes] == [(200, 200), (400, 400)]
+    assert all(r["first_step_s"] > r["import_s"] > 0 and r["peak_rss_kib"] > 0 for r in sizes)
+    ratios = data["size_ratios"]
+    assert (ratios["small"], ratios["big"]) == (200, 400) and ratios["rss_ratio"] > 0 and ratios["time_ratio"] > 0
+    assert {"rss_met", "time_met", "time_limit_s"} <= ratios.keys()

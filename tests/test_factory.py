@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ ERRORS = [
     (["model.name=resnet"], r"model\.name: 'resnet' is neither one of mlp, cnn nor an import path "
                             r"'package\.module:function'"),
     (["data.name=tests/factories.py:images"], r"data\.name: 'tests/factories\.py:images' is neither one of "
-                                              r"synthetic, digits nor an import path"),
+                                              r"synthetic, digits, imagefolder, arrays nor an import path"),
     (["model.name=tests.no_such_module:f"], r"model\.name: cannot import 'tests\.no_such_module' \(from "
                                             r"'tests\.no_such_module:f'\): ModuleNotFoundError: No module named "
                                             r"'tests\.no_such_module'"),
@@ -125,7 +126,7 @@ def _build(overrides: list[str]):
     cfg = load_config(None, overrides)
     data = build_dataset(cfg.data, cfg.model.name, cfg.seed, torch.float64, loss=cfg.train.loss)
     model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, torch.float64,
-                        torch.device("cpu"), example=data.x[:2])
+                        torch.device("cpu"), example=data.example())
     return data, model
 
 
@@ -148,10 +149,13 @@ def test_factory_model_is_seeded_converted_and_leaves_the_global_rng_alone():
     assert not torch.equal(other_seed.stem[0].weight, synced.stem[0].weight)
 
 
-def test_map_style_dataset_is_materialised():
+def test_map_style_dataset_is_read_per_batch():
     as_tuple, _ = _build([f"data.name={F}:images", "data.num_classes=3", "model.name=cnn", *SMALL])
     as_items, _ = _build([f"data.name={F}:image_dataset", "data.num_classes=3", "model.name=cnn", *SMALL])
-    assert torch.equal(as_tuple.x, as_items.x) and torch.equal(as_tuple.y, as_items.y)
+    everything = np.arange(len(as_tuple))
+    assert not hasattr(as_items, "x")  # never materialised: items are read when a batch needs them
+    x, y = as_items.fetch(everything)
+    assert torch.equal(as_tuple.x, x) and torch.equal(as_tuple.y, y)
 
 
 def test_mse_loss_is_torch_mse_on_the_global_batch(tmp_path):

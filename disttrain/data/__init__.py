@@ -2,9 +2,11 @@
 
 - batching.py: which samples step k's global batch holds, and which of them this rank holds (pure arithmetic);
 - source.py: what a dataset must offer (read a batch by index); one module per format: builtin.py (synthetic,
-  digits), users.py (a factory's data);
+  digits), users.py (a factory's tensors or map-style dataset), arrays.py (x.npy/y.npy, memory-mapped),
+  imagefolder.py (class folders of images, decoded by Pillow); disk.py: what the on-disk formats share;
 - augment.py: per-sample augmentation from the samples' keys;
-- loader.py: this rank's micro-batches of every step, from any source.
+- loader.py: this rank's micro-batches of every step, from any source, read in this process or by loader
+  workers.
 """
 
 from __future__ import annotations
@@ -20,21 +22,29 @@ from .builtin import BUILTIN
 from .loader import GlobalBatches
 from .source import Dataset, Source
 from .users import from_factory
+from .arrays import ArraySource
+from .imagefolder import ImageFolderSource
 
 
 def build_dataset(cfg: DataConfig, model_name: str, seed: int, dtype: torch.dtype,
-                  loss: str = "cross_entropy") -> Dataset:
+                  loss: str = "cross_entropy") -> Source:
     """The dataset in the shape the model wants: built-in data as vectors for the mlp and (C, 8, 8) images
-    for every other model; a data factory's (``data.name: module:function``) as it returns it, checked."""
+    for every other model; on-disk data and a data factory's (``data.name: module:function``) as they are,
+    checked. On-disk data and a factory's map-style dataset are opened, not read: batches read their samples."""
     if is_import_path(cfg.name):
-        x, y, num_classes = from_factory(cfg, seed, dtype, loss)
+        source = from_factory(cfg, seed, dtype, loss)
+    elif cfg.name == "arrays":
+        source = ArraySource(cfg, seed, dtype, loss)
+    elif cfg.name == "imagefolder":
+        source = ImageFolderSource(cfg, seed, dtype)
     else:
         x, y, num_classes = BUILTIN[cfg.name](cfg, model_name != "mlp", seed)
-        x, y = torch.as_tensor(x, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
-    if cfg.augment != "none" and x.dim() != 4:
+        source = Dataset(torch.as_tensor(x, dtype=dtype), torch.as_tensor(y, dtype=torch.long), num_classes)
+    if cfg.augment != "none" and len(source.input_shape) != 3:
         raise ConfigError(f"data.augment={cfg.augment} needs images (N, C, H, W), but the inputs have shape "
-                          f"{tuple(x.shape)}")
-    return Dataset(x, y, num_classes, cfg.augment, cfg.crop_padding)
+                          f"{(len(source), *source.input_shape)}")
+    source.augment, source.crop_padding = cfg.augment, cfg.crop_padding
+    return source
 
 
 __all__ = ["build_dataset", "Dataset", "Source", "GlobalBatches", "augment_images", "epoch_permutation",

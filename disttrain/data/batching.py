@@ -13,6 +13,8 @@ from those keys (randomness.py), so a sample is cropped and flipped the same way
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -29,9 +31,12 @@ def local_slice(global_batch_size: int, world_size: int, rank: int) -> slice:
     return slice(start, start + local_batch_size(global_batch_size, world_size, rank))
 
 
+@functools.lru_cache(maxsize=4)  # consecutive steps share an epoch: one permutation per epoch, not per step
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of epoch ``epoch``: a pure function of (seed, epoch), identical on every rank."""
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    permutation.flags.writeable = False  # shared by every caller through the cache
+    return permutation
 
 
 def global_batch_indices(step: int, global_batch_size: int, num_samples: int, seed: int) -> np.ndarray:

@@ -4,15 +4,26 @@ Step k's global batch is a pure function of (seed, k) (batching.py); this rank f
 slice of it, augments each sample from its keys (seed, step, position in the global batch), and cuts the slice
 into micro-batches. Nothing carries state from one step to the next, so a run can start at any step (resume
 is O(1)) and the samples, their order and their augmentation do not depend on the world size.
+
+With ``data.workers`` W > 0, a torch DataLoader reads ahead: its batch sampler yields the steps [start, stop)
+one at a time, and a worker turns step k into this rank's (x, y, positions) by the same arithmetic, fetch and
+augmentation as the training process would (:func:`read_step`). Workers are persistent, take steps in turn,
+and each has ``data.prefetch`` steps in flight; the DataLoader returns them in step order. What a step holds
+therefore does not depend on the number of workers either. On CUDA the batches are pinned and copied without
+blocking.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from ..errors import ConfigError, RunFailure
 from ..randomness import SampleKeys
 from .augment import augment_images
 from .batching import global_batch_indices, local_slice
@@ -22,13 +33,19 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor, SampleKeys]
 
 
 class GlobalBatches:
-    """This rank's slice of every step's global batch."""
+    """This rank's slice of every step's global batch; ``workers`` > 0: read ahead by DataLoader workers."""
 
-    def __init__(self, dataset: Source, global_batch_size: int, seed: int, rank: int, world_size: int):
+    def __init__(self, dataset: Source, global_batch_size: int, seed: int, rank: int, world_size: int,
+                 workers: int = 0, prefetch: int = 2):
+        if global_batch_size > len(dataset):
+            raise ConfigError(f"train.global_batch_size: {global_batch_size} exceeds the {len(dataset)} samples of "
+                              "the dataset; a global batch may not repeat a sample")
         self.dataset = dataset
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.slice = local_slice(global_batch_size, world_size, rank)
+        self.workers, self.prefetch = workers, prefetch
+        self._loader: DataLoader | None = None
 
     @property
     def local_batch_size(self) -> int:
@@ -44,7 +61,7 @@ class GlobalBatches:
     def keyed_batch(self, step: int, device: torch.device) -> MicroBatch:
         """This rank's (x, y) of ``step``, augmented per sample, and the samples' keys."""
         keys = self.keys(step)
-        x, y = self.dataset.fetch(self.indices(step))
+        x, y = self.dataset.fetch(self.indices(step), keys)
         x = augment_images(x.to(device), keys, self.dataset.augment, self.dataset.crop_padding)
         return x, y.to(device), keys
 
@@ -63,11 +80,71 @@ class GlobalBatches:
 
     def steps(self, start: int, stop: int, device: torch.device, k: int) -> Iterator[tuple[int, list[MicroBatch]]]:
         """(step, its micro-batches) for every step in [start, stop), in order: what the training loop consumes."""
-        for step in range(start, stop):
-            yield step, self.keyed_micro_batches(step, device, k)
+        if self.workers == 0 or start >= stop:
+            for step in range(start, stop):
+                yield step, self.keyed_micro_batches(step, device, k)
+            return
+        cuda = device.type == "cuda"
+        self.close()  # an earlier pass's workers
+        self._loader = DataLoader(_Steps(self), batch_sampler=[[step] for step in range(start, stop)],
+                                  collate_fn=_only, num_workers=self.workers, prefetch_factor=self.prefetch,
+                                  persistent_workers=True, pin_memory=cuda, worker_init_fn=_one_thread)
+        for step, read in zip(range(start, stop), self._loader):
+            if isinstance(read, _Failed):
+                raise read.error  # a worker's one-line error, as the training process would have raised it
+            x, y, positions = read
+            keys = SampleKeys(self.seed, step, positions)
+            yield step, split((x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda), keys), k)
 
     def close(self) -> None:
-        """Release what reading holds (nothing when batches are read in this process)."""
+        """Stop the loader workers (nothing to do when batches are read in this process). Never raises: a worker
+        that died while the run was failing must not hide the run's own error."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            with contextlib.suppress(Exception):
+                iterator._shutdown_workers()
+
+
+def read_step(batches: GlobalBatches, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In a loader worker: this rank's (x, y) of ``step``, augmented on the CPU, and the samples' positions."""
+    keys = batches.keys(step)
+    x, y = batches.dataset.fetch(batches.indices(step), keys)
+    x = augment_images(x, keys, batches.dataset.augment, batches.dataset.crop_padding)
+    return x, y, keys.positions
+
+
+class _Failed:
+    """A user or read error in a worker, carried back as it is (DataLoader would re-raise it with a traceback
+    folded into its message)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Steps:
+    """The map-style dataset the DataLoader sees: its "index" is a list of one step."""
+
+    def __init__(self, batches: GlobalBatches):
+        self.batches = copy.copy(batches)
+        self.batches._loader = None  # a worker never holds the loader
+
+    def __getitems__(self, steps: list[int]) -> list:
+        try:
+            return [read_step(self.batches, steps[0])]
+        except (ConfigError, RunFailure) as exc:
+            return [_Failed(exc)]
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _only(items: list) -> object:
+    return items[0]
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers share the cores with the ranks
 
 
 def split(batch: MicroBatch, k: int) -> list[MicroBatch]:

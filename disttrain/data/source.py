@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..randomness import SampleKeys
+
 
 class Source:
     """A dataset read by index. ``num_classes``: the model's output width (classes, or mse targets per sample);
@@ -29,8 +31,9 @@ class Source:
     def input_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def fetch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs (n, *input_shape) and targets of the samples at ``indices``, in that order."""
+    def fetch(self, indices: np.ndarray, keys: SampleKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (n, *input_shape) and targets of the samples at ``indices``, in that order. ``keys``: the samples'
+        keys (randomness.py), for a source whose own transforms draw from them."""
         raise NotImplementedError
 
     def example(self, n: int = 2) -> torch.Tensor:
@@ -56,7 +59,7 @@ class Dataset(Source):
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
-    def fetch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch(self, indices: np.ndarray, keys: SampleKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices)
         return self.x[idx], self.y[idx]
 

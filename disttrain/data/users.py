@@ -10,23 +10,36 @@ import torch
 from ..config import DataConfig
 from ..errors import ConfigError
 from ..factory import call_factory
+from ..randomness import SampleKeys
+from .source import Dataset, Source
 
 
-def from_factory(cfg: DataConfig, seed: int, dtype: torch.dtype, loss: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Call ``function(num_samples, seed, **kwargs)``; it returns (x, y) or a map-style dataset of (x, y)."""
+def from_factory(cfg: DataConfig, seed: int, dtype: torch.dtype, loss: str) -> Source:
+    """Call ``function(num_samples, seed, **kwargs)``: (x, y) tensors or arrays are held in memory; a map-style
+    dataset of (x, y) pairs is read per batch (:class:`MapSource`), never materialised."""
     path = cfg.name
     out = call_factory("data.name", path, cfg.num_samples, seed, **cfg.kwargs)
     where = f"data.name: {path!r}"
     if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in out):
         x, y = (torch.as_tensor(t) for t in out)
-    elif hasattr(out, "__len__") and hasattr(out, "__getitem__") and not isinstance(out, (str, bytes, dict)):
-        x, y = _materialise(out, where)
-    else:
-        raise ConfigError(f"{where} returned {type(out).__name__}; expected (x, y) tensors or a map-style dataset "
-                          "of (x, y) pairs")
-    if x.dim() < 2 or len(x) != cfg.num_samples or len(y) != cfg.num_samples:
-        raise ConfigError(f"{where} returned x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}; expected "
-                          f"data.num_samples={cfg.num_samples} samples in both (x: (N, ...) with N = {cfg.num_samples})")
+        if x.dim() < 2 or len(x) != cfg.num_samples or len(y) != cfg.num_samples:
+            raise ConfigError(f"{where} returned x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}; "
+                              f"expected data.num_samples={cfg.num_samples} samples in both (x: (N, ...) with N = "
+                              f"{cfg.num_samples})")
+        x, y, num_classes = _checked(x, y, cfg, dtype, loss, where)
+        return Dataset(x, y, num_classes)
+    if hasattr(out, "__len__") and hasattr(out, "__getitem__") and not isinstance(out, (str, bytes, dict)):
+        if len(out) != cfg.num_samples:
+            raise ConfigError(f"{where} returned a dataset of {len(out)} samples; expected data.num_samples="
+                              f"{cfg.num_samples}")
+        return MapSource(out, cfg, dtype, loss, where)
+    raise ConfigError(f"{where} returned {type(out).__name__}; expected (x, y) tensors or a map-style dataset "
+                      "of (x, y) pairs")
+
+
+def _checked(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, dtype: torch.dtype, loss: str, where: str
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(x, y) in the run's types, checked against train.loss and data.num_classes; the model's output width."""
     if x.is_floating_point():
         x = x.to(dtype)  # integer inputs (token ids, say) are kept as they are
     if loss == "mse":
@@ -45,19 +58,52 @@ def from_factory(cfg: DataConfig, seed: int, dtype: torch.dtype, loss: str) -> t
     return x, y.long(), cfg.num_classes
 
 
-def _materialise(dataset, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A map-style dataset, read once into two tensors."""
-    xs, ys = [], []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise ConfigError(f"{where} returned a dataset whose item {i} is {type(item).__name__}, not an (x, y) pair")
-        xs.append(torch.as_tensor(item[0]))
-        ys.append(torch.as_tensor(item[1]))
-    if not xs:
-        raise ConfigError(f"{where} returned an empty dataset")
-    try:
-        return torch.stack(xs), torch.stack(ys)
-    except RuntimeError as exc:
-        raise ConfigError(f"{where} returned a dataset whose items differ in shape: "
-                          f"{str(exc).strip().splitlines()[0]}") from None
+class MapSource(Source):
+    """A map-style dataset (``__len__``, ``__getitem__(i) -> (x, y)``), read a batch at a time.
+
+    A dataset with ``getitem_keyed(i, keys)`` is called with each sample's keys instead (a SampleKeys of one
+    sample: seed, step and its position in the global batch), so its own random transforms can draw from
+    ``disttrain.randomness.uniform(keys, AUGMENT_STREAM, n, call=1)`` and be the same on any rank or worker.
+    """
+
+    def __init__(self, dataset, cfg: DataConfig, dtype: torch.dtype, loss: str, where: str):
+        self.dataset, self.cfg, self.dtype, self.loss, self.where = dataset, cfg, dtype, loss, where
+        self.keyed = callable(getattr(dataset, "getitem_keyed", None))
+        if len(dataset) == 0:
+            raise ConfigError(f"{where} returned an empty dataset")
+        first, _ = self._read(np.arange(1), None)  # shapes and types, from one sample
+        self._shape = tuple(first.shape[1:])
+        self.num_classes = _checked(first, _, cfg, dtype, loss, where)[2]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def _read(self, indices: np.ndarray, keys: SampleKeys | None) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for j, i in enumerate(indices.tolist()):
+            if self.keyed and keys is not None:
+                item = self.dataset.getitem_keyed(i, keys.select(slice(j, j + 1)))
+            else:
+                item = self.dataset[i]
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ConfigError(f"{self.where} returned a dataset whose item {i} is {type(item).__name__}, not an "
+                                  "(x, y) pair")
+            xs.append(torch.as_tensor(item[0]))
+            ys.append(torch.as_tensor(item[1]))
+        try:
+            return torch.stack(xs), torch.stack(ys)
+        except RuntimeError as exc:
+            raise ConfigError(f"{self.where} returned a dataset whose items differ in shape: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+
+    def fetch(self, indices: np.ndarray, keys: SampleKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._read(indices, keys)
+        x, y, _ = _checked(x, y, self.cfg, self.dtype, self.loss, self.where)
+        return x, y
+
+
+__all__ = ["from_factory", "MapSource"]
