@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .checkpoint import writing
 from .dist import DistEnv
 from .progress import Progress
 from .runlog import read_records
@@ -108,15 +109,15 @@ class MetricsLogger:
         # Rank 0 only: one progress bar (or one stream of log lines) per run, never one per rank.
         self.progress = Progress(total_steps, log_every, self.stream) if self.enabled and console else None
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = [r for r in read_records(self.path) if r["step"] < start_step] if start_step else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            with writing(self.path, out_dir):
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, *records: dict[str, Any]) -> None:
         """Append ``records`` (one per step) to metrics.jsonl, and print the console lines that are due."""
         if not self.enabled or not records:
             return
-        with self.path.open("a") as f:
+        with writing(self.path, self.path.parent), self.path.open("a") as f:
             f.write("".join(json.dumps(record) + "\n" for record in records))
         if self.progress is not None:
             for record in records:

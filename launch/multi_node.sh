@@ -8,7 +8,11 @@
 # GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME pick the network interface, when a node has several.
 # MAX_RESTARTS=R: restart the workers up to R times after a failure; they continue from the newest checkpoint.
 # Elastic membership (NNODES=1:4): also TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per rendezvous round).
+# Signals: the agent forwards SIGTERM, SIGINT and SIGUSR1 to the workers, which stop at a step they agree on with a
+# checkpoint there (continue with --resume); torchrun itself then ends with its own traceback.
 set -euo pipefail
+
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
 NNODES=${NNODES:-2}
 NPROC_PER_NODE=${NPROC_PER_NODE:-gpu}
