@@ -77,10 +77,8 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
     one line per failed rank (its exception, message and where it was raised), naming that file."""
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
-                          monitor_interval=0.1, start_method="spawn")
+                          monitor_interval=0.1, start_method="spawn", signals_to_handle=AGENT_SIGNALS)
     log = Path(log_dir) / LAUNCHER_LOG if log_dir is not None else None
-    # The agent in this process forwards these signals to the workers (stop.py); SIGUSR1 is not in its default.
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     try:
         with one_thread_per_worker(nproc), agent_log(log):
             results = elastic_launch(launch, _run_tasks)(tasks, device, timeout_s)
@@ -140,6 +138,9 @@ def one_thread_per_worker(nproc: int) -> Iterator[None]:
 
 
 LAUNCHER_LOG = "launcher.log"
+# The agent forwards these to the workers, which stop gracefully on the last three (stop.py); SIGUSR1 is not in
+# torch's default list. The launch scripts pass the same list to torchrun (--signals_to_handle).
+AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
 
 

@@ -97,7 +97,8 @@ class Trainer:
             parts.scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
         self.result = result = TrainResult(model=parts.sync.model, skipped_steps=0 if state is None else
                                            state["skipped"], start_step=start, optimizer=parts.optimizer)
-        logger = MetricsLogger(Path(t.out_dir), env, t.log_every, t.steps, console=self.console, start_step=start)
+        logger = MetricsLogger(Path(t.out_dir), env, t.log_every, t.steps, console=self.console, start_step=start,
+                               tensorboard=t.tensorboard)
         metrics = StepMetrics(logger, env, result.losses)
         if self.flush_seconds is not None:
             metrics.flush_seconds = self.flush_seconds
@@ -110,6 +111,7 @@ class Trainer:
             finished = True
         finally:
             self._call("on_end")
+            logger.close()
             parts.batches.close()
             if finished:
                 checkpointer.close()  # the last checkpoint is durable (or its error raised) before returning

@@ -12,7 +12,6 @@
 # checkpoint there (continue with --resume); torchrun itself then ends with its own traceback.
 set -euo pipefail
 
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
 NNODES=${NNODES:-2}
 NPROC_PER_NODE=${NPROC_PER_NODE:-gpu}
@@ -23,5 +22,5 @@ LOCAL_ADDR=${LOCAL_ADDR:-}
 
 exec torchrun --max-restarts="${MAX_RESTARTS:-0}" --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="$RDZV_ID" --rdzv_conf="$RDZV_CONF" \
-    --local_addr="$LOCAL_ADDR" \
+    --local_addr="$LOCAL_ADDR" --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
     -m disttrain train "$@"
