@@ -227,3 +227,24 @@ def test_vanished_run_directory(capsys, tmp_path, monkeypatch):
     err = _storage_error(capsys, tmp_path, out_dir, "train.checkpoint_every=2", "train.steps=20")
     assert re.search(r"cannot write \S+: No such file or directory \(errno 2\); no checkpoint was written", err), err
     assert not out_dir.exists()  # never recreated behind the user's back
+
+
+def test_tensorboard_curves_continue_without_duplicates_after_a_resume(tmp_path):
+    """Stopped at step 8 with checkpoints at 5 and 8; the one at 8 lost: the resumed run restarts at 5 and the
+    event files still hold each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, "train.steps=10", "train.checkpoint_every=5", "train.keep_checkpoints=0")
+    with distributed("cpu") as env:
+        run(cfg, env, console=False, stop_at=8)
+        (tmp_path / "checkpoints" / "step_00000008.pt").unlink()
+        assert run(cfg, env, console=False, resume=True).start_step == 5
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {f"train/{k}" for k in ("loss", "lr", "grad_norm", "step_ms",
+                                                                   "samples_per_s")}
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(steps) == list(range(10)), steps
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.step)] == pytest.approx(
+        [m["loss"] for m in metrics])
