@@ -24,16 +24,19 @@ never a torn one; an orphaned temporary file never matches ``step_*.pt``.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import StorageError
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -56,12 +59,17 @@ def cpu_copy(state: Any) -> Any:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save ``obj`` to ``path`` so that ``path`` is always either the old file or the complete new one."""
+    """torch.save ``obj`` to ``path`` so that ``path`` is always either the old file or the complete new one.
+
+    The bytes are serialised in memory first and then written: a full disk is then the operating system's own
+    error (OSError ENOSPC) rather than torch's zip writer failing mid-record ("unexpected pos")."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # never matches step_*.pt
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     try:
         with open(tmp, "xb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,13 +93,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def writing(path: str | Path, out_dir: str | Path) -> Iterator[None]:
+    """Writes to ``path`` inside fail with a :class:`StorageError` of one line: the file, the operating system's
+    error, and the newest complete checkpoint of the run in ``out_dir`` (atomic writes leave it intact)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        found = list_checkpoints(out_dir)
+        newest = f"newest complete checkpoint: {found[-1][1]}" if found else "no checkpoint was written"
+        raise StorageError(f"cannot write {path}: {reason} (errno {exc.errno}); {newest}") from None
+
+
 # --------------------------------------------------------------------------- final.pt
 
 def save_final(path: str | Path, model: nn.Module | dict[str, torch.Tensor], step: int, config: dict[str, Any],
                world_size: int) -> None:
     """Write final.pt: ``model`` is a module or its state_dict."""
     state = {k: v.detach().cpu() for k, v in (model.state_dict() if isinstance(model, nn.Module) else model).items()}
-    atomic_save({"model": state, "step": int(step), "config": config, "world_size": int(world_size)}, path)
+    with writing(path, Path(path).parent):
+        atomic_save({"model": state, "step": int(step), "config": config, "world_size": int(world_size)}, path)
 
 
 def load_final(path: str | Path) -> dict[str, Any]:
@@ -148,8 +170,9 @@ def save_checkpoint(out_dir: str | Path, state: dict[str, Any], keep: int) -> Pa
     Older files are removed only after the new one is durable, so a crash never leaves fewer good checkpoints.
     """
     path = checkpoint_path(out_dir, state["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(state, path)
+    with writing(path, out_dir):
+        path.parent.mkdir(exist_ok=True)  # not out_dir itself: a vanished run directory is an error, not recreated
+        atomic_save(state, path)
     if keep > 0:
         for _, old in list_checkpoints(out_dir)[:-keep]:
             with contextlib.suppress(OSError):
@@ -204,10 +227,11 @@ class Checkpointer:
 
     def __init__(self, out_dir: str | Path, every: int, keep: int, total_steps: int, is_main: bool):
         self.every, self.total_steps = every, total_steps
-        self.writer = CheckpointWriter(out_dir, keep) if is_main and every else None
+        self.writer = CheckpointWriter(out_dir, keep) if is_main else None
 
     def due(self, done: int, stop_at: int) -> bool:
-        """Whether to checkpoint after ``done`` completed steps of a run that stops at ``stop_at``."""
+        """Whether to checkpoint after ``done`` completed steps of a run that stops at ``stop_at`` (a stop that a
+        hook asks for always checkpoints: the loop does not ask this)."""
         return bool(self.every) and (done % self.every == 0 or done in (stop_at, self.total_steps))
 
     def save(self, sync: Any, optimizer: torch.optim.Optimizer, scheduler: Any, done: int, skipped: int,

@@ -124,16 +124,18 @@ def _preflight_train(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
+    """Train; a run stopped by a signal (stop.py) exits with 128 + the signal number, as the signal would."""
     from .dist import distributed
-    from .launcher import launch_local
-    from .train import run
+    from .launcher import launch_training
+    from .stop import train_or_stop
 
     if args.nproc is not None and args.nproc > 1:
-        launch_local(cfg, args.nproc, resume=args.resume, stop_at=args.stop_at, max_restarts=args.max_restarts)
+        signum = launch_training(cfg, args.nproc, resume=args.resume, stop_at=args.stop_at,
+                                 max_restarts=args.max_restarts)
     else:
         with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
-            run(cfg, env, resume=args.resume, stop_at=args.stop_at)
-    return EXIT_OK
+            signum = train_or_stop(cfg, env, resume=args.resume, stop_at=args.stop_at)
+    return EXIT_OK if signum is None else 128 + signum
 
 
 def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool) -> int:

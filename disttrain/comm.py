@@ -55,6 +55,8 @@ class ReduceSpec:
     mode: str  # mean | sum | max | avg
     group: dist.ProcessGroup | None = None
     world_size: int = 1
+    control: torch.Tensor | None = None  # GradSync.control, carried by the last bucket of each step
+    reduced_control: torch.Tensor | None = None  # and what came back
 
     @property
     def op(self) -> dist.ReduceOp:
@@ -69,9 +71,29 @@ class ReduceSpec:
 def _ddp_comm_hook(spec, bucket):  # no annotations: DDP checks them, and this module's are strings
     # Registered with DDP: called once per bucket as soon as all its gradients are ready, overlapping
     # communication with the rest of backward. With a hook installed DDP does no division of its own.
-    fut = dist.all_reduce(bucket.buffer(), op=spec.op, group=spec.group, async_op=True).get_future()
+    # The step's control values (GradSync.control) ride in the last bucket of the step: no collective of their own.
+    control = spec.control if bucket.is_last() else None
+    packed = bucket.buffer() if control is None else pack(bucket.buffer(), control)
+    fut = dist.all_reduce(packed, op=spec.op, group=spec.group, async_op=True).get_future()
     divisor = spec.divisor
-    return fut.then(lambda f: f.value()[0] if divisor == 1 else f.value()[0].div_(divisor))
+
+    def reduced(f):
+        out = f.value()[0]
+        if control is not None:
+            out, spec.reduced_control = unpack(out, len(control))
+        return out if divisor == 1 else out.div_(divisor)
+
+    return fut.then(reduced)
+
+
+def pack(flat: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """``flat`` with the control values appended (in its dtype: small integers are exact in any float type)."""
+    return torch.cat([flat, control.to(device=flat.device, dtype=flat.dtype)])
+
+
+def unpack(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient part of ``packed`` (a view) and its ``n`` reduced control values (a copy)."""
+    return packed[:-n], packed[-n:].clone()
 
 
 class GradSync:
@@ -88,6 +110,12 @@ class GradSync:
     module: nn.Module  # call forward on this
     loss_divisor: int  # divide this rank's *summed* loss by this before backward: B (mean) or b_r
     env: DistEnv | None = None  # None: no process group
+    # A few small non-negative values of this rank (a stop request, see stop.py) that travel in the step's gradient
+    # reduction, with its op, read when the step's last bucket is packed: after the step ``reduced_control`` holds
+    # the same values on every rank, > 0 exactly where some rank's were. None: nothing to carry.
+    control: torch.Tensor | None = None
+    reduced_control: torch.Tensor | None = None
+    carries_control = True  # False: a strategy whose reduction cannot carry them (stop.py then reduces them itself)
 
     @property
     def model(self) -> nn.Module:
@@ -95,7 +123,9 @@ class GradSync:
         return self.module
 
     def sync(self) -> None:
-        """Make every rank's .grad the reduced gradient (no-op where backward already did it)."""
+        """Make every rank's .grad the reduced gradient. Here: one process, nothing to reduce."""
+        if self.control is not None:
+            self.reduced_control = self.control.clone()
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -156,6 +186,7 @@ class DDPSync(GradSync):
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         self.module = DistributedDataParallel(module, device_ids=device_ids, bucket_cap_mb=bucket_mb,
                                               process_group=spec.group)
+        self._spec = spec
         self.module.register_comm_hook(spec, _ddp_comm_hook)
 
     @property
@@ -167,6 +198,20 @@ class DDPSync(GradSync):
         with self.module.no_sync():
             yield
 
+    def sync(self) -> None:
+        """Nothing to do: backward reduced every bucket through the comm hook."""
+
+    @property
+    def control(self) -> torch.Tensor | None:
+        return self._spec.control
+
+    @control.setter
+    def control(self, value: torch.Tensor | None) -> None:
+        self._spec.control = value  # the comm hook's state: read in the last bucket of every step
+
+    @property
+    def reduced_control(self) -> torch.Tensor | None:
+        return self._spec.reduced_control
 
 class AllReduceSync(GradSync):
     """Explicit path: after backward, flatten gradients into buckets and all_reduce each bucket once.
@@ -194,9 +239,14 @@ class AllReduceSync(GradSync):
             size += nbytes
 
     def sync(self) -> None:
-        for bucket in self.buckets:
+        for i, bucket in enumerate(self.buckets):
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+            control = self.control if i == len(self.buckets) - 1 else None
+            if control is not None:  # the step's control values ride in its last bucket
+                flat = pack(flat, control)
             dist.all_reduce(flat, op=self.spec.op, group=self.spec.group)
+            if control is not None:
+                flat, self.reduced_control = unpack(flat, len(control))
             if self.spec.divisor != 1:
                 flat.div_(self.spec.divisor)
             offset = 0

@@ -149,6 +149,8 @@ class TrainConfig:
         default=100, metadata=_doc("write a resumable checkpoint every N optimizer steps and at the end; 0: never"))
     keep_checkpoints: int = field(
         default=2, metadata=_doc("keep the newest K checkpoints in out_dir/checkpoints; 0: keep all"))
+    tensorboard: bool = field(
+        default=True, metadata=_doc("rank 0 writes TensorBoard events of every step to out_dir/tensorboard"))
 
 
 @dataclass

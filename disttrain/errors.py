@@ -27,6 +27,11 @@ class RunFailure(RuntimeError):
     """A run that could not complete (a worker or peer failed, a non-finite gradient was an error): one line."""
 
 
+class StorageError(RunFailure):
+    """A file of the run could not be written (no space left, a read-only or vanished directory, no permission):
+    one line naming the file, the operating system's error and the newest complete checkpoint."""
+
+
 def exit_code(exc: BaseException) -> int | None:
     """The exit code of a command that ended with ``exc``; None for an exception that is a bug (re-raised)."""
     if isinstance(exc, ConfigError):
@@ -58,4 +63,4 @@ def one_line(exc: BaseException) -> str:
 
 
 __all__ = ["ConfigError", "RunFailure", "exit_code", "run_command", "one_line", "EXIT_OK", "EXIT_FAILED",
-           "EXIT_USAGE", "EXIT_INTERRUPTED"]
+           "EXIT_USAGE", "EXIT_INTERRUPTED", "StorageError"]

@@ -14,7 +14,7 @@ from typing import Any
 # data.workers and data.prefetch change who reads a batch and when, never which samples or how they are augmented.
 EXECUTION_KEYS = frozenset({"train.out_dir", "train.log_every", "train.device", "comm.timeout_s", "comm.impl",
                             "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints", "data.workers",
-                            "data.prefetch"})
+                            "data.prefetch", "train.tensorboard"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

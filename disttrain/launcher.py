@@ -11,11 +11,16 @@ TORCHELASTIC_RESTART_COUNT > 0 and continue from the newest checkpoint (train.ru
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import signal
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -46,6 +51,12 @@ def _train_task(env: Any, cfg_dict: dict[str, Any], console: bool, resume: bool 
     return run(config_from_dict(cfg_dict), env, console=console, resume=resume, stop_at=stop_at).losses
 
 
+def _train_or_stop_task(env: Any, cfg_dict: dict[str, Any], resume: bool, stop_at: int | None) -> int | None:
+    from .stop import train_or_stop
+
+    return train_or_stop(config_from_dict(cfg_dict), env, resume=resume, stop_at=stop_at)
+
+
 def one_thread(env: Any) -> None:
     """A task: one intra-op thread in this worker, also when it is the only one (benchmarks, the demos)."""
     import torch
@@ -54,20 +65,25 @@ def one_thread(env: Any) -> None:
 
 
 def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", timeout_s: float = 300.0,
-                       max_restarts: int = 0) -> list[list[Any]]:
+                       max_restarts: int = 0, log_dir: str | Path | None = None) -> list[list[Any]]:
     """Run each task ``fn(env, *args)`` on ``nproc`` local workers, one after another in the same process
     group; return every rank's results (``[rank][task]``). ``fn`` must be importable (workers are spawned).
     ``max_restarts``: elastic restarts of the worker group after a failure (the tasks then run again from the
     first). This is the one way disttrain starts local ranks: ``--nproc``, verify, the demos and the
-    benchmarks."""
+    benchmarks.
+
+    torch's elastic agent logs every restart, signal and failure with full tracebacks; those records go to
+    ``log_dir/launcher.log`` (nowhere without a ``log_dir``), and a failure is raised as :class:`WorkerFailure`:
+    one line per failed rank (its exception, message and where it was raised), naming that file."""
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
-                          monitor_interval=0.1, start_method="spawn")
+                          monitor_interval=0.1, start_method="spawn", signals_to_handle=AGENT_SIGNALS)
+    log = Path(log_dir) / LAUNCHER_LOG if log_dir is not None else None
     try:
-        with one_thread_per_worker(nproc):
+        with one_thread_per_worker(nproc), agent_log(log):
             results = elastic_launch(launch, _run_tasks)(tasks, device, timeout_s)
     except ChildFailedError as exc:
-        raise WorkerFailure(_describe(exc)) from None
+        raise WorkerFailure(_describe(exc, log)) from None
     return [results[rank] for rank in range(nproc)]
 
 
@@ -80,7 +96,25 @@ def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = F
     ``stop_at``: as in train.run. ``max_restarts``: elastic restarts of the worker group after a failure.
     """
     task = (_train_task, (cfg.to_dict(), console, resume, stop_at))
-    return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts)[0][0]
+    return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts,
+                              cfg.train.out_dir)[0][0]
+
+
+def launch_training(cfg: Config, nproc: int, resume: bool = False, stop_at: int | None = None,
+                    max_restarts: int = 0) -> int | None:
+    """``disttrain train --nproc N``: train with ``nproc`` local workers that stop on a signal (stop.py).
+
+    Returns the signal number the run stopped for, or None. A signal to this process reaches the workers through
+    torch's elastic agent, which forwards it and waits for them to stop (they checkpoint first); then the agent
+    raises SignalException here. A signal to the workers alone (a scheduler signalling the processes of a node)
+    comes back as their result.
+    """
+    task = (_train_or_stop_task, (cfg.to_dict(), resume, stop_at))
+    try:
+        return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts,
+                                  cfg.train.out_dir)[0][0]
+    except SignalException as exc:
+        return int(exc.sigval)
 
 
 @contextlib.contextmanager
@@ -103,12 +137,56 @@ def one_thread_per_worker(nproc: int) -> Iterator[None]:
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
-def _describe(exc: ChildFailedError) -> str:
-    parts = []
+LAUNCHER_LOG = "launcher.log"
+# The agent forwards these to the workers, which stop gracefully on the last three (stop.py); SIGUSR1 is not in
+# torch's default list. The launch scripts pass the same list to torchrun (--signals_to_handle).
+AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+_AGENT_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
+
+
+@contextlib.contextmanager
+def agent_log(path: Path | None) -> Iterator[None]:
+    """Keep torch's elastic agent off the console while workers run: its records (restarts, signals forwarded,
+    failures with their tracebacks) go to the file ``path``, or nowhere."""
+    handler: logging.Handler = logging.NullHandler()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in _AGENT_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate, list(logger.handlers)))
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level, propagate, handlers in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        handler.close()
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def _describe(exc: ChildFailedError, log: Path | None = None) -> str:
+    """One line per failed rank: its exception and message, and the innermost disttrain frame that raised it."""
+    lines = []
     for rank, failure in sorted(exc.failures.items()):
-        message = failure.message
+        message, where = failure.message, ""
         if isinstance(message, dict):
+            stack = str(message.get("extraInfo", {}).get("py_callstack", ""))
+            frames = [m for m in _FRAME.finditer(stack) if "disttrain" in m.group(1)]
+            if frames:
+                path, line, fn = frames[-1].groups()
+                where = f" (in {fn}, {Path(path).name}:{line})"
             message = message.get("message", "")
+        if not message and failure.exitcode < 0:
+            message = f"killed by {signal.Signals(-failure.exitcode).name}"
         message = (message or f"exit code {failure.exitcode}").strip().splitlines()[-1]
-        parts.append(f"rank {rank}: {message}")
-    return "worker failed: " + "; ".join(parts)
+        lines.append(f"rank {rank}: {message}{where}")
+    details = f" (full log: {log})" if log is not None and log.is_file() else ""
+    return "worker failed: " + "\n  ".join(lines) + details

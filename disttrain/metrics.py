@@ -1,4 +1,4 @@
-"""Cross-rank reduction of logged scalars, and rank-0 logging (console line + metrics.jsonl).
+"""Cross-rank reduction of logged scalars, and rank-0 logging (console line, metrics.jsonl, TensorBoard).
 
 The per-step global mean loss needs a collective (every rank holds only its slice's loss sum). A blocking
 all_reduce every step costs its latency and makes the ranks wait for each other a second time per step
@@ -19,9 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .checkpoint import writing
 from .dist import DistEnv
 from .progress import Progress
 from .runlog import read_records
+from .tensorboard import TensorBoardLog
 
 
 class StepMetrics:
@@ -98,7 +100,7 @@ class MetricsLogger:
     """
 
     def __init__(self, out_dir: Path, env: DistEnv, log_every: int, total_steps: int, console: bool = True,
-                 stream=None, start_step: int = 0):
+                 stream=None, start_step: int = 0, tensorboard: bool = False):
         self.enabled = env.is_main
         self.console = console
         self.log_every = log_every
@@ -108,16 +110,23 @@ class MetricsLogger:
         # Rank 0 only: one progress bar (or one stream of log lines) per run, never one per rank.
         self.progress = Progress(total_steps, log_every, self.stream) if self.enabled and console else None
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = [r for r in read_records(self.path) if r["step"] < start_step] if start_step else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            with writing(self.path, out_dir):
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.tensorboard = TensorBoardLog(out_dir, start_step) if self.enabled and tensorboard else None
 
     def log(self, *records: dict[str, Any]) -> None:
         """Append ``records`` (one per step) to metrics.jsonl, and print the console lines that are due."""
         if not self.enabled or not records:
             return
-        with self.path.open("a") as f:
+        with writing(self.path, self.path.parent), self.path.open("a") as f:
             f.write("".join(json.dumps(record) + "\n" for record in records))
+        if self.tensorboard is not None:
+            self.tensorboard.log(records)
         if self.progress is not None:
             for record in records:
                 self.progress.update(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .build import Parts, build
-from .checkpoint import Checkpointer, clear_checkpoints, save_final
+from .checkpoint import Checkpointer, checkpoint_dir, clear_checkpoints, save_final, writing
 from .config import Config, check_world_size
 from .dist import DistEnv
 from .metrics import MetricsLogger, StepMetrics
@@ -44,7 +44,7 @@ class Hook:
         """Step ``step`` ran: the optimizer stepped (unless result.stepped is False) and the lr moved on."""
 
     def should_stop(self, trainer: Trainer, done: int) -> bool:
-        """True: stop after ``done`` completed steps, with a checkpoint there (when checkpointing is on).
+        """True: stop after ``done`` completed steps, with a checkpoint there (whatever train.checkpoint_every is).
         Must answer the same on every rank."""
         return False
 
@@ -63,6 +63,7 @@ class TrainResult:
     skipped_steps: int = 0  # over the whole run, resumed runs included
     start_step: int = 0  # the step this call started from (> 0 when resumed from a checkpoint)
     optimizer: torch.optim.Optimizer | None = None
+    stopped_at: int | None = None  # a hook stopped the run after this many completed steps (with a checkpoint)
 
 
 class Trainer:
@@ -96,7 +97,8 @@ class Trainer:
             parts.scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
         self.result = result = TrainResult(model=parts.sync.model, skipped_steps=0 if state is None else
                                            state["skipped"], start_step=start, optimizer=parts.optimizer)
-        logger = MetricsLogger(Path(t.out_dir), env, t.log_every, t.steps, console=self.console, start_step=start)
+        logger = MetricsLogger(Path(t.out_dir), env, t.log_every, t.steps, console=self.console, start_step=start,
+                               tensorboard=t.tensorboard)
         metrics = StepMetrics(logger, env, result.losses)
         if self.flush_seconds is not None:
             metrics.flush_seconds = self.flush_seconds
@@ -109,6 +111,7 @@ class Trainer:
             finished = True
         finally:
             self._call("on_end")
+            logger.close()
             parts.batches.close()
             if finished:
                 checkpointer.close()  # the last checkpoint is durable (or its error raised) before returning
@@ -139,21 +142,24 @@ class Trainer:
                            skipped=result.skipped_steps, ms=round(1000 * (time.perf_counter() - start_time), 3))
             self._call("on_step_end", step, out)
             done = step + 1
-            stopping = any(hook.should_stop(self, done) for hook in self.hooks)
-            if checkpointer.due(done, done if stopping else stop):
+            stopping = any([hook.should_stop(self, done) for hook in self.hooks])  # every hook is asked
+            if stopping or checkpointer.due(done, stop):
                 metrics.flush()  # metrics.jsonl holds every step up to this checkpoint before it exists
                 checkpointer.save(parts.sync, parts.optimizer, parts.scheduler, done, result.skipped_steps,
                                   cfg.to_dict(), env.world_size)
                 self._call("on_checkpoint", done)
             if stopping:
+                result.stopped_at = done
                 break
 
     def _write_run_files(self, state: dict | None, start: int) -> None:
         if not self.env.is_main:
             return
         out_dir = Path(self.cfg.train.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(self.cfg.to_yaml())  # the resolved config of this run
+        with writing(out_dir / "config.yaml", out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(self.cfg.to_yaml())  # the resolved config of this run
+            checkpoint_dir(out_dir).mkdir(exist_ok=True)  # later writes never recreate a vanished run directory
         if state is None:
             clear_checkpoints(out_dir)  # an earlier run's checkpoints must never be resumed into this one
         elif self.console:

@@ -6,5 +6,5 @@ set -euo pipefail
 
 NPROC_PER_NODE=${NPROC_PER_NODE:-gpu}
 
-exec torchrun --max-restarts="${MAX_RESTARTS:-0}" --standalone --nnodes=1 --nproc_per_node="$NPROC_PER_NODE" \
+exec torchrun --max-restarts="${MAX_RESTARTS:-0}" --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --standalone --nnodes=1 --nproc_per_node="$NPROC_PER_NODE" \
     -m disttrain train "$@" --set train.device=cuda

@@ -19,8 +19,10 @@ import json
 import os
 import shutil
 import signal
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,16 +105,22 @@ def test_single_node_cpu_script_trains_equivalent_to_one_process(single_node_run
 
 
 _SRUN = """#!/usr/bin/env bash
-# Stand-in for srun on one host: one copy of the command per node of the job, all at once.
+# Stand-in for srun on one host: one copy of the command per node of the job, all at once; like srun, it passes
+# the signals it gets on to its tasks.
 while [[ "$1" == -* ]]; do shift; done
 pids=()
 for _ in $(seq "$SLURM_NNODES"); do "$@" & pids+=($!); done
+for sig in USR1 TERM INT; do trap "kill -$sig ${pids[*]} 2>/dev/null" "$sig"; done
 rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+for pid in "${pids[@]}"; do
+    while true; do wait "$pid" && break || rc=$?; kill -0 "$pid" 2>/dev/null || break; done
+done
 exit "$rc"
 """
 _SCONTROL = """#!/usr/bin/env bash
-# Stand-in for `scontrol show hostnames NODELIST`: one host name per line.
+# Stand-in for `scontrol show hostnames NODELIST` (one host name per line) and `scontrol requeue JOB` (noted in
+# $SCONTROL_LOG).
+if [[ "$1" == requeue ]]; then echo "requeue $2" >> "$SCONTROL_LOG"; exit 0; fi
 tr ',' '\\n' <<<"$3"
 """
 
@@ -135,6 +143,47 @@ def test_slurm_script_runs_two_agents_through_c10d_rendezvous(single_node_run, t
     report = _verify(run_dir, tmp_path / "verify")
     assert report["world_size"] == 2, out[-2000:]
     _assert_same_params(run_dir, single_node_run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_preemption_stops_requeues_and_resumes(tmp_path):
+    """SIGUSR1 to the batch script (Slurm's --signal=B:USR1 warning) -> srun -> torchrun agents -> workers: they
+    stop at a step they agree on with a checkpoint there, the script requeues the job, and the requeued job
+    (SLURM_RESTART_COUNT=1) resumes from that checkpoint by itself."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in (("srun", _SRUN), ("scontrol", _SCONTROL)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    run_dir, requeued = tmp_path / "run", tmp_path / "scontrol.log"
+    env = _env(SLURM_NNODES="2", SLURM_JOB_NODELIST="localhost,localhost", SLURM_JOB_ID="4343",
+               SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(free_port()), NPROC_PER_NODE="1",
+               SCONTROL_LOG=str(requeued))
+    env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
+    args = ["bash", str(LAUNCH / "slurm.sbatch"), str(CONFIG), "--set", "train.device=cpu",
+            "--set", f"train.out_dir={run_dir}", "--set", "train.log_every=1000"]
+    proc = subprocess.Popen([*args, "--set", "train.steps=5000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)  # the batch shell only, as --signal=B:USR1 does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert requeued.read_text() == "requeue 4343\n", out[-3000:]
+    stop = re.search(r"stopped by SIGUSR1 at step (\d+): checkpoint (\S+); continue with --resume", out)
+    assert stop and Path(stop.group(2)).is_file(), out[-3000:]
+    step = int(stop.group(1))
+    env["SLURM_RESTART_COUNT"] = "1"
+    out = _check(_run([*args, "--set", f"train.steps={step + 5}"], env=env, cwd=tmp_path), "requeued slurm.sbatch")
+    assert f"resuming from step {step}" in out
+    assert torch.load(run_dir / "final.pt", weights_only=True)["step"] == step + 5
 
 
 def test_launch_scripts_pass_shellcheck():

@@ -1,0 +1,250 @@
+"""Stopping on a signal at a step every rank agrees on, and storage failures: one line, the right exit code,
+the newest complete checkpoint intact, and a resume equal to the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from disttrain.cli import main
+from disttrain.config import config_from_dict, load_config
+from disttrain.dist import distributed
+from disttrain.stop import GracefulStop, train_or_stop
+from disttrain.train import Hook, run
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+LINE = re.compile(r"^stopped by (SIG\w+) at step (\d+): checkpoint (\S+); continue with --resume$", re.M)
+
+
+def _cfg(out_dir: Path, *extra: str):
+    return load_config(DEMO, ["train.device=cpu", f"train.out_dir={out_dir}", "train.log_every=1000",
+                              "train.checkpoint_every=0", *extra])
+
+
+def _states_equal(a: Path, b: Path) -> bool:
+    sa = torch.load(a / "final.pt", weights_only=True)["model"]
+    sb = torch.load(b / "final.pt", weights_only=True)["model"]
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --------------------------------------------------------------------------- a signal to some ranks only
+
+class SignalOneRank(Hook):
+    """Rank ``rank`` sends itself ``signum`` at the end of step ``step`` (a scheduler signalling one node)."""
+
+    def __init__(self, rank: int, step: int, signum: int):
+        self.rank, self.step, self.signum = rank, step, signum
+
+    def on_step_end(self, trainer, step, result) -> None:
+        if trainer.env.rank == self.rank and step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def stop_one_rank(cfg_dict: dict, rank: int, step: int) -> dict:
+    cfg = config_from_dict(cfg_dict)
+    stop = GracefulStop()
+    with distributed("cpu", cfg.comm.timeout_s) as env:
+        result = run(cfg, env, console=False, hooks=[SignalOneRank(rank, step, signal.SIGUSR1), stop])
+    return {"signum": stop.signum, "stopped_at": result.stopped_at, "handler": signal.getsignal(signal.SIGUSR1)}
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(pools, tmp_path):
+    """SIGUSR1 on rank 2 after step 4 (checkpoint_every=0): all three ranks stop after the same step, agreed
+    through the gradient reduction, and rank 0 writes a checkpoint there; the handlers are restored."""
+    cfg = _cfg(tmp_path, "train.steps=40", "train.global_batch_size=31")
+    out = pools(3).run(stop_one_rank, cfg.to_dict(), 2, 4)
+    assert {o["signum"] for o in out} == {signal.SIGUSR1}
+    (stopped_at,) = {o["stopped_at"] for o in out}
+    assert stopped_at in (5, 6)  # the step the signal came in (when before its reduction), else the next one
+    assert (tmp_path / "checkpoints" / f"step_{stopped_at:08d}.pt").is_file()
+    assert all(o["handler"] == signal.SIG_DFL for o in out)
+
+
+def test_second_signal_exits_at_once():
+    """A different signal after the first (or the same one after the repeat window) is not queued: the
+    process ends with that signal's own default action."""
+    code = ("import signal; from disttrain.stop import GracefulStop; s = GracefulStop()\n"
+            "s._handle(signal.SIGTERM, None); s._handle(signal.SIGTERM, None)  # a forwarded copy: ignored\n"
+            "s._handle(signal.SIGINT, None); print('not reached')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == -signal.SIGINT and "not reached" not in result.stdout
+
+
+# --------------------------------------------------------------------------- a signal to the launcher
+
+def _start(args: list[str], out_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "disttrain", "train", str(DEMO), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out_dir / "metrics.jsonl").is_file() or not (out_dir / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_to_the_launcher_checkpoints_and_resume_is_bitwise(pools, tmp_path):
+    """SIGTERM to `disttrain train --nproc 2`: one line naming the step and its checkpoint, exit 143, and the
+    resumed run (W=2, bitwise) equals the uninterrupted one."""
+    stopped = tmp_path / "stopped"
+    extra = ["--set", "train.steps=3000", "--set", "train.checkpoint_every=1000", "--set", "train.log_every=1000"]
+    proc = _start(["--nproc", "2", "--set", f"train.out_dir={stopped}", "--set", "train.device=cpu", *extra],
+                  stopped)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    (match,) = LINE.finditer(out)
+    name, step, path = match.group(1), int(match.group(2)), Path(match.group(3))
+    assert name == "SIGTERM" and path == stopped / "checkpoints" / f"step_{step:08d}.pt" and path.is_file()
+    assert "Traceback" not in err and "death signal" not in err  # the agent's records went to launcher.log
+    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(step))  # every step up to the stop is logged, none after
+
+    total = step + 6
+    cfg = _cfg(stopped, f"train.steps={total}", "train.checkpoint_every=1000")
+    pools(2).run(_resume, cfg.to_dict())
+    whole = _cfg(tmp_path / "whole", f"train.steps={total}")
+    pools(2).run(_resume, whole.to_dict(), False)
+    assert _states_equal(stopped, tmp_path / "whole")
+
+
+def _resume(cfg_dict: dict, resume: bool = True) -> None:
+    cfg = config_from_dict(cfg_dict)
+    with distributed("cpu", cfg.comm.timeout_s) as env:
+        run(cfg, env, console=False, resume=resume)
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_to_the_process_group_stops_once_with_exit_130(tmp_path):
+    """Ctrl-C reaches the launcher and every worker; the agent forwards it again: still one graceful stop."""
+    out_dir = tmp_path / "run"
+    proc = _start(["--nproc", "2", "--set", f"train.out_dir={out_dir}", "--set", "train.device=cpu",
+                   "--set", "train.steps=3000", "--set", "train.log_every=1000"], out_dir)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    (match,) = LINE.finditer(out)
+    assert match.group(1) == "SIGINT" and Path(match.group(3)).is_file()
+
+
+def test_single_process_stop_returns_the_signal(tmp_path, capsys):
+    """Without a launcher: the run itself gets the signal; the same line, and 128 + the signal number."""
+    class Signal(Hook):
+        def on_step_end(self, trainer, step, result):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = _cfg(tmp_path, "train.steps=50")
+    with distributed("cpu") as env:
+        import disttrain.stop as stop_module
+
+        original = stop_module.run
+        stop_module.run = lambda *a, hooks, **k: original(*a, hooks=[Signal(), *hooks], **k)
+        try:
+            assert train_or_stop(cfg, env) == signal.SIGTERM
+        finally:
+            stop_module.run = original
+    (match,) = LINE.finditer(capsys.readouterr().out)
+    assert match.group(2) == "4" and Path(match.group(3)).is_file()  # signalled after step 2 was reduced
+
+
+# --------------------------------------------------------------------------- storage failures
+
+def _storage_error(capsys, tmp_path, out_dir: Path, *extra: str) -> str:
+    argv = ["train", str(DEMO), "--set", "train.device=cpu", "--set", f"train.out_dir={out_dir}",
+            "--set", "train.log_every=1000", *[a for o in extra for a in ("--set", o)]]
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _newest_loads(err: str) -> None:
+    newest = Path(re.search(r"newest complete checkpoint: (\S+)$", err).group(1))
+    assert torch.load(newest, weights_only=True)["step"] > 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 600 KiB filesystem (tmpfs; needs root, as CI has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_is_one_line_naming_the_file_and_the_newest_checkpoint(capsys, tmp_path, small_disk):
+    err = _storage_error(capsys, tmp_path, small_disk / "run", "train.checkpoint_every=2", "train.keep_checkpoints=0",
+                         "train.steps=60")
+    assert re.search(r"cannot write \S+/checkpoints/step_\d{8}\.pt: No space left on device \(errno 28\)", err), err
+    _newest_loads(err)
+
+
+class AfterStep(Hook):
+    def __init__(self, step: int, action):
+        self.step, self.action = step, action
+
+    def on_step_end(self, trainer, step, result) -> None:
+        if step == self.step:
+            self.action()
+
+
+def _with_hook(monkeypatch, hook: Hook) -> None:
+    import disttrain.stop as stop_module
+
+    original = stop_module.run
+    monkeypatch.setattr(stop_module, "run", lambda *a, hooks, **k: original(*a, hooks=[hook, *hooks], **k))
+
+
+def test_read_only_run_directory(capsys, tmp_path, small_disk, monkeypatch):
+    remount = ["mount", "-o", "remount,ro", str(small_disk)]
+    _with_hook(monkeypatch, AfterStep(4, lambda: subprocess.run(remount, check=True)))
+    err = _storage_error(capsys, tmp_path, small_disk / "run", "train.checkpoint_every=2", "train.steps=20")
+    assert re.search(r"cannot write \S+: Read-only file system \(errno 30\)", err), err
+    _newest_loads(err)
+
+
+def test_vanished_run_directory(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    out_dir = tmp_path / "run"
+    _with_hook(monkeypatch, AfterStep(4, lambda: shutil.rmtree(out_dir)))
+    err = _storage_error(capsys, tmp_path, out_dir, "train.checkpoint_every=2", "train.steps=20")
+    assert re.search(r"cannot write \S+: No such file or directory \(errno 2\); no checkpoint was written", err), err
+    assert not out_dir.exists()  # never recreated behind the user's back
+
+
+def test_tensorboard_curves_continue_without_duplicates_after_a_resume(tmp_path):
+    """Stopped at step 8 with checkpoints at 5 and 8; the one at 8 lost: the resumed run restarts at 5 and the
+    event files still hold each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, "train.steps=10", "train.checkpoint_every=5", "train.keep_checkpoints=0")
+    with distributed("cpu") as env:
+        run(cfg, env, console=False, stop_at=8)
+        (tmp_path / "checkpoints" / "step_00000008.pt").unlink()
+        assert run(cfg, env, console=False, resume=True).start_step == 5
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {f"train/{k}" for k in ("loss", "lr", "grad_norm", "step_ms",
+                                                                   "samples_per_s")}
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(steps) == list(range(10)), steps
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.step)] == pytest.approx(
+        [m["loss"] for m in metrics])
