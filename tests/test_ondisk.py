@@ -242,3 +242,6 @@ def test_unreadable_images_stop_every_rank_with_the_file_named(tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(bad) in err, err
         assert ("cannot decode" if kind == "corrupt" else "is 5x4 but") in err
+        # torch's agent logged the failure with its traceback in the run directory, not on the console
+        log = tmp_path / f"{kind}_out" / "launcher.log"
+        assert f"(full log: {log})" in err and "Traceback" in log.read_text()
