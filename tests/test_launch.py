@@ -6,7 +6,8 @@
   host, so the sbatch script and launch/multi_node.sh go through a real 2-agent c10d rendezvous;
 - multi-node over a network: two agents, each in its own network namespace with its own address on a veth
   pair, run launch/multi_node.sh; their final parameters equal the single-node run's and the reference's;
-- docker/docker-compose.yml validates against the Compose specification and with `docker compose config`.
+- docker/docker-compose.yml (and its elastic override) validates against the Compose specification and with
+  `docker compose config`.
 
 Nothing here talks to an address outside what the test made: loopback, or the two namespaces' veth pair
 (no route out of them).
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 CONFIG = ROOT / "configs" / "demo.yaml"
 COMPOSE_FILE = ROOT / "docker" / "docker-compose.yml"
+ELASTIC_FILE = ROOT / "docker" / "docker-compose.elastic.yml"  # an override: a node may be lost mid-run
 SHELL_SCRIPTS = [*sorted(LAUNCH.glob("*.sh")), LAUNCH / "slurm.sbatch",
                  ROOT / "docker" / "wheelhouse.sh", ROOT / ".ci" / "docker-setup.sh"]
 BIN = Path(sys.executable).parent  # torchrun and disttrain of this interpreter's environment
@@ -307,7 +309,7 @@ def _compose_binary() -> Path:
 
 def test_compose_file_matches_compose_spec_schema():
     result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-                             str(COMPOSE_FILE)], capture_output=True, text=True, timeout=120)
+                             str(COMPOSE_FILE), str(ELASTIC_FILE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -335,3 +337,33 @@ def test_compose_config_is_valid_and_scales_with_one_variable(tmp_path):
     verdict = project["services"]["verdict"]
     assert verdict["depends_on"]["node"]["condition"] == "service_completed_successfully"
     assert verdict["command"][:2] == ["disttrain", "verify"] and "--against" in verdict["command"]
+
+
+def _sets(command: list[str]) -> dict[str, str]:
+    """The ``--set key=value`` overrides of a command line."""
+    return dict(command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "--set")
+
+
+def test_elastic_compose_override_lets_a_node_leave(tmp_path):
+    """docker-compose.elastic.yml: the rendezvous settings of an elastic run (README "Fault tolerance"), and the
+    verdict checks the run the nodes train (tests/test_docker.py kills a node of it for real)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NPROC_PER_NODE")}
+    env["DOCKER_CONFIG"] = str(tmp_path)
+    result = subprocess.run([str(_compose_binary()), "-f", str(COMPOSE_FILE), "-f", str(ELASTIC_FILE), "config",
+                             "--format", "json"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    project = json.loads(result.stdout)
+    node, verdict = project["services"]["node"], project["services"]["verdict"]
+    node_env = node["environment"]
+    assert node_env["NNODES"] == f"1:{node['deploy']['replicas']}"
+    assert int(node_env["MAX_RESTARTS"]) >= 1
+    assert node_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    rdzv = dict(kv.split("=") for kv in node_env["RDZV_CONF"].split(","))
+    assert "is_host" not in rdzv, "node-1 finds out by itself that it serves the rendezvous"
+    assert int(rdzv["keep_alive_interval"]) * int(rdzv["keep_alive_max_attempt"]) <= 5
+    assert float(rdzv["last_call_timeout"]) <= 5
+    node_sets, verdict_sets = _sets(node["command"]), _sets(verdict["command"])
+    assert node_sets["train.steps"] == verdict_sets["train.steps"]
+    assert 0 < int(node_sets["train.checkpoint_every"]) <= int(node_sets["train.steps"]) // 20
+    assert verdict["command"][verdict["command"].index("--against") + 1] == node_sets["train.out_dir"]
+    assert all(net.get("internal") is True for net in project["networks"].values())
