@@ -31,15 +31,20 @@ def resume_state(cfg: Config, env: DistEnv, resume: bool | str | Path, allow: fr
     failed before its first checkpoint starts over). Rank 0's answer holds the whole checkpoint; the others'
     lacks the model and optimizer tensors. ``allow``: see :func:`check_resumable`.
     """
-    restarted = restart_count() > 0
-    if not (resume or restarted):
-        return None
+    # Rank 0 alone decides, and every rank of a group takes part in the broadcast of its decision: ranks can see
+    # different restart counts (a node that joins a restarted group starts at 0), and a rank that skipped the
+    # broadcast on its own would leave the others waiting in it.
     state, error = None, None
     if env.is_main:
+        restarted = restart_count() > 0
         try:
-            state = _read(cfg, resume, restarted, allow)
+            state = _read(cfg, resume, restarted, allow) if resume or restarted else None
         except ConfigError as exc:
             error = str(exc)
+    if not env.is_distributed:
+        if error:
+            raise ConfigError(error)
+        return state
     decision = None if state is None else {k: v for k, v in state.items() if k not in TENSOR_KEYS}
     decision, error = broadcast_from_main((decision, error), env)
     if error:

@@ -369,3 +369,25 @@ def test_torchrun_elastic_membership_survivor_finishes_alone(tmp_path):
     reference = train_segment(load_config(demo, [*overrides, f"train.out_dir={tmp_path / 'ref'}",
                                                  "train.device=cpu"]).to_dict(), False, None)
     assert max_rel_diff(final["model"], reference) <= 1e-10
+
+
+def _decide_with_restart_count(cfg_dict: dict, count_on_rank_1: str) -> object:
+    import os
+
+    from disttrain.resume import resume_state
+
+    cfg = config_from_dict(cfg_dict)
+    with distributed("cpu", 20.0) as env:
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = count_on_rank_1 if env.rank == 1 else "0"
+        try:
+            state = resume_state(cfg, env, resume=False)
+        finally:
+            del os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return None if state is None else state["step"]
+
+
+def test_ranks_with_different_restart_counts_take_rank_0s_decision(pools, tmp_path):
+    """A node that joins a restarted group sees restart count 0 where the others see 1: rank 0 decides for all,
+    and no rank waits in a broadcast the others skipped."""
+    cfg = load_config(None, ["train.device=cpu", f"train.out_dir={tmp_path}"])
+    assert pools(2).run(_decide_with_restart_count, cfg.to_dict(), "1") == [None, None]
