@@ -71,13 +71,17 @@ def plot_runs(run_dirs: Sequence[Path], out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "disttrain plot") -> int:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[-1])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="run directories (train.out_dir) holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=Path("plot.png"), metavar="FILE.png",
                         help="where to write the PNG (default: plot.png)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "disttrain plot") -> int:
+    args = _parser(prog).parse_args(argv)
 
     def command() -> int:
         if args.out.suffix.lower() != ".png":

@@ -58,11 +58,15 @@ def _errors(overrides: list[str], out: Path, steps: int, k: int, reference_dtype
     return [max(s.param_rel_diff, s.loss_rel_diff) for s in check_segments(cfg, out, segments, reference_dtype)]
 
 
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(prog="python -m tests.measure_stepwise", description=__doc__.splitlines()[0])
+    result.add_argument("--steps", type=int, default=200)
+    result.add_argument("--out", type=Path, default=Path("runs/stepwise-measure"))
+    return result
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=Path("runs/stepwise-measure"))
-    args = parser.parse_args()
+    args = parser().parse_args()
     torch.set_num_threads(1)
     pools: dict[int, WorkerPool] = {}
     correct: dict[tuple[str, str, int], list[float]] = {}  # (run dtype, reference dtype, k) -> errors
