@@ -100,9 +100,10 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
     preflight(cfg, build_parts=nproc is not None)
 
 
-def _preflight_train(cfg: Config, args: argparse.Namespace) -> None:
-    """Resume and restart options that would otherwise fail inside every worker."""
-    from .checkpoint import checkpoint_dir, newest_readable
+def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
+    """Resume and restart options that would otherwise fail inside every worker. True: ``--resume`` of a run
+    that is already complete (its newest checkpoint is at train.steps), so there is nothing to train."""
+    from .checkpoint import checkpoint_dir, checkpoint_path, newest_readable
     from .dist import launched_by_torchrun
     from .resume import check_resumable
 
@@ -121,6 +122,12 @@ def _preflight_train(cfg: Config, args: argparse.Namespace) -> None:
         if state is None:
             raise ConfigError(f"--resume: no readable checkpoint in {checkpoint_dir(cfg.train.out_dir)}")
         check_resumable(cfg, state)
+        if state["step"] == cfg.train.steps:
+            print(f"run already complete: {checkpoint_path(cfg.train.out_dir, state['step'])} is step "
+                  f"{state['step']} of train.steps={cfg.train.steps}; nothing to train (raise train.steps to "
+                  "continue it)", flush=True)
+            return True
+    return False
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
@@ -132,10 +139,25 @@ def _train(cfg: Config, args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc > 1:
         signum = launch_training(cfg, args.nproc, resume=args.resume, stop_at=args.stop_at,
                                  max_restarts=args.max_restarts)
+        if signum is None:
+            _report_stop(cfg, args.stop_at)
     else:
         with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
             signum = train_or_stop(cfg, env, resume=args.resume, stop_at=args.stop_at)
+            if signum is None and env.is_main:  # under torchrun every rank runs this; rank 0 wrote the checkpoint
+                _report_stop(cfg, args.stop_at)
     return EXIT_OK if signum is None else 128 + signum
+
+
+def _report_stop(cfg: Config, stop_at: int | None) -> None:
+    """After ``--stop-at S`` (S < train.steps): one line with the step and the checkpoint it left to resume."""
+    from .checkpoint import list_checkpoints
+
+    if stop_at is None or stop_at >= cfg.train.steps:
+        return  # the run went to the end: final.pt is the result
+    # The newest checkpoint is the one the run stopped at (train.Trainer writes it at the stop step).
+    step, path = list_checkpoints(cfg.train.out_dir)[-1]
+    print(f"stopped at step {step} of {cfg.train.steps}: checkpoint {path}; continue with --resume", flush=True)
 
 
 def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool) -> int:
@@ -205,6 +227,7 @@ def _command(args: argparse.Namespace) -> int:
             args.nproc = 2
     _preflight(args.nproc, cfg)
     if args.command == "train":
-        _preflight_train(cfg, args)
+        if _preflight_train(cfg, args):
+            return EXIT_OK  # --resume of a complete run: said so, nothing to train
         return _train(cfg, args)
     return _verify(cfg, args.nproc, args.against, args.json)

@@ -24,6 +24,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from .agentlog import restart_lines
 from .config import Config, config_from_dict
 from .errors import RunFailure
 
@@ -80,7 +81,8 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
                           monitor_interval=0.1, start_method="spawn", signals_to_handle=AGENT_SIGNALS)
     log = Path(log_dir) / LAUNCHER_LOG if log_dir is not None else None
     try:
-        with one_thread_per_worker(nproc), agent_log(log):
+        # torch's records go to launcher.log; a failure the agent answers with a restart also gets a console line
+        with one_thread_per_worker(nproc), agent_log(log), restart_lines():
             results = elastic_launch(launch, _run_tasks)(tasks, device, timeout_s)
     except ChildFailedError as exc:
         raise WorkerFailure(_describe(exc, log)) from None

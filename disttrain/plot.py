@@ -59,10 +59,11 @@ def plot_runs(run_dirs: Sequence[Path], out: Path) -> Path:
         loss_ax.plot(steps, finite([r.get("loss") for r in records]), label=label)
         lr_ax.plot(steps, finite([r.get("lr") for r in records]), label=label)
         norm_ax.plot(steps, finite([r.get("grad_norm") for r in records]), label=label)
-    for ax, title in ((loss_ax, "loss (global mean)"), (lr_ax, "learning rate"),
-                      (norm_ax, "gradient norm (before clipping)")):
+    for ax, title, ylabel in ((loss_ax, "loss (global mean)", "loss"), (lr_ax, "learning rate", "lr"),
+                              (norm_ax, "gradient norm (before clipping)", "gradient norm")):
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     for ax in (loss_ax, norm_ax):
         if all(v > 0 for line in ax.get_lines() for v in line.get_ydata() if not math.isnan(v)):
@@ -71,13 +72,17 @@ def plot_runs(run_dirs: Sequence[Path], out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "disttrain plot") -> int:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[-1])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="run directories (train.out_dir) holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=Path("plot.png"), metavar="FILE.png",
                         help="where to write the PNG (default: plot.png)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "disttrain plot") -> int:
+    args = _parser(prog).parse_args(argv)
 
     def command() -> int:
         if args.out.suffix.lower() != ".png":

@@ -162,6 +162,9 @@ class Trainer:
             checkpoint_dir(out_dir).mkdir(exist_ok=True)  # later writes never recreate a vanished run directory
         if state is None:
             clear_checkpoints(out_dir)  # an earlier run's checkpoints must never be resumed into this one
+        elif self.console and start == self.cfg.train.steps:  # under torchrun; cli says so before launching
+            print(f"run already complete: the checkpoint is step {start} of train.steps={start}; nothing to train",
+                  flush=True)
         elif self.console:
             print(f"resuming from step {start} (checkpoint written by {state['world_size']} processes, now "
                   f"{self.env.world_size})", flush=True)

@@ -1,18 +1,24 @@
 """Measure the per-segment errors behind disttrain.stepwise's tolerances (a script that prints numbers).
 
-    python -m tests.measure_stepwise [--steps 200] [--out runs/stepwise-measure]
+    python -m tests.measure_stepwise [--quick] [--steps 200] [--out runs/stepwise-measure]
 
 Correct runs (W = 2, 3, 4; float32 and float64; an MLP at the edge of stability and a SyncBN CNN) and broken ones
 (comm.reduce=sum, per-rank BatchNorm, clipping before averaging, a rank that drops one step's all_reduce) are
 trained once each with a checkpoint after every step, and their segments of k = 1, 10, 50, 100 steps are retrained by
 one process in the run's dtype and in float64. Prints the distribution of correct errors, the smallest error a
-broken run shows where it first goes wrong, and the margins to the tolerance formula.
+broken run shows where it first goes wrong, and the margins to the tolerance formula. ``--quick`` measures
+fewer runs (W=2, two models, 50 steps, k up to 50): the same table, from less data.
+
+Interrupted (Ctrl-C, SIGTERM), it closes its worker pools before it exits, so that no process or semaphore
+of theirs outlives it.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +46,9 @@ BROKEN = {
     "dropped all_reduce": (["comm.impl=allreduce"], (0, 23)),
 }
 KS = (1, 10, 50, 100)
+# What is measured: steps per run, world sizes of correct and of broken runs, models, segment lengths k.
+FULL = {"steps": 200, "world_sizes": (2, 3, 4), "broken_world_sizes": (2, 4), "models": tuple(MODELS), "ks": KS}
+QUICK = {"steps": 50, "world_sizes": (2,), "broken_world_sizes": (2,), "models": ("mlp", "syncbn"), "ks": (1, 10, 50)}
 
 
 def _train(pools: dict[int, WorkerPool], world_size: int, overrides: list[str], out: Path, steps: int,
@@ -58,11 +67,24 @@ def _errors(overrides: list[str], out: Path, steps: int, k: int, reference_dtype
     return [max(s.param_rel_diff, s.loss_rel_diff) for s in check_segments(cfg, out, segments, reference_dtype)]
 
 
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(prog="python -m tests.measure_stepwise", description=__doc__.splitlines()[0])
+    result.add_argument("--quick", action="store_true", help="fewer runs: W=2, two models, 50 steps, k <= 50")
+    result.add_argument("--steps", type=int, default=None, help="steps per run (default 200, --quick 50)")
+    result.add_argument("--out", type=Path, default=Path("runs/stepwise-measure"))
+    return result
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=Path("runs/stepwise-measure"))
-    args = parser.parse_args()
+    args = parser().parse_args()
+    plan = dict(QUICK if args.quick else FULL)
+    if args.steps is not None:
+        plan["steps"] = args.steps
+    steps = plan["steps"]
+    plan["ks"] = tuple(k for k in plan["ks"] if k <= steps)  # a segment longer than the run has no data
+    # SIGTERM (a timeout, a closed session) ends the script like Ctrl-C: through the finally below, which
+    # closes the pools; killed without it, their queues' named semaphores would be left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     torch.set_num_threads(1)
     pools: dict[int, WorkerPool] = {}
     correct: dict[tuple[str, str, int], list[float]] = {}  # (run dtype, reference dtype, k) -> errors
@@ -71,24 +93,26 @@ def main() -> None:
     try:
         for dtype in ("float64", "float32"):
             refs = (dtype,) if dtype == "float64" else ("float32", "float64")
-            for model, overrides in MODELS.items():
-                base = [*overrides, f"train.dtype={dtype}"]
-                for world_size in (2, 3, 4):
-                    out = _train(pools, world_size, base, args.out / f"{dtype}-{model}-w{world_size}", args.steps)
+            for model in plan["models"]:
+                base = [*MODELS[model], f"train.dtype={dtype}"]
+                for world_size in plan["world_sizes"]:
+                    out = _train(pools, world_size, base, args.out / f"{dtype}-{model}-w{world_size}", steps)
                     for ref in refs:
-                        for k in KS:
-                            errs = _errors(base, out, args.steps, k, ref)
+                        for k in plan["ks"]:
+                            errs = _errors(base, out, steps, k, ref)
                             correct.setdefault((dtype, ref, k), []).extend(errs)
                             print(f"correct {dtype}/{ref} {model} W={world_size} k={k}: max {max(errs):.2e} "
                                   f"median {statistics.median(errs):.2e}", flush=True)
                 for name, (extra, skip) in BROKEN.items():
-                    for world_size in (2, 4):
+                    if skip is not None and skip[1] >= steps:
+                        continue  # the run ends before the step whose all_reduce would be dropped
+                    for world_size in plan["broken_world_sizes"]:
                         cfg = [*base, *extra]
                         tag = f"{dtype}-{model}-w{world_size}-{name.replace(' ', '_').replace('=', '-')}"
-                        out = _train(pools, world_size, cfg, args.out / tag, args.steps, skip)
+                        out = _train(pools, world_size, cfg, args.out / tag, steps, skip)
                         for ref in refs:
-                            for k in KS:
-                                errs = _errors(cfg, out, args.steps, k, ref)
+                            for k in plan["ks"]:
+                                errs = _errors(cfg, out, steps, k, ref)
                                 # Where the mistake first acts: step 0, or the step whose all_reduce was dropped.
                                 first = errs[0] if skip is None else errs[skip[1] // k]
                                 broken.setdefault((dtype, ref, k), []).append(
@@ -112,4 +136,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the pools are closed (main's finally): one line, no traceback
+        print("measure_stepwise: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -104,6 +104,7 @@ def test_worker_failure_is_one_line_exit_1(tmp_path):
     assert launched.returncode == 1
     assert launched.stderr.strip().splitlines()[-1].startswith("disttrain: error: worker failed: rank ")
     assert "NonFiniteGradient: step " in launched.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in launched.stderr, launched.stderr  # torch's agent log stays off the console
     alone = disttrain("train", str(DEMO), *args)
     assert alone.returncode == 1
     assert alone.stderr.strip().startswith("disttrain: error: step ") and "Traceback" not in alone.stderr

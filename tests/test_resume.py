@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -210,6 +211,23 @@ def test_resume_errors_are_one_line_exit_2(capsys, tmp_path):
         assert code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
 
 
+def test_stop_at_and_resume_of_a_complete_run_say_so_in_one_line(capsys, tmp_path):
+    cfg = _cfg(RESIZE, tmp_path, "train.steps=4", "train.checkpoint_every=3", "train.log_every=100")
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg))
+    config = str(tmp_path / "run.yaml")
+    assert cli_main(["train", config, "--stop-at", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    # The stop step is checkpointed although it is not a multiple of checkpoint_every.
+    assert out[-1] == f"stopped at step 2 of 4: checkpoint {checkpoint_path(tmp_path, 2)}; continue with --resume"
+    assert cli_main(["train", config, "--resume"]) == 0
+    assert "stopped at" not in capsys.readouterr().out
+    records = (tmp_path / "metrics.jsonl").read_text()
+    assert cli_main(["train", config, "--resume"]) == 0  # nothing left to train: said, not trained
+    assert capsys.readouterr().out.strip() == (f"run already complete: {checkpoint_path(tmp_path, 4)} is step 4 of "
+                                               "train.steps=4; nothing to train (raise train.steps to continue it)")
+    assert (tmp_path / "metrics.jsonl").read_text() == records
+
+
 def test_non_utf8_config_and_truncated_final_pt_are_one_line_exit_2(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"seed: 0\ntrain: {steps: \xff\xfe}\n")
@@ -290,6 +308,9 @@ def test_kill_9_then_max_restarts_and_resume_are_bitwise(pools, tmp_path):
     out, err = proc.communicate(timeout=150)
     assert proc.returncode == 0, err
     assert "resuming from step" in out  # it really was interrupted and restarted
+    # One line for the failed worker instead of torch's log records and their traceback.
+    assert re.fullmatch(r"disttrain: rank [01] was killed by signal SIGKILL; restarting the worker group "
+                        r"\(restart 1 of 1\)", err.strip()), err
     # W=1: killed, then `disttrain train --resume`.
     resumed = tmp_path / "resumed"
     proc = subprocess.Popen(_disttrain("train", demo, *_sets([*LONG, f"train.out_dir={resumed}"])), cwd=ROOT,

@@ -42,6 +42,15 @@ def listing(prog: str) -> str:
     return "\n".join(lines)
 
 
+def parser(name: str, prog: str = "disttrain bench") -> argparse.ArgumentParser:
+    """The command-line parser of benchmark ``name`` (one of BENCHMARKS)."""
+    module = importlib.import_module(f"{__name__}.{name}")
+    result = _Parser(prog=f"{prog} {name}", description=module.__doc__.split("\n")[0])
+    module.add_arguments(result)
+    result.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    return result
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "disttrain bench", run_world=None) -> int:
     """Run one benchmark from the command line. ``run_world``: how to run on W ranks (default: spawn them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -53,10 +62,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "disttrain bench", run_w
         print(f"disttrain: error: unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})", file=sys.stderr)
         return 2
     module = importlib.import_module(f"{__name__}.{name}")
-    parser = _Parser(prog=f"{prog} {name}", description=module.__doc__.split("\n")[0])
-    module.add_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
-    args = parser.parse_args(argv[1:])
+    args = parser(name, prog).parse_args(argv[1:])
 
     from .common import spawn_world
 

@@ -91,5 +91,5 @@ def _plot(out: Path, dirs: dict[str, Path], one: Path, w: int) -> str:
     norm_ax.plot(range(1, len(losses(one)) + 1), metric(one, "grad_norm"), **ONE_DEVICE)
     loss_axes(ax, "loss per step")
     norm_ax.axhline(MAX_NORM, color="black", linestyle=":", linewidth=1, label=f"max_norm {MAX_NORM:g}")
-    axes(norm_ax, "global gradient norm before clipping", log=True)
+    axes(norm_ax, "global gradient norm before clipping", ylabel="gradient norm", log=True)
     return save(fig, out, "clip.png")

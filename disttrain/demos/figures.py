@@ -43,7 +43,7 @@ def save(fig: Any, out: Path, name: str) -> str:
 
 
 def deviation_bars(ax: Any, labels: Sequence[str], values: Sequence[float], colors: Sequence[str],
-                   title: str) -> None:
+                   title: str, xlabel: str) -> None:
     """Relative deviations on a log axis, each bar labelled, with the 'equal' and 'different' thresholds."""
     top = max([v for v in values if math.isfinite(v)] + [1.0]) * 30
     shown = [min(max(v, FLOOR), top) if math.isfinite(v) else top for v in values]
@@ -57,5 +57,7 @@ def deviation_bars(ax: Any, labels: Sequence[str], values: Sequence[float], colo
     ax.set_ylim(FLOOR / 3, top * 10)
     ax.set_xticks(range(len(values)), labels)
     ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("max relative difference")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small", loc="upper left")

@@ -172,6 +172,8 @@ def _plot(out: Path, points: torch.Tensor, bounds: list[int], single: torch.Tens
     cluster_ax.set_title("clusters (single machine) and the centroids of each merge")
     cluster_ax.legend(fontsize="small", loc="best")
     for ax in (shard_ax, cluster_ax):
+        ax.set_xlabel("x (first coordinate)")
+        ax.set_ylabel("y (second coordinate)")
         ax.set_aspect("equal", adjustable="datalim")
         ax.grid(alpha=0.3)
     return save(fig, out, "kmeans.png")

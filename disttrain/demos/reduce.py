@@ -100,5 +100,5 @@ def _plot(out: Path, dist: dict[str, Path], one: Path, dev: dict[str, float], de
     labels = [*MODES, f"avg\n(B={even})"]
     values = [*(dev[m] for m in MODES), dev_even]
     deviation_bars(bars, labels, values, [COLORS[m] for m in MODES] + [COLORS["avg"]],
-                   "largest deviation from one device")
+                   "largest deviation from one device", f"comm.reduce (B={uneven} unless noted)")
     return save(fig, out, "reduce.png")

@@ -143,5 +143,6 @@ def _plot(out: Path, fixed: dict, per_rank: dict, ev: dict, sizes: list[int], st
     for i, k in enumerate(keys):
         bar_ax.annotate(f"{ev[k]:.3g}", (i, ev[k]), ha="center", va="bottom", fontsize="small")
     bar_ax.set_xticks(range(len(keys)), labels)
-    axes(bar_ax, f"full-data loss after {PER_RANK * top * steps} samples", xlabel=None, log=True, legend=False)
+    axes(bar_ax, f"full-data loss after {PER_RANK * top * steps} samples", xlabel="run", ylabel="loss", log=True,
+         legend=False)
     return save(fig, out, "scaling.png")

@@ -255,7 +255,11 @@ def _plot_exchange(out: Path, coll: dict, errors: dict, w: int) -> str:
         err_ax.annotate(sci(errors[n]), (i, max(errors[n], 1e-17)), ha="center", va="bottom", fontsize="small")
     err_ax.set_yscale("log")
     err_ax.set_title(f"variance error, data mean {MEAN:g}, std {STD:g} (float32)")
-    for ax in (count_ax, time_ax, err_ax):
+    for ax, xlabel, ylabel in ((count_ax, "SyncBatchNorm scheme", "collectives"),
+                               (time_ax, "SyncBatchNorm scheme", "ms per layer call"),
+                               (err_ax, "variance computed by", "relative error")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
         ax.tick_params(axis="x", labelsize="small")
     return save(fig, out, "syncbn_exchange.png")

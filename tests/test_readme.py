@@ -1,0 +1,249 @@
+"""The README's commands against the real argument parsers: every command parses as typed, nothing is run.
+
+Every ``disttrain ...``, ``torchrun ... -m disttrain ...``, ``.venv/bin/...``, ``python -m ...`` and
+``launch/*.sh`` command in the README's code blocks, and every inline code span that is a full command, is
+checked: the subcommand (benchmark, demo) exists, every option is spelled exactly as its parser defines it
+(argparse would accept an abbreviation), the arguments parse, the config file exists, and its ``--set``
+overrides name existing keys with valid values (disttrain.config.load_config). A synopsis (``CONFIG``,
+``[--nproc N]``, ``...``) and an inline command without its config file have their options checked only.
+A made-up option, key, value, file or subcommand makes the test fail (test_drift_is_caught).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from disttrain import bench, cli, demos, plot
+from disttrain.config import check_world_size, load_config
+from disttrain.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+ENV = re.compile(r"^[A-Z_][A-Z0-9_]*=")  # FOO=bar before a command
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|[\[\]|]|\.\.\.")  # CONFIG, N, [--set ...], NAME|all
+
+
+def commands(text: str) -> list[tuple[int, str, bool]]:
+    """(line, command, from a code block) for each command-like line of fenced blocks and inline code."""
+    found, outside, fence = [], [], None
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith("```"):
+            fence = None if fence is not None else i
+            outside.append("")
+        elif fence is not None:
+            start = i + 1
+            while line.endswith("\\") and i + 1 < len(lines):  # a continued command is one command
+                i += 1
+                line = line[:-1].rstrip() + " " + lines[i].strip()
+                outside.append("")
+            found += [(start, part.strip(), True) for part in line.split("&&")]
+            outside.append("")
+        else:
+            outside.append(line)
+        i += 1
+    prose = "\n".join(outside)
+    for match in re.finditer(r"`([^`]+)`", prose):
+        found.append((prose.count("\n", 0, match.start()) + 1, " ".join(match.group(1).split()), False))
+    return found
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, with argparse's exit turned into an AssertionError that quotes its message."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(argv)
+    except SystemExit:
+        raise AssertionError(err.getvalue().strip().splitlines()[-1]) from None
+
+
+def _options(parser: argparse.ArgumentParser, tokens: list[str]) -> None:
+    """Every option among ``tokens`` is spelled exactly as ``parser`` defines it (argparse would accept an
+    abbreviation); a synopsis's brackets are not part of the name."""
+    for token in tokens:
+        option = token.strip("[]").split("=")[0]
+        if re.fullmatch(r"--[A-Za-z][\w-]*|-[A-Za-z]", option):
+            assert option in parser._option_string_actions, f"{parser.prog}: no option {option}"
+
+
+@functools.cache
+def _cli_parser() -> argparse.ArgumentParser:
+    return cli._parser()  # built once: parsing does not change a parser
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    choices = next(a for a in _cli_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert name in choices, f"disttrain: no command {name!r}"
+    return choices[name]
+
+
+def check_disttrain(argv: list[str], synopsis: bool) -> None:
+    assert argv, "disttrain without a command"
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        if not rest:
+            return  # lists the benchmarks
+        if PLACEHOLDER.search(rest[0]):  # `bench [NAME [options] [--json]]`: options of some benchmark
+            for option in re.findall(r"--[\w-]+", " ".join(rest)):
+                assert any(option in bench.parser(n)._option_string_actions for n in bench.BENCHMARKS), option
+            return
+        assert rest[0] in bench.BENCHMARKS, f"disttrain bench: no benchmark {rest[0]!r}"
+        parser = bench.parser(rest[0])
+        _options(parser, rest[1:])
+        if not synopsis:
+            args = _parse(parser, rest[1:])
+            if getattr(args, "overrides", None):
+                _load(None, args.overrides)
+        return
+    if command in ("demo", "plot"):
+        parser = demos._parser("disttrain demo") if command == "demo" else plot._parser("disttrain plot")
+        _options(parser, rest)
+        if not synopsis:
+            args = _parse(parser, rest)
+            if command == "demo":
+                assert args.name == "all" or args.name in demos.DEMOS, f"disttrain demo: no demo {args.name!r}"
+        return
+    parser = _subparser(command)
+    _options(parser, rest)
+    if synopsis:
+        return
+    args = _parse(_cli_parser(), argv)
+    if command == "data":
+        return
+    assert (ROOT / args.config).is_file(), f"no config file {args.config}"
+    cfg = _load(args.config, args.overrides)
+    if getattr(args, "nproc", None):
+        try:
+            check_world_size(cfg, args.nproc)
+        except ConfigError as exc:
+            raise AssertionError(str(exc)) from None
+    if getattr(args, "stop_at", None) is not None:
+        assert 1 <= args.stop_at < cfg.train.steps, f"--stop-at {args.stop_at} with train.steps={cfg.train.steps}"
+        assert cfg.train.checkpoint_every, "--stop-at without checkpoints"
+    if getattr(args, "max_restarts", 0):
+        assert cfg.train.checkpoint_every, "--max-restarts without checkpoints"
+
+
+def _load(config: str | None, overrides: list[str]):
+    try:
+        return load_config(None if config is None else ROOT / config, overrides)
+    except ConfigError as exc:
+        raise AssertionError(str(exc)) from None
+
+
+def check(command: str, from_block: bool) -> bool:
+    """Check one command; False when it is not one this test knows (docker, sbatch, kill, prose)."""
+    try:
+        tokens = shlex.split(command, comments=True)
+    except ValueError:
+        return False
+    while tokens and ENV.match(tokens[0]):
+        tokens.pop(0)
+    if not tokens:
+        return False
+    head, rest = tokens[0], tokens[1:]
+    synopsis = any(PLACEHOLDER.search(t) for t in tokens)
+    if head in ("disttrain", ".venv/bin/disttrain"):
+        if not rest:
+            return False  # the program's name in prose
+        # Inline, `disttrain train --nproc 2` names options of a command, not a command to type.
+        needs_config = rest[0] in ("train", "verify", "config") and not any(t.endswith(".yaml") for t in rest)
+        check_disttrain(rest, synopsis or (needs_config and not from_block))
+        return True
+    if head == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        parser = get_args_parser()
+        split = rest.index("-m") if "-m" in rest else len(rest)
+        _options(parser, rest[:split])
+        inner = rest[split + 2:]
+        if split < len(rest):
+            assert rest[split + 1] == "disttrain", f"torchrun runs -m {rest[split + 1]}, not disttrain"
+            complete = any(t.endswith(".yaml") for t in inner)
+            check_disttrain(inner, synopsis or not (complete or from_block))
+            if complete and not synopsis:
+                args = _parse(parser, rest)
+                assert args.module and args.training_script == "disttrain"
+        return True
+    if head.startswith("launch/") and head.endswith(".sh"):
+        assert (ROOT / head).is_file(), f"no script {head}"
+        if not from_block and not rest:
+            return True  # the script's name in prose
+        check_disttrain(["train", *rest], synopsis)  # the scripts pass their arguments to disttrain train
+        return True
+    if head == ".venv/bin/pip":
+        section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+        extras = re.findall(r"^([\w-]+) = \[", section, flags=re.M)
+        for flag, value in zip(rest, rest[1:]):
+            if flag == "-c":
+                assert (ROOT / value).is_file(), f"no constraints file {value}"
+            if flag == "-e" and "[" in value:
+                for extra in value.split("[")[1].rstrip("]").split(","):
+                    assert extra in extras, f"pyproject.toml has no extra {extra!r}"
+        return True
+    if head in ("python", ".venv/bin/python", "python3") and rest[:1] == ["-m"] and len(rest) > 1:
+        module = rest[1]
+        assert importlib.util.find_spec(module) is not None, f"no module {module}"
+        if module == "tests.measure_stepwise":
+            from tests import measure_stepwise
+
+            _options(measure_stepwise.parser(), rest[2:])
+            _parse(measure_stepwise.parser(), rest[2:])
+        return True
+    return False
+
+
+def test_readme_commands_parse():
+    checked, failures = 0, []
+    for line, command, from_block in commands(README.read_text()):
+        try:
+            checked += check(command, from_block)
+        except AssertionError as exc:
+            failures.append(f"README.md:{line}: {command}: {exc}")
+    assert not failures, "\n".join(failures)
+    assert checked >= 40  # the extraction found the README's commands, not nothing
+
+
+@pytest.mark.parametrize("command, error", [
+    ("disttrain train configs/demo.yaml --nprocs 4", "no option --nprocs"),
+    ("disttrain train configs/demo.yaml --nproc four", "invalid int value: 'four'"),
+    ("disttrain train configs/demo.yaml --npro 4", "no option --npro"),  # argparse alone would accept it
+    ("disttrain train configs/demo.yaml --set train.stepz=3", "train.stepz"),
+    ("disttrain train configs/demo.yaml --set train.steps=many", "train.steps"),
+    ("disttrain verify configs/nothing.yaml", "no config file configs/nothing.yaml"),
+    ("disttrain train configs/demo.yaml --nproc 4 --stop-at 50", "--stop-at 50 with train.steps=20"),
+    ("disttrain verify configs/demo.yaml --nproc 31", "global_batch_size"),
+    ("disttrain trian configs/demo.yaml", "no command 'trian'"),
+    ("disttrain bench stepp", "no benchmark 'stepp'"),
+    ("disttrain bench step --set model.hiden=128", "model.hiden"),
+    ("disttrain demo reduse", "no demo 'reduse'"),
+    ("torchrun --nproc-per-nod=2 -m disttrain train configs/demo.yaml", "no option --nproc-per-nod"),
+    ("torchrun --nproc_per_node=2 -m disttrain train configs/demo.yaml --resum", "no option --resum"),
+    ("disttrain train CONFIG [--nproc N] [--restart]", "no option --restart"),
+    ("launch/single_node.sh configs/demo.yaml", "no script launch/single_node.sh"),
+    (".venv/bin/pip install -c constraints.txt -e '.[demos]'", "no extra 'demos'"),
+])
+def test_drift_is_caught(command, error):
+    with pytest.raises(AssertionError, match=re.escape(error)):
+        check(command, from_block=True)
+
+
+def test_extraction_finds_blocks_continuations_and_inline_commands():
+    text = ("Run `disttrain demo reduce` or:\n\n```bash\nA=1 disttrain train configs/demo.yaml \\\n"
+            "    --nproc 2   # a comment\n.venv/bin/pip install x && .venv/bin/disttrain config configs/demo.yaml\n```\n")
+    assert commands(text) == [
+        (4, "A=1 disttrain train configs/demo.yaml --nproc 2   # a comment", True),
+        (6, ".venv/bin/pip install x", True), (6, ".venv/bin/disttrain config configs/demo.yaml", True),
+        (1, "disttrain demo reduce", False)]
