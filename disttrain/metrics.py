@@ -112,6 +112,7 @@ class MetricsLogger:
         if self.enabled:
             kept = [r for r in read_records(self.path) if r["step"] < start_step] if start_step else []
             with writing(self.path, out_dir):
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # at the start only: later writes never recreate it
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.tensorboard = TensorBoardLog(out_dir, start_step) if self.enabled and tensorboard else None
 
