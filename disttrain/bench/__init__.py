@@ -3,7 +3,7 @@
     disttrain bench                    list the benchmarks
     disttrain bench NAME [options]     run one; ``disttrain bench NAME --help`` for its options
 
-One module per benchmark (step, scaling, allreduce, syncbn, randomness), each with ``add_arguments(parser)``,
+One module per benchmark (step, scaling, allreduce, syncbn, randomness, memory), each with ``add_arguments(parser)``,
 ``run(args, run_world) -> dict`` and ``format_table(result) -> str``; common.py holds what they share.
 A benchmark prints numbers; nothing here is a test.
 """
@@ -24,6 +24,7 @@ BENCHMARKS = {
     "allreduce": "all_reduce algbw/busbw over 1 KiB..64 MiB against the machine's memcpy bandwidth",
     "syncbn": "SyncBatchNorm forward+backward: disttrain vs two-pass and all_gather baselines",
     "randomness": "step time with per-sample dropout and augmentation against none and torch's dropout",
+    "memory": "bytes per rank (parameters, gradients, optimizer, activations), ddp vs fsdp, with/without recompute",
 }
 
 
