@@ -67,8 +67,11 @@ class FSDPSync(GradSync):
         self.env, self.loss_divisor = env, loss_divisor
         mesh = init_device_mesh(env.device.type, (env.world_size,))  # one dimension: the whole default group
         for block in model_blocks(module):
-            if any(p.requires_grad for m in block.modules for p in m.parameters()):
-                fully_shard(block.modules if len(block.modules) > 1 else block.modules[0], mesh=mesh,
+            # The block's modules that hold parameters form one FSDP group (one all_gather, one reduce_scatter);
+            # its parameter-free ones (activations, pooling, flatten) need no hooks of their own.
+            group = [m for m in block.modules if any(p.requires_grad for p in m.parameters())]
+            if group:
+                fully_shard(group if len(group) > 1 else group[0], mesh=mesh,
                             reshard_after_forward=reshard_after_forward)
         # The root holds what no block does; by default (None) FSDP2 keeps it whole after forward, since
         # backward starts with it. With reshard_after_forward=false nothing is resharded after forward.

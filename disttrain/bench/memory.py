@@ -126,7 +126,7 @@ def counted_collectives(counts: list[int]) -> Iterator[None]:
 def measure(overrides: list[str], steps: int) -> dict[str, Any]:
     """On every rank: build the parts, measure the activations of one forward, then time ``steps`` steps."""
     torch.set_num_threads(1)
-    cfg = load_config(None, [*overrides, "train.device=cpu", "optim.name=adamw", "train.checkpoint_every=0"])
+    cfg = load_config(None, ["optim.name=adamw", *overrides, "train.device=cpu", "train.checkpoint_every=0"])
     with distributed("cpu") as env:
         parts = build(cfg, env)
         sync, optimizer, batches = parts.sync, parts.optimizer, parts.batches
