@@ -90,6 +90,12 @@ def test_resume_across_ddp_fsdp_and_world_sizes(pools, tmp_path):
         out = pools(w2).run(train_state, config(tmp_path, name, *overrides, f"comm.impl={impl2}"), True)[0]
         assert max_rel_diff(out["model"], ref["model"]) <= 1e-10, name
         assert optimizer_difference(out["optimizer"], ref["optimizer"]) <= 1e-10, name
+    # Step-wise verification reads the checkpoint the fsdp ranks wrote at step 4 (run b): one process retrains 2 -> 4.
+    from disttrain.stepwise import check_segments
+
+    (segment,) = check_segments(config_from_dict(config(tmp_path, "b", *overrides)), tmp_path / "b", [(2, 4)],
+                                "float64")
+    assert segment.passed and segment.param_rel_diff <= 1e-12 and segment.world_size == 3
 
 
 # --------------------------------------------------------------------------- recomputation
