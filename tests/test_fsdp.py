@@ -76,7 +76,7 @@ def test_plain_average_under_fsdp_does_not_equal_one_device(pools, tmp_path):
     exact = pools(2).run(train_state, config(tmp_path, "mean", "comm.impl=fsdp", *SYNCBN))[0]
     plain = pools(2).run(train_state, config(tmp_path, "avg", "comm.impl=fsdp", "comm.reduce=avg", *SYNCBN))[0]
     assert max_rel_diff(exact["model"], ref["model"]) <= 1e-10
-    assert max_rel_diff(plain["model"], ref["model"]) > 1e-5
+    assert max_rel_diff(plain["model"], ref["model"]) > 1e-3
 
 
 def test_resume_across_ddp_fsdp_and_world_sizes(pools, tmp_path):
