@@ -133,8 +133,11 @@ def test_recompute_keeps_fewer_activations_and_replays_the_masks(tmp_path):
 
 
 def test_fsdp_with_recompute_and_dropout_equals_one_device(pools, tmp_path):
-    overrides = ["model.dropout=0.3", "model.recompute=true", *SYNCBN]
-    ref = train_state(config(tmp_path, "ref", "model.dropout=0.3", *SYNCBN))
+    """A user's model by import path (the example ResNet: its blocks are the stem and each residual block),
+    SyncBN and per-sample dropout, sharded and recomputed."""
+    model = ["model.name=examples.resnet:resnet", "model.kwargs={width: 4, blocks: [1, 1], dropout: 0.3}", *SYNCBN]
+    overrides = [*model, "model.recompute=true"]
+    ref = train_state(config(tmp_path, "ref", *model))
     out = pools(2).run(train_state, config(tmp_path, "fsdp", *overrides, "comm.impl=fsdp",
                                            "comm.reshard_after_forward=false"))[0]
     assert max_rel_diff(out["model"], ref["model"]) <= 1e-10
