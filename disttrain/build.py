@@ -13,11 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .blocks import enable_recompute
 from .comm import GradSync, build_grad_sync
 from .config import Config, OptimConfig
 from .data import GlobalBatches, Source, build_dataset
 from .dist import DistEnv
+from .errors import ConfigError
 from .factory import is_import_path, resolve
+from .fsdp import build_sharded_sync
 from .models import build_model
 from .schedule import base_lr, build_scheduler
 from .validate import ON_DISK
@@ -64,9 +67,12 @@ def build(cfg: Config, env: DistEnv) -> Parts:
     """This rank's parts of a run of ``cfg``, freshly initialised (a resumed run then loads its state)."""
     t = cfg.train
     data, model = build_data_and_model(cfg, env.device)
+    if cfg.model.recompute:
+        enable_recompute(model)
     batches = GlobalBatches(data, t.global_batch_size, cfg.seed, env.rank, env.world_size, cfg.data.workers,
                             cfg.data.prefetch)
-    sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
+    strategy = build_sharded_sync if cfg.comm.impl == "fsdp" else build_grad_sync
+    sync = strategy(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
     optimizer = build_optimizer(sync.model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
                                 cfg.schedule)
@@ -81,7 +87,9 @@ def preflight(cfg: Config, build_parts: bool) -> None:
     for key, name in paths:
         resolve(key, name)
     if build_parts and (paths or cfg.data.name in ON_DISK):  # on-disk data: its directory and first sample
-        data, _ = build_data_and_model(cfg, torch.device("cpu"))
+        data, model = build_data_and_model(cfg, torch.device("cpu"))
+        if cfg.comm.impl == "fsdp" and not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"comm.impl=fsdp: the model {cfg.model.name} has no trainable parameters to shard")
         GlobalBatches(data, cfg.train.global_batch_size, cfg.seed, 0, 1)  # the global batch fits the data
 
 

@@ -32,10 +32,12 @@ def gradient_norm(params: Iterable[nn.Parameter], norm_type: float) -> torch.Ten
     return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
 
 
-def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig) -> float:
-    """Clip per ``cfg.mode``; return the gradient norm *before* clipping (inf/nan if non-finite)."""
+def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig, norm: torch.Tensor | None = None) -> float:
+    """Clip per ``cfg.mode``; return the gradient norm *before* clipping (inf/nan if non-finite).
+
+    ``norm``: the global norm when the caller computed it (sharded gradients need a collective for it)."""
     params = [p for p in params if p.grad is not None]
-    norm = gradient_norm(params, cfg.norm_type)
+    norm = gradient_norm(params, cfg.norm_type) if norm is None else norm
     if cfg.mode == "norm":
         torch.nn.utils.clip_grads_with_norm_(params, cfg.max_norm, norm)
     elif cfg.mode == "value":

@@ -42,6 +42,7 @@ from .checkpoint import cpu_copy
 from .clip import clip_gradients, gradient_norm
 from .config import ClipConfig, CommConfig
 from .dist import DistEnv, broadcast_from_main
+from .errors import ConfigError
 
 # mean is a SUM: the 1/B normalisation already happened in the loss (see the module docstring).
 # avg is a SUM followed by a division by W (ReduceSpec.divisor), as DDP does without a hook.
@@ -165,6 +166,9 @@ class GradSync:
         Replicated: rank 0's state is broadcast whole, so every rank resumes from the file rank 0 read."""
         if self.env is not None:
             state = broadcast_from_main(state, self.env)
+        error = check_model_state(self.model, state["model"])
+        if error:  # the same state on every rank: every rank stops here
+            raise ConfigError(error)
         self.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # momentum / Adam moments, and the current lr
 
@@ -262,6 +266,25 @@ class AllReduceSync(GradSync):
     @property
     def num_buckets(self) -> int:
         return len(self.buckets)
+
+
+def check_model_state(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """Why ``state`` (a checkpoint's whole model state) cannot be loaded into ``model``, or None.
+
+    Every strategy saves whole tensors (a sharded one gathers them), so a checkpoint cannot lack one rank's
+    shards; what can go wrong is a file whose tensors are missing, extra, or of another shape.
+    """
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(ours.keys() - state.keys())
+    extra = sorted(state.keys() - ours.keys())
+    if missing or extra:
+        parts = ([f"lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"] if missing else []) + (
+            [f"has unknown {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}"] if extra else [])
+        return f"checkpoint model state {' and '.join(parts)}: not a complete state of this model"
+    for key, shape in ours.items():
+        if tuple(state[key].shape) != shape:
+            return f"checkpoint model state: {key} has shape {tuple(state[key].shape)}, the model's is {shape}"
+    return None
 
 
 def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_count: int,

@@ -77,6 +77,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict, metadata=_doc(
         "keyword arguments of a model factory: function(input_shape, num_classes, **kwargs)"))
     dropout: float = field(default=0.0, metadata=_doc("per-sample dropout in the mlp / cnn, in [0, 1)"))
+    recompute: bool = field(default=False, metadata=_doc(
+        "activation recomputation: keep only each block's input for backward and run the block again there "
+        "(less memory, about one more forward; the same result bitwise)"))
 
 
 @dataclass
@@ -92,14 +95,19 @@ class OptimConfig:
 
 @dataclass
 class CommConfig:
-    impl: Literal["ddp", "allreduce"] = field(
-        default="ddp", metadata=_doc("DistributedDataParallel, or explicit bucketed all_reduce after backward"))
+    impl: Literal["ddp", "allreduce", "fsdp"] = field(
+        default="ddp", metadata=_doc("DistributedDataParallel, explicit bucketed all_reduce after backward, or fsdp "
+                                     "(sharded parameters, gradients and optimizer state: FSDP2)"))
     reduce: Literal["mean", "sum", "max", "avg"] = field(
         default="mean", metadata=_doc("gradient reduction: count-weighted mean (exact); for contrast sum, max, or avg "
                                       "(DDP's plain average of local means)"))
     bucket_mb: float = field(default=25.0, metadata=_doc("gradient bucket size in MiB (both implementations), > 0"))
     timeout_s: float = field(
         default=300.0, metadata=_doc("collective timeout in seconds: a dead peer ends the run with an error, > 0"))
+    reshard_after_forward: bool | None = field(
+        default=None, metadata=_doc("fsdp only: free each block's gathered parameters after forward and gather them "
+                                    "again in backward (true, the default: ZeRO-3-like), or keep them (false: "
+                                    "ZeRO-2-like)"))
 
 
 @dataclass

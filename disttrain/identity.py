@@ -12,9 +12,12 @@ from typing import Any
 # differ between a run and its resumption, and between a run and what `verify --against` compares it with.
 # (comm.impl and comm.bucket_mb regroup the same sums; the device changes rounding, not the mathematics.)
 # data.workers and data.prefetch change who reads a batch and when, never which samples or how they are augmented.
+# comm.reshard_after_forward changes when parameters are gathered; model.recompute computes the same activations
+# twice (bitwise the same result, tests/test_fsdp.py).
 EXECUTION_KEYS = frozenset({"train.out_dir", "train.log_every", "train.device", "comm.timeout_s", "comm.impl",
                             "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints", "data.workers",
-                            "data.prefetch", "train.tensorboard"})
+                            "data.prefetch", "train.tensorboard", "comm.reshard_after_forward",
+                            "model.recompute"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -139,6 +139,29 @@ def sample_keys(keys: SampleKeys) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+def replay_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """(a context for a forward segment, a context for its replay) for activation recomputation (blocks.py).
+
+    A recomputed segment runs again during backward, outside :func:`sample_keys` and after the rest of the
+    forward has advanced the per-layer call counts. Called when the segment first runs, this snapshots the keys
+    and call counts; the replay context restores them, so every per-sample layer draws the same masks again.
+    Outside :func:`sample_keys` both contexts do nothing.
+    """
+    current = _CURRENT.get()
+    if current is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    keys, calls = current.keys, dict(current.calls)
+
+    @contextlib.contextmanager
+    def replay() -> Iterator[None]:
+        token = _CURRENT.set(_Forward(keys, dict(calls)))
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
+    return contextlib.nullcontext(), replay()
+
+
 # --------------------------------------------------------------------------- dropout
 
 class SampleDropout(nn.Module):
@@ -223,5 +246,5 @@ def _replace(old: nn.Module, channelwise: bool) -> SampleDropout:
     return new
 
 
-__all__ = ["SampleKeys", "SampleDropout", "sample_keys", "random_bits", "uniform", "assign_streams", "convert_dropout", "mix32",
+__all__ = ["SampleKeys", "SampleDropout", "sample_keys", "replay_context", "random_bits", "uniform", "assign_streams", "convert_dropout", "mix32",
            "AUGMENT_STREAM"]

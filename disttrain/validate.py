@@ -51,6 +51,10 @@ def validate(cfg: Config) -> None:
              f"optim.betas: must be two numbers in [0, 1), got {o.betas}")
     _require(o.eps > 0, f"optim.eps: must be > 0, got {o.eps}")
     _require(c.bucket_mb > 0, f"comm.bucket_mb: must be > 0, got {c.bucket_mb}")
+    _require(c.impl != "fsdp" or c.reduce != "max",
+             "comm.reduce=max: comm.impl=fsdp reduce-scatters gradients with a sum (mean, sum or avg), there is no max")
+    _require(c.reshard_after_forward is None or c.impl == "fsdp",
+             f"comm.reshard_after_forward: only for comm.impl=fsdp, not comm.impl={c.impl}")
     _require(c.timeout_s > 0, f"comm.timeout_s: must be > 0, got {c.timeout_s}")
     _require(t.global_batch_size >= 1, f"train.global_batch_size: must be >= 1, got {t.global_batch_size}")
     _require(t.global_batch_size <= d.num_samples or (on_disk and d.num_samples == 0),

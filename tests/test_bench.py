@@ -71,6 +71,18 @@ def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
     assert all(r["min_ms"] > 0 for r in randomness["rows"]) and randomness["rows"][0]["min_vs_none"] == 1.0
     assert randomness["dropout_mask_ms"].keys() == {"per-sample", "torch"} and randomness["flip_crop_ms"] > 0
 
+    memory = _bench_json(pools, capsys, "memory", "--models", "cnn", "--world-sizes", "2", "--batch", "8",
+                         "--steps", "1")
+    rows = {(r["impl"], r["recompute"]): r for r in memory["rows"]}
+    assert rows.keys() == {(i, c) for i in ("ddp", "fsdp") for c in (False, True)}
+    for row in rows.values():
+        assert {"impl", "world_size", "recompute", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
+                "step_ms", "comm_bytes", "peak_rss"} <= row.keys() and row["comm_bytes"] > 0
+    assert rows["fsdp", False]["param_bytes"] < 0.6 * rows["ddp", False]["param_bytes"]
+    assert rows["ddp", True]["activation_bytes"] * 2 <= rows["ddp", False]["activation_bytes"]
+    (ratio,) = memory["ratios"]
+    assert ratio["fsdp_over_ddp_state"] < 0.6 and ratio["activation_cut"] >= 2
+
     assert bench_main(["allreduce", "--world-sizes", "2", "--sizes", "1KiB", "--iters", "2"],
                       run_world=lambda w, fn, *args: pools(w).run(fn, *args)) == 0
     table = capsys.readouterr().out.splitlines()
@@ -98,7 +110,9 @@ def test_bench_lists_names_and_rejects_usage_errors(capsys):
 
     assert bench_main(["nope"]) == 2
     assert capsys.readouterr().err == ("disttrain: error: unknown benchmark 'nope' "
-                                       "(choose from step, scaling, allreduce, syncbn, randomness, data)\n")
+                                       "(choose from step, scaling, allreduce, syncbn, randomness, data, memory)\n")
+    assert bench_main(["memory", "--models", "cnn,vgg"]) == 2
+    assert capsys.readouterr().err == "disttrain: error: --models: unknown vgg (choose from cnn, resnet)\n"
     with pytest.raises(SystemExit) as done:
         bench_main(["allreduce", "--sizes", "6B"])
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ from disttrain.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUAL, DIFFERENT = 1e-10, 1e-3
-NAMES = ["reduce", "syncbn", "warmup", "clip", "scaling", "kmeans"]
+NAMES = ["reduce", "syncbn", "warmup", "clip", "scaling", "kmeans", "parallelism"]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -52,7 +52,7 @@ def test_demo_all_writes_summary_results_and_plots(demos):
         for plot in entry["plots"]:
             width, height = png_size(out / name / plot)
             assert width >= 1000 and height >= 400
-    assert "6/6 claims hold" in stderr
+    assert "7/7 claims hold" in stderr
 
 
 def test_reduce_only_the_count_weighted_mean_equals_one_device(demos):
@@ -101,6 +101,14 @@ def test_kmeans_count_weighted_merge_equals_one_machine(demos):
     entry = demos[0]["kmeans"]
     assert len(set(entry["shard_sizes"])) == entry["world_size"]  # uneven shards
     assert entry["deviation"]["count_weighted"] <= EQUAL and entry["deviation"]["equal_weight"] >= DIFFERENT
+
+
+def test_parallelism_data_sharded_and_model_parallel_equal_one_device(demos):
+    entry = demos[0]["parallelism"]
+    assert set(entry["deviation"]) == {"ddp", "fsdp", "tp"} and max(entry["deviation"].values()) <= EQUAL
+    held, comm, w = entry["state_bytes"], entry["comm_bytes"], entry["world_size"]
+    assert held["fsdp"] <= (1 / w + 0.05) * held["ddp"]
+    assert comm["ddp"][0] == comm["ddp"][-1] and comm["tp"][-1] >= comm["tp"][0] * 8  # batch 8 -> 128
 
 
 class _Page(HTMLParser):
