@@ -26,6 +26,16 @@ others step, and their parameters and scales part for good. Here the check is ma
   found_inf all-reduce) is needed. (comm.reduce=max, a contrast mode, also propagates an inf.)
 - The scale's update depends only on that decision, so the scales stay equal on every rank, and a checkpoint
   (rank 0's copy) resumes on any world size.
+
+**Overflow as one device would see it.** Where fp16 overflows is not the same for W ranks and one device: the
+weight gradient of a linear or convolution layer leaves its fp16 matmul as a sum over the batch, rounded to fp16
+(inf from 65520 up). One device sums the whole global batch there; a rank only its slice, which is smaller, and the
+slices are added in float32 afterwards. Near the limit one device overflows and skips where W ranks do not (measured
+before this rule: a step apart on W=4, and segment errors of 0.15 where the decisions parted). So a step also counts
+as overflowed when a reduced, still scaled, gradient entry of such a layer reaches 65520: the reduced gradient *is*
+the global batch's sum, so this is the test one device's matmul makes, whatever the world size or the number of
+micro-batches. (Not covered: a rank's partial sum overflowing while the global sum, with other ranks' entries of the
+opposite sign, would not; and half-precision matmuls outside nn.Linear / nn.Conv*.)
 """
 
 from __future__ import annotations
@@ -38,6 +48,10 @@ import torch
 from torch import nn
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_OVERFLOW = 65520.0  # the smallest magnitude that rounds to inf in fp16 (largest finite: 65504)
+# Layers whose parameter gradients autocast computes in half precision, each a sum over the batch.
+HALF_GRADIENT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                        nn.ConvTranspose3d)
 
 
 def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
@@ -65,6 +79,18 @@ class LossScaler:
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale if self.enabled else loss
+
+    def overflows(self, model: nn.Module) -> bool:
+        """Whether the reduced, still scaled, gradient of a half-precision layer would overflow fp16 as one device's
+        matmul over the global batch does (see the module docstring). Call after the reduction, before unscaling."""
+        if not self.enabled:
+            return False
+        grads = [p.grad for m in model.modules() if isinstance(m, HALF_GRADIENT_LAYERS)
+                 for p in m.parameters(recurse=False) if p.grad is not None]
+        if not grads:
+            return False
+        largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
+        return bool(largest >= FP16_OVERFLOW)  # inf too; a nan is caught by the gradient norm
 
     def unscale_(self, params: Iterable[nn.Parameter]) -> None:
         """Divide every gradient by the scale (exact: a power of two). Call after the reduction."""

@@ -66,6 +66,7 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
             # backward rather than in the reduction: see comm.py. fp16: times the loss scale.
             scaler.scale_loss(micro_loss / sync.loss_divisor).backward()
         loss_sum += micro_loss.detach().double()
+    overflow = False
     if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient, then reduce
         scaler.unscale_(sync.model.parameters())
         sync.clip_local(clip)
@@ -73,14 +74,15 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
         grad_norm = sync.gradient_norm(clip.norm_type)
     else:
         sync.sync()
-        # Unscaled after the reduction (exact, and the inf check below sees the reduced gradient, identical on
-        # every rank: precision.py).
+        # fp16: the overflow test and the unscaling see the reduced gradient, the same on every rank (exact, and
+        # every rank decides alike with no collective: precision.py).
+        overflow = scaler.overflows(sync.model)
         scaler.unscale_(sync.model.parameters())
         grad_norm = sync.clip(clip)
-    stepped = should_step(grad_norm, clip, step)
+    stepped = not overflow and should_step(grad_norm, clip, step)
     if stepped:
         optimizer.step()
-    scaler.update(math.isfinite(grad_norm))  # the same decision on every rank: the same scale everywhere
+    scaler.update(not overflow and math.isfinite(grad_norm))  # the same decision everywhere: the same scale
     return StepResult(loss_sum, grad_norm, stepped, scale)
 
 

@@ -150,7 +150,7 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
     worst = max(diffs, key=diffs.get)
     loss = max(abs(losses[start + i] - ours) for i, ours in enumerate(result.losses)) / loss_scale
     optim = _optimizer_difference(_cpu_state(result.optimizer.state_dict()), target["optimizer"])
-    tol = tolerance(cfg.train.dtype, stop - start)
+    tol = tolerance(cfg.train.dtype, stop - start, cfg.train.precision)
     return Segment(start=start, stop=stop, world_size=int(target["world_size"]), param_rel_diff=diffs[worst],
                    worst_param=worst, loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=tol,
                    passed=diffs[worst] <= tol and loss <= tol)

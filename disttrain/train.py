@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,7 +133,9 @@ class Trainer:
             lr = parts.optimizer.param_groups[0]["lr"]
             out = train_step(parts.sync, parts.optimizer, micro_batches, cfg.clip, step, loss=t.loss,
                              precision=t.precision, scaler=parts.scaler)
-            parts.scheduler.step()  # one schedule step per optimizer step (also when a non-finite step was skipped)
+            with warnings.catch_warnings():  # torch warns when step 0 was skipped (non-finite, fp16 overflow)
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+                parts.scheduler.step()  # one schedule step per optimizer step (also when a step was skipped)
             result.grad_norms.append(out.grad_norm)
             result.skipped_steps += not out.stepped
             # The global mean loss, (sum of per-sample losses) / (sum of counts), is reduced over ranks for many

@@ -36,12 +36,19 @@ from .train import run
 
 # The largest relative difference accepted per step of training (whole-run verify: a run of tens of steps;
 # step-wise verify: BASE * k for a segment of k steps, stepwise.py). Measurements: the module docstrings.
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
+# Mixed precision (train.precision bf16 / fp16, float32 weights): keyed by the precision; measured the same way
+# (tests/measure_precision.py, README "Mixed precision").
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bf16": 1e-2, "fp16": 1e-3}
 
 
-def tolerance(dtype: str, steps: int = 1) -> float:
-    """The tolerance of ``steps`` steps in ``dtype``: TOLERANCE[dtype] * steps."""
-    return TOLERANCE[dtype] * steps
+def tolerance(dtype: str, steps: int = 1, precision: str = "fp32") -> float:
+    """The tolerance of ``steps`` steps in ``dtype`` (under autocast to ``precision``): TOLERANCE[key] * steps."""
+    return TOLERANCE[dtype if precision == "fp32" else precision] * steps
+
+
+def precision_name(dtype: str, precision: str) -> str:
+    """How reports name the arithmetic of a run: "float32", or "bf16 (float32 weights)"."""
+    return dtype if precision == "fp32" else f"{precision} (float32 weights)"
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,10 +115,10 @@ def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
              for i, (d, r) in enumerate(zip(dist_losses, ref_losses, strict=True))]
     diffs = state_difference(dist_ckpt["model"], ref_ckpt["model"])
     worst = max(diffs, key=diffs.get)
-    tol = tolerance(cfg.train.dtype)
+    tol = tolerance(cfg.train.dtype, 1, cfg.train.precision)
     max_loss = max(s["rel_diff"] for s in steps)
     reason = unclaimed_reason(cfg)
-    return VerifyReport(world_size=world_size, dtype=cfg.train.dtype, tolerance=tol, steps=steps,
+    return VerifyReport(world_size=world_size, dtype=precision_name(cfg.train.dtype, cfg.train.precision), tolerance=tol, steps=steps,
                         max_loss_rel_diff=max_loss, max_param_rel_diff=diffs[worst], worst_param=worst,
                         equivalent=not reason and max_loss <= tol and diffs[worst] <= tol,
                         claimed=not reason, reason=reason)

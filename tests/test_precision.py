@@ -180,3 +180,18 @@ def test_fp16_resize_continues_the_scale(pools, tmp_path):
     ref = _train(load_config(None, [*FP16, f"train.out_dir={tmp_path / 'ref'}"]).to_dict())
     assert load_checkpoint(list_checkpoints(tmp_path)[-1][1])["scaler"] == {"scale": 2.0 ** 19, "growth_tracker": 0}
     assert max_rel_diff(resized, ref) < 1e-2  # (a NaN would fail this too)
+
+
+# -------------------------------------------------------------------------------- the GPU check without a GPU
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: tools/gpu_check.sh would run")
+def test_gpu_check_fails_loudly_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
+    done = subprocess.run([str(script)], env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("gpu_check: FAILED: no CUDA GPU") and done.stderr.count("\n") == 1
