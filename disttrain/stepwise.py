@@ -216,6 +216,9 @@ def verify_stepwise(cfg: Config, run_dir: Path, reference_dtype: str | None = No
         raise ConfigError(f"reference device: {exc}") from None
     run_dir = Path(run_dir)
     reference_dtype = reference_dtype or cfg.train.dtype
+    if reference_dtype != cfg.train.dtype and cfg.train.precision != "fp32":
+        raise ConfigError(f"--reference-dtype {reference_dtype}: a train.precision={cfg.train.precision} run is "
+                          f"retrained in its own precision ({cfg.train.dtype} weights); autocast leaves float64 alone")
     segments = plan_segments(cfg, run_dir)
     chunks = _chunks(segments, jobs)
     if announce is not None:

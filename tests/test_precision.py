@@ -3,6 +3,8 @@ resume / resize with the scaler's state."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -195,3 +197,53 @@ def test_gpu_check_fails_loudly_without_a_gpu():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("gpu_check: FAILED: no CUDA GPU") and done.stderr.count("\n") == 1
+
+
+# -------------------------------------------------------------------------------- verify knows the precision
+
+# bf16, W=3 on B=31 (11/10/10), SGD at lr 0.05: a run that does not amplify rounding (the chaotic regime: README)
+VERIFY = ["model.name=mlp", "model.hidden=32", "train.global_batch_size=31", "data.num_samples=124", "train.steps=12",
+          "optim.lr=0.05", "train.device=cpu", "train.dtype=float32", "train.precision=bf16"]
+
+
+def _train_into(cfg_dict: dict) -> None:
+    _train(cfg_dict)
+
+
+def test_bf16_run_is_judged_against_a_bf16_one_process_run(pools, tmp_path):
+    from disttrain.verify import compare_runs, run_tolerance
+
+    ref_cfg = load_config(None, [*VERIFY, f"train.out_dir={tmp_path / 'ref'}"])
+    _train_into(ref_cfg.to_dict())
+    reports = {}
+    fp16 = load_config(None, [*VERIFY, "train.precision=fp16", f"train.out_dir={tmp_path / 'fp16'}"])
+    pools(3).run(_train_into, fp16.to_dict())
+    _train_into(load_config(None, [*VERIFY, "train.precision=fp16", f"train.out_dir={tmp_path / 'fp16-ref'}"]
+                            ).to_dict())
+    reports["fp16"] = compare_runs(fp16, tmp_path / "fp16", tmp_path / "fp16-ref")
+    for name, extra in (("correct", []), ("reduce=sum", ["comm.reduce=sum"]),
+                        ("clip before average", ["comm.impl=allreduce", "clip.mode=norm", "clip.max_norm=0.1",
+                                                 "clip.before_average=true"])):
+        cfg = load_config(None, [*VERIFY, *extra, f"train.out_dir={tmp_path / name}"])
+        pools(3).run(_train_into, cfg.to_dict())
+        reference = ref_cfg if name != "clip before average" else load_config(
+            None, [*VERIFY, "clip.mode=norm", "clip.max_norm=0.1", f"train.out_dir={tmp_path / 'ref-clip'}"])
+        if name == "clip before average":
+            _train_into(reference.to_dict())
+        reports[name] = compare_runs(cfg, tmp_path / name, Path(reference.train.out_dir))
+    tol = run_tolerance("float32", "bf16")
+    correct = reports["correct"]
+    assert correct.equivalent and correct.tolerance == tol and correct.dtype == "bf16 (float32 weights)"
+    assert max(correct.max_param_rel_diff, correct.max_loss_rel_diff) > 1e-5  # bf16's rounding, not float32's
+    for name in ("reduce=sum", "clip before average"):
+        assert not reports[name].equivalent and reports[name].max_param_rel_diff >= 10 * tol, name
+    assert reports["fp16"].equivalent and reports["fp16"].tolerance == run_tolerance("float32", "fp16")
+
+
+def test_stepwise_reference_dtype_of_a_mixed_precision_run(tmp_path):
+    from disttrain.stepwise import verify_stepwise
+
+    cfg = load_config(None, [*VERIFY, f"train.out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^--reference-dtype float64: a train\.precision=bf16 run is retrained in "
+                                          r"its own precision"):
+        verify_stepwise(cfg, tmp_path, reference_dtype="float64")

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..verify import tolerance
+from ..verify import run_tolerance
 from .common import Check, Lab, Result, at_most, config, deviation, losses, metric, sci
-from .figures import ONE_DEVICE, axes, deviation_bars, loss_axes, new_figure, save
+from .figures import ONE_DEVICE, axes, loss_axes, new_figure, save
 
 NAME = "precision"
 QUESTION = "Does mixed precision (bf16, fp16 with loss scaling) break the equivalence with one device?"
@@ -41,7 +41,7 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
 
     def finish() -> Result:
         dev = {p: deviation(dist[p], one[p]) for p in PRECISIONS}
-        tol = {p: tolerance("float32", 1, p) for p in PRECISIONS}
+        tol = {p: run_tolerance("float32", p) for p in PRECISIONS}
         from_fp32 = {p: deviation(one[p], one["fp32"]) for p in ("bf16", "fp16")}
         skipped_w, skipped_one = _skipped_steps(dist["fp16"]), _skipped_steps(one["fp16"])
         scales = metric(dist["fp16"], "loss_scale")
@@ -93,7 +93,7 @@ def _plot(out: Path, dist: dict[str, Path], one: dict[str, Path], dev: dict[str,
         loss_ax.plot(steps, ref, **{**ONE_DEVICE, "color": COLORS[p], "label": f"one device, {p}"})
         scale = max(abs(v) for v in ref)
         gap_ax.plot(steps, [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], color=COLORS[p],
-                    label=f"{p} (tolerance {tolerance('float32', 1, p):.0e})")
+                    label=f"{p} (tolerance {run_tolerance('float32', p):.0e})")
     loss_axes(loss_ax, f"loss per step, B={batch} over W={w}")
     axes(gap_ax, f"W={w} vs one device, per step", ylabel="|loss - one device| / max loss", log=True)
     for label, run_dir, style in ((f"W={w}", dist["fp16"], {"color": COLORS["fp16"], "zorder": 3}),
@@ -101,11 +101,37 @@ def _plot(out: Path, dist: dict[str, Path], one: dict[str, Path], dev: dict[str,
         scales = metric(run_dir, "loss_scale")
         scale_ax.step(range(1, len(scales) + 1), scales, where="mid", label=label, **style)
         skipped = _skipped_steps(run_dir)
-        scale_ax.scatter([s + 1 for s in skipped], [scales[s] for s in skipped], marker="x", s=60, zorder=4,
-                         color="black" if label != "one device" else "grey", label=f"{label}: skipped step")
-    axes(scale_ax, "fp16 loss scale (x: step skipped, overflow)", ylabel="loss scale", log=True)
-    labels = [f"{p}\nW={w} vs one" for p in PRECISIONS] + [f"{p}\nvs fp32" for p in ("bf16", "fp16")]
-    values = [dev[p] for p in PRECISIONS] + [from_fp32[p] for p in ("bf16", "fp16")]
-    deviation_bars(bars, labels, values, [COLORS[p] for p in PRECISIONS] + ["#7f7f7f", "#7f7f7f"],
-                   "largest deviation (loss curve and final parameters)")
+        one_device = label == "one device"
+        scale_ax.scatter([s + 1 for s in skipped], [scales[s] for s in skipped], zorder=4, label=f"{label}: skipped",
+                         **({"marker": "o", "s": 110, "facecolors": "none", "edgecolors": "grey"} if one_device else
+                            {"marker": "x", "s": 50, "color": "black"}))
+    axes(scale_ax, "fp16 loss scale (marked: step skipped, overflow)", ylabel="loss scale", log=True)
+    _bars(bars, dev, from_fp32, w)
     return save(fig, out, "precision.png")
+
+
+def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int) -> None:
+    """Per precision: W vs one device (a bar, its tolerance a dash above it), and one device's distance from fp32."""
+    labels, values, colors = [], [], []
+    for p in PRECISIONS:
+        labels.append(f"{p}\nW={w} vs 1")
+        values.append(dev[p])
+        colors.append(COLORS[p])
+    for p in ("bf16", "fp16"):
+        labels.append(f"{p} vs\nfp32 (1 dev.)")
+        values.append(from_fp32[p])
+        colors.append("#7f7f7f")
+    shown = [max(v, 1e-17) for v in values]
+    ax.bar(range(len(values)), shown, color=colors, width=0.6)
+    for i, v in enumerate(values):
+        ax.annotate(sci(v), (i, shown[i]), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
+                    textcoords="offset points")
+    for i, p in enumerate(PRECISIONS):
+        ax.hlines(run_tolerance("float32", p), i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1.2,
+                  label="verify tolerance" if i == 0 else None)
+    ax.set_yscale("log")
+    ax.set_ylim(min(shown) / 30, max(shown) * 30)
+    ax.set_xticks(range(len(values)), labels, fontsize="small")
+    ax.set_title("largest deviation (loss curve, final parameters)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small", loc="upper left")
