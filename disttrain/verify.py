@@ -15,6 +15,11 @@ float64 and 8e-7 in float32; an MLP trained to near-zero loss at lr 0.1 reaches 
 ~1e7-fold. The verdict allows 1e-10 in float64 and 1e-4 in float32: verify is a check for runs of tens
 to about a hundred steps (longer runs: stepwise.py, segment by segment between checkpoints). Every real mistake measured is orders of magnitude above (clipping before
 averaging 5e-2, per-rank BatchNorm 0.16, reduce=sum 1.3).
+
+Under autocast (train.precision bf16 / fp16) the tolerances are keyed by the precision: each step rounds the
+gradients' partial sums to half precision before the float32 reduction (precision.py), so W processes and one
+process differ by ~1e-4 (bf16) and ~3e-5 (fp16) per step; measured with tests/measure_precision.py (README "Mixed
+precision").
 """
 
 from __future__ import annotations
