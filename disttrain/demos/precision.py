@@ -31,7 +31,7 @@ INIT_SCALE = 2.0 ** 24  # too large for these gradients: the first fp16 steps ov
 
 def plan(lab: Lab, out: Path) -> Callable[[], Result]:
     w = lab.settings.nproc
-    steps, growth = (16, 4) if lab.settings.quick else (40, 8)
+    steps, growth = (10, 3) if lab.settings.quick else (40, 8)
     batch = 8 * w - 1  # uneven slices: 8, 8, 8, 7 over 4 ranks
     base = ["model.name=mlp", "model.hidden=64", "train.dtype=float32", f"train.steps={steps}", "optim.lr=0.05",
             f"train.global_batch_size={batch}", f"train.loss_scale={INIT_SCALE!r}",
