@@ -230,9 +230,8 @@ def verify_stepwise(cfg: Config, run_dir: Path, reference_dtype: str | None = No
     chunks = _chunks(segments, jobs)
     if announce is not None:
         announce(f"verify: {len(segments)} segments ({segments[-1][1]} steps) of the run in {run_dir}, each "
-                 f"retrained by 1 process ({precision_name(cfg.train.dtype, cfg.train.precision)} run, {reference_dtype} "
-                 f"reference on {device}, "
-                 f"{len(chunks)} job{'s' if len(chunks) > 1 else ''})")
+                 f"retrained by 1 process ({precision_name(cfg.train.dtype, cfg.train.precision)} run, "
+                 f"{reference_dtype} reference on {device}, {len(chunks)} job{'s' if len(chunks) > 1 else ''})")
     started = time.perf_counter()
     if len(chunks) == 1:
         results = check_segments(cfg, run_dir, segments, reference_dtype, device)

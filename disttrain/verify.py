@@ -67,8 +67,8 @@ def run_tolerance(dtype: str, precision: str = "fp32") -> float:
 
 
 def precision_name(dtype: str, precision: str) -> str:
-    """How reports name the arithmetic of a run: "float32", or "bf16 (float32 weights)"."""
-    return dtype if precision == "fp32" else f"{precision} (float32 weights)"
+    """How reports name the arithmetic of a run: "float32", or "bf16, float32 weights"."""
+    return dtype if precision == "fp32" else f"{precision}, {dtype} weights"
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,7 +138,8 @@ def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
     tol = run_tolerance(cfg.train.dtype, cfg.train.precision)
     max_loss = max(s["rel_diff"] for s in steps)
     reason = unclaimed_reason(cfg)
-    return VerifyReport(world_size=world_size, dtype=precision_name(cfg.train.dtype, cfg.train.precision), tolerance=tol, steps=steps,
+    return VerifyReport(world_size=world_size, dtype=precision_name(cfg.train.dtype, cfg.train.precision),
+                        tolerance=tol, steps=steps,
                         max_loss_rel_diff=max_loss, max_param_rel_diff=diffs[worst], worst_param=worst,
                         equivalent=not reason and max_loss <= tol and diffs[worst] <= tol,
                         claimed=not reason, reason=reason)

@@ -233,7 +233,7 @@ def test_bf16_run_is_judged_against_a_bf16_one_process_run(pools, tmp_path):
         reports[name] = compare_runs(cfg, tmp_path / name, Path(reference.train.out_dir))
     tol = run_tolerance("float32", "bf16")
     correct = reports["correct"]
-    assert correct.equivalent and correct.tolerance == tol and correct.dtype == "bf16 (float32 weights)"
+    assert correct.equivalent and correct.tolerance == tol and correct.dtype == "bf16, float32 weights"
     assert max(correct.max_param_rel_diff, correct.max_loss_rel_diff) > 1e-5  # bf16's rounding, not float32's
     for name in ("reduce=sum", "clip before average"):
         assert not reports[name].equivalent and reports[name].max_param_rel_diff >= 10 * tol, name

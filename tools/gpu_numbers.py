@@ -36,7 +36,8 @@ def _train(device: str, dtype: str, precision: str, out: str) -> tuple[dict, lis
 def trainer() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ref_state, ref_losses = _train("cpu", "float64", "fp32", f"{tmp}/ref")
-        print(f"{'precision':<10} {'device':<6} {'param diff':>11} {'loss diff':>10}  (10 steps, vs the CPU float64 run)")
+        print(f"{'precision':<10} {'device':<6} {'param diff':>11} {'loss diff':>10}  (10 steps, vs the CPU "
+              "float64 run)")
         for precision in ("fp32", "bf16", "fp16"):
             runs = {}
             for device in ("cuda", "cpu"):

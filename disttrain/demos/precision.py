@@ -4,9 +4,9 @@ The same MLP and global batches (uneven slices), trained in fp32, under bf16 aut
 loss scaling (float32 master weights in all three), each by W processes and by one process. Per precision: the
 deviation of the W-process run from the one-process run (what ``disttrain verify`` measures, judged against that
 precision's whole-run tolerance), and the distance of the one-process run from the fp32 one (what low precision
-itself changes): distributing must cost little against that. fp16 starts from a loss scale too large on purpose, so its first steps overflow and are skipped: the
-scale halves until the gradients fit, then grows again every few finite steps; every rank takes the same
-decisions, made on the reduced gradient (precision.py).
+itself changes): distributing must cost little against that. fp16 starts from a loss scale too large on purpose, so
+its first steps overflow and are skipped: the scale halves until the gradients fit, then grows again every few
+finite steps; every rank takes the same decisions, made on the reduced gradient (precision.py).
 """
 
 from __future__ import annotations
