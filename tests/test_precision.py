@@ -43,7 +43,8 @@ def test_precision_config_errors(overrides, message):
 def test_precision_config_errors_exit_2(capsys):
     from disttrain.cli import main
 
-    assert main(["train", "configs/demo.yaml", "--set", "train.precision=fp16"]) == 2  # demo.yaml is float64
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # float64
+    assert main(["train", str(demo), "--set", "train.precision=fp16"]) == 2
     assert capsys.readouterr().err.strip().endswith("needs train.dtype=float32 (the master weights), got float64")
 
 
