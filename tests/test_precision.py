@@ -63,6 +63,33 @@ def test_loss_scaler_rules_and_state():
     assert off.scale == 1.0 and off.scale_loss(torch.tensor(3.0)) == 3.0
 
 
+def test_overflow_is_judged_as_one_device_would_see_it():
+    """A half-precision layer's reduced, scaled gradient entry of 65520 or more overflows one device's fp16 sum; a
+    float32 layer's (BatchNorm) does not."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    scaler = LossScaler(True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[1].weight.grad.fill_(1e6)
+    assert not scaler.overflows(model)
+    model[0].bias.grad[1] = -65519.0
+    assert not scaler.overflows(model)
+    model[0].bias.grad[1] = -65520.0
+    assert scaler.overflows(model)
+    assert not LossScaler(False).overflows(model)
+
+
+def test_master_weights_gradients_and_optimizer_state_stay_float32(tmp_path):
+    cfg = load_config(None, [*FP16, "train.precision=bf16", "optim.name=adamw", "train.steps=2",
+                             f"train.out_dir={tmp_path}"])
+    with distributed("cpu") as env:
+        result = Trainer(cfg, env, console=False).run()
+    model = result.model
+    assert {p.dtype for p in model.parameters()} == {p.grad.dtype for p in model.parameters()} == {torch.float32}
+    moments = [v for state in result.optimizer.state.values() for k, v in state.items() if k != "step"]
+    assert moments and {v.dtype for v in moments} == {torch.float32}
+
+
 # -------------------------------------------------------------------------------- SyncBN under autocast
 
 def _syncbn_under_autocast(dtype: torch.dtype) -> dict:
