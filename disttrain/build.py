@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .factory import is_import_path, resolve
 from .fsdp import build_sharded_sync
 from .models import build_model
+from .precision import LossScaler
 from .schedule import base_lr, build_scheduler
 from .validate import ON_DISK
 
@@ -61,6 +62,7 @@ class Parts:
     sync: GradSync  # the model inside its gradient strategy (sync.module: forward; sync.model: the model)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: LossScaler  # fp16 loss scaling (the identity for fp32 and bf16)
 
 
 def build(cfg: Config, env: DistEnv) -> Parts:
@@ -76,7 +78,8 @@ def build(cfg: Config, env: DistEnv) -> Parts:
     optimizer = build_optimizer(sync.model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
                                 cfg.schedule)
-    return Parts(batches, sync, optimizer, scheduler)
+    scaler = LossScaler(t.precision == "fp16", t.loss_scale, t.loss_scale_growth_interval)
+    return Parts(batches, sync, optimizer, scheduler, scaler)
 
 
 def preflight(cfg: Config, build_parts: bool) -> None:

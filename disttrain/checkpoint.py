@@ -9,7 +9,10 @@ the rest of the trajectory depends on after s completed optimizer steps:
 
     {"format": 1, "step": s, "model": state_dict (parameters and buffers: SyncBN running statistics),
      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "skipped": int,
-     "config": dict, "world_size": int}
+     "config": dict, "world_size": int, "scaler": {"scale": float, "growth_tracker": int}}
+
+("scaler": the fp16 loss scale, precision.py; the same on every rank. A checkpoint without it resumes with the
+initial scale.)
 
 The data needs no state: the global batch of step k is a pure function of (seed, k), and so is any
 per-sample randomness. Nor does the world size enter the trajectory, so a checkpoint written by W ranks
@@ -156,12 +159,15 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def training_state(model_and_optimizer: dict[str, Any], scheduler: Any, step: int, skipped: int,
-                   config: dict[str, Any], world_size: int) -> dict[str, Any]:
+                   config: dict[str, Any], world_size: int, scaler: dict[str, Any] | None = None) -> dict[str, Any]:
     """The resumable state after ``step`` completed optimizer steps: ``model_and_optimizer`` as the gradient
     strategy returns it on rank 0 (CPU copies: comm.GradSync.state_dict), and the rest."""
-    return {"format": FORMAT, "step": int(step), "model": model_and_optimizer["model"],
-            "optimizer": model_and_optimizer["optimizer"], "scheduler": dict(scheduler.state_dict()),
-            "skipped": int(skipped), "config": config, "world_size": int(world_size)}
+    state = {"format": FORMAT, "step": int(step), "model": model_and_optimizer["model"],
+             "optimizer": model_and_optimizer["optimizer"], "scheduler": dict(scheduler.state_dict()),
+             "skipped": int(skipped), "config": config, "world_size": int(world_size)}
+    if scaler is not None:
+        state["scaler"] = dict(scaler)
+    return state
 
 
 def save_checkpoint(out_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
@@ -235,10 +241,10 @@ class Checkpointer:
         return bool(self.every) and (done % self.every == 0 or done in (stop_at, self.total_steps))
 
     def save(self, sync: Any, optimizer: torch.optim.Optimizer, scheduler: Any, done: int, skipped: int,
-             config: dict[str, Any], world_size: int) -> None:
+             config: dict[str, Any], world_size: int, scaler: dict[str, Any] | None = None) -> None:
         payload = sync.state_dict(optimizer)  # every rank: a collective for a sharded strategy
         if self.writer is not None:
-            self.writer.submit(training_state(payload, scheduler, done, skipped, config, world_size))
+            self.writer.submit(training_state(payload, scheduler, done, skipped, config, world_size, scaler))
 
     def close(self) -> None:
         """Block until the write in flight is durable; re-raise its error."""

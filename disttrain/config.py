@@ -149,6 +149,13 @@ class TrainConfig:
     loss: Literal["cross_entropy", "mse"] = field(
         default="cross_entropy", metadata=_doc("per-sample loss: cross entropy on labels, or mse on float targets"))
     dtype: Literal["float32", "float64"] = field(default="float32", metadata=_doc("parameter and data dtype"))
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32", metadata=_doc("compute precision of forward and loss: fp32, or autocast to bf16 / fp16 with "
+                                      "float32 master weights, gradients and optimizer state (needs dtype float32)"))
+    loss_scale: float = field(default=65536.0, metadata=_doc(
+        "precision=fp16: initial loss scale, a power of two; halves on a step whose reduced gradient overflowed"))
+    loss_scale_growth_interval: int = field(default=2000, metadata=_doc(
+        "precision=fp16: the loss scale doubles after this many finite steps in a row, >= 1"))
     device: Literal["auto", "cpu", "cuda"] = field(
         default="auto", metadata=_doc("auto: cuda:LOCAL_RANK when CUDA is available, else cpu"))
     out_dir: str = field(default="runs/demo", metadata=_doc("run directory: config.yaml, metrics.jsonl, final.pt"))

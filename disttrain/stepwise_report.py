@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .verify import unclaimed_reason
+from .verify import tolerance_key, unclaimed_reason
 
 # The longest segments for which correct and broken runs stayed separated in every regime measured, and what
 # rounding alone reached in a chaotic phase beyond them.
-SEPARATED_UP_TO = {"float32": (10, "0.2 in 50 steps"), "float64": (50, "6e-9 in 100 steps")}
+SEPARATED_UP_TO = {"float32": (10, "0.2 in 50 steps"), "float64": (50, "6e-9 in 100 steps"),
+                   "bf16": (1, "5.3e-2 in 10 steps"), "fp16": (1, "3.9e-2 in 10 steps")}
 
 
 @dataclass
@@ -99,9 +100,10 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
     worst = min(segments, key=margin) if segments else None
     first = next((s for s in segments if not s.passed), None)
     reason = unclaimed_reason(cfg)
-    limit, measured = SEPARATED_UP_TO[cfg.train.dtype]
+    kind = tolerance_key(cfg.train.dtype, cfg.train.precision)
+    limit, measured = SEPARATED_UP_TO[kind]
     longest = max((s.stop - s.start for s in segments), default=0)
-    note = (f"segments of up to {longest} {cfg.train.dtype} steps: in a chaotic phase of training, rounding alone can "
+    note = (f"segments of up to {longest} {kind} steps: in a chaotic phase of training, rounding alone can "
             f"grow past the tolerance in segments of more than {limit} steps (measured: {measured}); checkpoint "
             f"every {limit} steps or fewer to separate correct from broken runs in every regime measured"
             if longest > limit else "")

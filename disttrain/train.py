@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class Trainer:
         if state is not None:
             parts.sync.load_state_dict({k: state[k] for k in TENSOR_KEYS} if env.is_main else None, parts.optimizer)
             parts.scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
+            parts.scaler.load_state_dict(state.get("scaler"))  # fp16: the loss scale, the same on every rank
         self.result = result = TrainResult(model=parts.sync.model, skipped_steps=0 if state is None else
                                            state["skipped"], start_step=start, optimizer=parts.optimizer)
         logger = MetricsLogger(Path(t.out_dir), env, t.log_every, t.steps, console=self.console, start_step=start,
@@ -132,21 +134,26 @@ class Trainer:
             start_time = time.perf_counter()
             self._call("on_step_start", step)
             lr = parts.optimizer.param_groups[0]["lr"]
-            out = train_step(parts.sync, parts.optimizer, micro_batches, cfg.clip, step, loss=t.loss)
-            parts.scheduler.step()  # one schedule step per optimizer step (also when a non-finite step was skipped)
+            out = train_step(parts.sync, parts.optimizer, micro_batches, cfg.clip, step, loss=t.loss,
+                             precision=t.precision, scaler=parts.scaler)
+            with warnings.catch_warnings():  # torch warns when step 0 was skipped (non-finite, fp16 overflow)
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+                parts.scheduler.step()  # one schedule step per optimizer step (also when a step was skipped)
             result.grad_norms.append(out.grad_norm)
             result.skipped_steps += not out.stepped
             # The global mean loss, (sum of per-sample losses) / (sum of counts), is reduced over ranks for many
             # steps at once when metrics flush (metrics.py), not with a blocking collective every step.
+            extra = {"loss_scale": out.loss_scale} if parts.scaler.enabled else {}
             metrics.record(step, out.loss_sum, parts.batches.local_batch_size, lr=lr, grad_norm=out.grad_norm,
-                           skipped=result.skipped_steps, ms=round(1000 * (time.perf_counter() - start_time), 3))
+                           skipped=result.skipped_steps, ms=round(1000 * (time.perf_counter() - start_time), 3),
+                           **extra)
             self._call("on_step_end", step, out)
             done = step + 1
             stopping = any([hook.should_stop(self, done) for hook in self.hooks])  # every hook is asked
             if stopping or checkpointer.due(done, stop):
                 metrics.flush()  # metrics.jsonl holds every step up to this checkpoint before it exists
                 checkpointer.save(parts.sync, parts.optimizer, parts.scheduler, done, result.skipped_steps,
-                                  cfg.to_dict(), env.world_size)
+                                  cfg.to_dict(), env.world_size, parts.scaler.state_dict())
                 self._call("on_checkpoint", done)
             if stopping:
                 result.stopped_at = done

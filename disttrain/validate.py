@@ -7,6 +7,7 @@ run where they are built (build.preflight). Every failure is a one-line :class:`
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
@@ -69,6 +70,7 @@ def validate(cfg: Config) -> None:
     _require(t.accumulation_steps <= t.global_batch_size,
              f"train.accumulation_steps={t.accumulation_steps} exceeds train.global_batch_size="
              f"{t.global_batch_size}: every micro-batch needs at least one sample")
+    _check_precision(cfg)
     _require(sc.warmup_steps >= 0, f"schedule.warmup_steps: must be >= 0, got {sc.warmup_steps}")
     _require(sc.warmup == "none" or sc.warmup_steps <= t.steps,
              f"schedule.warmup_steps={sc.warmup_steps} exceeds train.steps={t.steps}")
@@ -88,6 +90,23 @@ def validate(cfg: Config) -> None:
     _require(not cl.before_average or c.impl == "allreduce",
              "clip.before_average: true needs comm.impl=allreduce (DDP reduces gradients during backward, "
              "before anything could clip them)")
+
+
+def is_power_of_two(x: float) -> bool:
+    return x > 0 and math.isfinite(x) and math.frexp(x)[0] == 0.5
+
+
+def _check_precision(cfg: Config) -> None:
+    t = cfg.train
+    _require(t.precision == "fp32" or t.dtype == "float32",
+             f"train.precision={t.precision} needs train.dtype=float32 (the master weights), got {t.dtype}")
+    _require(is_power_of_two(t.loss_scale),
+             f"train.loss_scale: must be a power of two (then scaling is exact), got {t.loss_scale}")
+    _require(t.loss_scale_growth_interval >= 1,
+             f"train.loss_scale_growth_interval: must be >= 1, got {t.loss_scale_growth_interval}")
+    _require(t.precision != "fp16" or cfg.clip.nonfinite == "skip",
+             "clip.nonfinite=error with train.precision=fp16: loss scaling skips the steps whose gradient "
+             "overflowed, by design (use clip.nonfinite=skip)")
 
 
 def _check_own_code(cfg: Config) -> None:

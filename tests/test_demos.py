@@ -21,7 +21,7 @@ from disttrain.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUAL, DIFFERENT = 1e-10, 1e-3
-NAMES = ["reduce", "syncbn", "warmup", "clip", "scaling", "kmeans", "parallelism"]
+NAMES = ["reduce", "syncbn", "warmup", "clip", "precision", "scaling", "kmeans", "parallelism"]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -86,6 +86,15 @@ def test_clip_after_averaging_equals_one_device_before_does_not(demos):
     assert entry["deviation"]["after"] <= EQUAL and entry["deviation"]["before"] >= DIFFERENT
     assert entry["spike"] >= 10 and entry["clipped_steps"] > 0
     assert set(entry["skipped"]) == {"none", "after", "before"}
+
+
+def test_precision_distribution_costs_little_against_the_precision_itself(demos):
+    entry = demos[0]["precision"]
+    dev, far = entry["deviation"], entry["distance_from_fp32"]
+    assert dev["fp32"] <= 1e-4 and dev["bf16"] <= 0.2 * far["bf16"] and dev["fp16"] <= 0.2 * far["fp16"]
+    assert entry["fp16_skipped_steps"] == entry["fp16_skipped_steps_one_device"] and entry["fp16_skipped_steps"]
+    scales = entry["fp16_loss_scale"]
+    assert scales[0] == 2.0 ** 24 and min(scales) < scales[0]  # overflowed at first, then backed off
 
 
 def test_scaling_fixed_global_batch_is_one_run(demos):

@@ -18,7 +18,10 @@ of each round's ratio, the loops having run back to back in it. Minor page fault
 too (the median, on the rank with most): on CPU, re-faulting the activation memory that the C allocator
 returned to the system can cost more than communication. The default setting is a CNN with
 hidden 64 in float32, global batch 256 (``--set`` changes it, as for ``disttrain train``). The hand-written
-loop does no clipping, schedule or accumulation: with those set, the trainer does more work than it.
+loop does no clipping, schedule or accumulation: with those set, the trainer does more work than it. With
+``train.precision`` bf16 or fp16 both loops autocast forward and loss, and the hand-written one scales an fp16 loss
+with torch.amp.GradScaler, as its tutorial does (its inf check is per rank: the trainer's is on the reduced
+gradient, precision.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,6 +40,7 @@ from ..build import build_data_and_model, build_optimizer
 from ..config import check_world_size, config_from_dict, load_config
 from ..data import GlobalBatches
 from ..dist import distributed
+from ..precision import autocast
 from ..randomness import sample_keys
 from ..train import Hook, Trainer
 from .common import (RunWorld, StepClock, interleaved, machine, markdown_table, non_negative_int, paired_ratios,
@@ -84,15 +89,18 @@ def hand_written_steps(cfg_dict: dict[str, Any], steps: int, warmup: int) -> Ste
         batches = GlobalBatches(dataset, cfg.train.global_batch_size, cfg.seed, env.rank, env.world_size)
         ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         optimizer = build_optimizer(ddp.parameters(), cfg.optim)
+        scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
         for step in range(warmup + steps + 1):
             clock.stamp()
             x, y, keys = batches.keyed_batch(step, env.device)
-            with sample_keys(keys):  # a model with dropout draws its masks per sample (randomness.py)
-                output = ddp(x)
-            loss = (F.mse_loss if cfg.train.loss == "mse" else F.cross_entropy)(output, y)
+            with autocast(cfg.train.precision, env.device.type):
+                with sample_keys(keys):  # a model with dropout draws its masks per sample (randomness.py)
+                    output = ddp(x)
+                loss = (F.mse_loss if cfg.train.loss == "mse" else F.cross_entropy)(output, y)
             optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
     return clock
 
 

@@ -1,0 +1,145 @@
+"""Does mixed precision break the equivalence?
+
+The same MLP and global batches (uneven slices), trained in fp32, under bf16 autocast and under fp16 autocast with
+loss scaling (float32 master weights in all three), each by W processes and by one process. Per precision: the
+deviation of the W-process run from the one-process run (what ``disttrain verify`` measures, judged against that
+precision's whole-run tolerance), and the distance of the one-process run from the fp32 one (what low precision
+itself changes): distributing must cost little against that. fp16 starts from a loss scale too large on purpose, so
+its first steps overflow and are skipped: the scale halves until the gradients fit, then grows again every few
+finite steps; every rank takes the same decisions, made on the reduced gradient (precision.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..verify import run_tolerance
+from .common import Check, Lab, Result, at_most, config, deviation, losses, metric, sci
+from .figures import ONE_DEVICE, axes, loss_axes, new_figure, save
+
+NAME = "precision"
+QUESTION = "Does mixed precision (bf16, fp16 with loss scaling) break the equivalence with one device?"
+CLAIM = ("in fp32 the W-process run equals one device within verify's tolerance; in bf16 and fp16 its deviation from "
+         "one device is at most a fifth of what the precision itself changes (the one-device run's distance from "
+         "fp32); fp16 skips the same steps on W processes as on one device")
+FRACTION = 0.2  # "small against the precision's own effect"
+PRECISIONS = ("fp32", "bf16", "fp16")
+COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728"}
+INIT_SCALE = 2.0 ** 24  # too large for these gradients: the first fp16 steps overflow
+
+
+def plan(lab: Lab, out: Path) -> Callable[[], Result]:
+    w = lab.settings.nproc
+    steps, growth = (10, 3) if lab.settings.quick else (40, 8)
+    batch = 8 * w - 1  # uneven slices: 8, 8, 8, 7 over 4 ranks
+    base = ["model.name=mlp", "model.hidden=64", "train.dtype=float32", f"train.steps={steps}", "optim.lr=0.05",
+            f"train.global_batch_size={batch}", f"train.loss_scale={INIT_SCALE!r}",
+            f"train.loss_scale_growth_interval={growth}"]
+    runs = out / "runs"
+    dist = {p: lab.train(runs / f"{p}_w{w}", config(*base, f"train.precision={p}"), w) for p in PRECISIONS}
+    one = {p: lab.train(runs / f"{p}_one", config(*base, f"train.precision={p}"), 1) for p in PRECISIONS}
+
+    def finish() -> Result:
+        dev = {p: deviation(dist[p], one[p]) for p in PRECISIONS}
+        tol = {p: run_tolerance("float32", p) for p in PRECISIONS}
+        from_fp32 = {p: deviation(one[p], one["fp32"]) for p in ("bf16", "fp16")}
+        skipped_w, skipped_one = _skipped_steps(dist["fp16"]), _skipped_steps(one["fp16"])
+        scales = metric(dist["fp16"], "loss_scale")
+        checks = [Check(f"fp32: deviation from one device {sci(dev['fp32'])} <= tolerance {tol['fp32']:.0e}",
+                        at_most(dev["fp32"], tol["fp32"]))]
+        checks += [Check(f"{p}: deviation from one device {sci(dev[p])} <= {FRACTION:g} x distance from fp32 "
+                         f"{sci(from_fp32[p])}", at_most(dev[p], FRACTION * from_fp32[p])) for p in ("bf16", "fp16")]
+        checks += [Check(f"fp16: skipped steps {skipped_w} on W={w} == {skipped_one} on one device, at least one",
+                         skipped_w == skipped_one and len(skipped_w) >= 1)]
+        within = {p: at_most(dev[p], tol[p]) for p in PRECISIONS}
+        outside = [p for p in PRECISIONS if not within[p]]
+        summary = (f"No: on B={batch} over W={w}, the W-process run deviates from one device by {sci(dev['fp32'])} "
+                   f"in fp32, {sci(dev['bf16'])} in bf16 and {sci(dev['fp16'])} in fp16, against the "
+                   f"{sci(from_fp32['bf16'])} (bf16) and {sci(from_fp32['fp16'])} (fp16) that low precision itself "
+                   f"moves one device's run; fp16 skipped steps {skipped_w} on every rank, as one device did, and its "
+                   f"scale went from {INIT_SCALE:g} to {scales[-1]:g}. Whole-run verify: "
+                   + ("every precision within its tolerance." if not outside else
+                      f"{', '.join(outside)} over its tolerance after {steps} steps (rounding grows over a run: "
+                      "step-wise verification judges long mixed-precision runs)."))
+        table = [["precision", f"deviation W={w} vs one", "verify tolerance", "one device: distance from fp32",
+                  "skipped steps", "final loss"]]
+        for p in PRECISIONS:
+            table.append([p, sci(dev[p]) + ("" if within[p] else " (over)"), f"{tol[p]:.0e}",
+                          "-" if p == "fp32" else sci(from_fp32[p]), str(metric(dist[p], "skipped")[-1]),
+                          f"{losses(dist[p])[-1]:.4f}"])
+        plots = [_plot(out, dist, one, dev, from_fp32, w, batch)]
+        return Result(
+            name=NAME, question=QUESTION, claim=CLAIM, checks=checks, summary=summary, tables=[table], plots=plots,
+            experiment=(f"An MLP (float32 weights, SGD with momentum at lr 0.05, {steps} steps, B={batch}) trained in "
+                        f"fp32, bf16 and fp16 (autocast; fp16 with a loss scale starting at {INIT_SCALE:g} and "
+                        f"doubling every {growth} finite steps) by W={w} processes and by one process on the same "
+                        "global batches. Deviation: the largest relative difference of the loss curve and the final "
+                        "parameters, as disttrain verify measures it."),
+            numbers={"world_size": w, "global_batch_size": batch, "deviation": dev, "tolerance": tol,
+                     "within_verify_tolerance": within,
+                     "distance_from_fp32": from_fp32, "fp16_skipped_steps": skipped_w,
+                     "fp16_skipped_steps_one_device": skipped_one, "fp16_loss_scale": scales,
+                     "final_loss": {p: losses(dist[p])[-1] for p in PRECISIONS}})
+
+    return finish
+
+
+def _skipped_steps(run_dir: Path) -> list[int]:
+    """The steps whose optimizer step was skipped (the cumulative count in metrics.jsonl went up)."""
+    counts = [0, *metric(run_dir, "skipped")]
+    return [s for s in range(len(counts) - 1) if counts[s + 1] > counts[s]]
+
+
+def _plot(out: Path, dist: dict[str, Path], one: dict[str, Path], dev: dict[str, float],
+          from_fp32: dict[str, float], w: int, batch: int) -> str:
+    fig, (loss_ax, gap_ax, scale_ax, bars) = new_figure(4, (20.0, 4.2))
+    for p in PRECISIONS:
+        curve, ref = losses(dist[p]), losses(one[p])
+        steps = range(1, len(curve) + 1)
+        loss_ax.plot(steps, curve, color=COLORS[p], label=f"W={w}, {p}", zorder=3)
+        loss_ax.plot(steps, ref, **{**ONE_DEVICE, "color": COLORS[p], "label": f"one device, {p}"})
+        scale = max(abs(v) for v in ref)
+        gap_ax.plot(steps, [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], color=COLORS[p],
+                    label=f"{p} (tolerance {run_tolerance('float32', p):.0e})")
+    loss_axes(loss_ax, f"loss per step, B={batch} over W={w}")
+    axes(gap_ax, f"W={w} vs one device, per step", ylabel="|loss - one device| / max loss", log=True)
+    for label, run_dir, style in ((f"W={w}", dist["fp16"], {"color": COLORS["fp16"], "zorder": 3}),
+                                  ("one device", one["fp16"], {k: v for k, v in ONE_DEVICE.items() if k != "label"})):
+        scales = metric(run_dir, "loss_scale")
+        scale_ax.step(range(1, len(scales) + 1), scales, where="mid", label=label, **style)
+        skipped = _skipped_steps(run_dir)
+        one_device = label == "one device"
+        scale_ax.scatter([s + 1 for s in skipped], [scales[s] for s in skipped], zorder=4, label=f"{label}: skipped",
+                         **({"marker": "o", "s": 110, "facecolors": "none", "edgecolors": "grey"} if one_device else
+                            {"marker": "x", "s": 50, "color": "black"}))
+    axes(scale_ax, "fp16 loss scale (marked: step skipped, overflow)", ylabel="loss scale", log=True)
+    _bars(bars, dev, from_fp32, w)
+    return save(fig, out, "precision.png")
+
+
+def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int) -> None:
+    """Per precision: W vs one device (a bar, its tolerance a dash above it), and one device's distance from fp32."""
+    labels, values, colors = [], [], []
+    for p in PRECISIONS:
+        labels.append(f"{p}\nW={w} vs 1")
+        values.append(dev[p])
+        colors.append(COLORS[p])
+    for p in ("bf16", "fp16"):
+        labels.append(f"{p} vs\nfp32 (1 dev.)")
+        values.append(from_fp32[p])
+        colors.append("#7f7f7f")
+    shown = [max(v, 1e-17) for v in values]
+    ax.bar(range(len(values)), shown, color=colors, width=0.6)
+    for i, v in enumerate(values):
+        ax.annotate(sci(v), (i, shown[i]), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
+                    textcoords="offset points")
+    for i, p in enumerate(PRECISIONS):
+        ax.hlines(run_tolerance("float32", p), i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1.2,
+                  label="verify tolerance" if i == 0 else None)
+    ax.set_yscale("log")
+    ax.set_ylim(min(shown) / 30, max(shown) * 30)
+    ax.set_xticks(range(len(values)), labels, fontsize="small")
+    ax.set_title("largest deviation (loss curve, final parameters)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small", loc="upper left")
