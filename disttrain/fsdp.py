@@ -60,6 +60,9 @@ def _whole(norm: torch.Tensor) -> torch.Tensor:
 class FSDPSync(GradSync):
     """FSDP2 ``fully_shard`` per block and on the root, reducing with a SUM (see the module docstring)."""
 
+    # The reduce-scatters belong to FSDP: a stop request (stop.py) is reduced by a small all_reduce of its own.
+    carries_control = False
+
     def __init__(self, module: nn.Module, spec: ReduceSpec, env: DistEnv, loss_divisor: int,
                  reshard_after_forward: bool):
         if not any(p.requires_grad for p in module.parameters()):

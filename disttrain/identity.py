@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import Config
+
 # Keys that change where, on what and how a run executes or reports, never the trajectory it computes: they may
 # differ between a run and its resumption, and between a run and what `verify --against` compares it with.
 # (comm.impl and comm.bucket_mb regroup the same sums; the device changes rounding, not the mathematics.)
@@ -33,8 +35,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def trajectory_differences(ours: dict[str, Any], theirs: dict[str, Any], also_allowed: frozenset[str] = frozenset()
                            ) -> list[str]:
-    """The dotted keys of two config dicts that differ and would change the training trajectory."""
-    a, b = flatten(ours), flatten(theirs)
+    """The dotted keys of two config dicts that differ and would change the training trajectory.
+
+    A key that one of them lacks (a run written before the key existed) counts as its default: that run computed
+    what the default computes, so a checkpoint outlives the addition of keys to the config."""
+    defaults = flatten(Config().to_dict())
+    a, b = {**defaults, **flatten(ours)}, {**defaults, **flatten(theirs)}
     allowed = EXECUTION_KEYS | also_allowed
     return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k) != b.get(k))
 

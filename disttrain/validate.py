@@ -104,6 +104,10 @@ def _check_precision(cfg: Config) -> None:
              f"train.loss_scale: must be a power of two (then scaling is exact), got {t.loss_scale}")
     _require(t.loss_scale_growth_interval >= 1,
              f"train.loss_scale_growth_interval: must be >= 1, got {t.loss_scale_growth_interval}")
+    # fp16 decides overflow on the whole reduced gradient (precision.py); under fsdp no rank holds it whole.
+    _require(t.precision != "fp16" or cfg.comm.impl != "fsdp",
+             "train.precision=fp16 with comm.impl=fsdp: the loss scaler decides overflow on the whole reduced "
+             "gradient, which no rank holds under fsdp; use bf16 (no loss scaling) with fsdp")
     _require(t.precision != "fp16" or cfg.clip.nonfinite == "skip",
              "clip.nonfinite=error with train.precision=fp16: loss scaling skips the steps whose gradient "
              "overflowed, by design (use clip.nonfinite=skip)")

@@ -183,3 +183,19 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key, *_ in reference_table() if f"`{key}`" not in readme]
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_a_key_a_run_predates_counts_as_its_default():
+    """Checkpoints and runs written before a config key existed compare as if they had its default."""
+    from disttrain.identity import trajectory_differences
+
+    ours = load_config(None, []).to_dict()
+    older = {section: dict(v) if isinstance(v, dict) else v for section, v in ours.items()}
+    del older["train"]["precision"], older["data"]["path"]
+    assert trajectory_differences(ours, older) == []
+    assert trajectory_differences(load_config(None, ["train.precision=bf16"]).to_dict(), older) == ["train.precision"]
+
+
+def test_fp16_with_fsdp_is_refused():
+    with pytest.raises(ConfigError, match=r"^train\.precision=fp16 with comm\.impl=fsdp: the loss scaler decides"):
+        load_config(None, ["train.precision=fp16", "comm.impl=fsdp"])
