@@ -15,6 +15,7 @@ checkpoint there). Benchmarks time steps through one; tests inject faults throug
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ class Trainer:
             out = train_step(parts.sync, parts.optimizer, micro_batches, cfg.clip, step, loss=t.loss,
                              precision=t.precision, scaler=parts.scaler)
             with warnings.catch_warnings():  # torch warns when step 0 was skipped (non-finite, fp16 overflow)
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
                 parts.scheduler.step()  # one schedule step per optimizer step (also when a step was skipped)
             result.grad_norms.append(out.grad_norm)
             result.skipped_steps += not out.stepped

@@ -52,7 +52,7 @@ def test_demo_all_writes_summary_results_and_plots(demos):
         for plot in entry["plots"]:
             width, height = png_size(out / name / plot)
             assert width >= 1000 and height >= 400
-    assert "7/7 claims hold" in stderr
+    assert "8/8 claims hold" in stderr
 
 
 def test_reduce_only_the_count_weighted_mean_equals_one_device(demos):

@@ -147,7 +147,7 @@ def _plot(out: Path, dev: dict, held: dict, comm: dict, sweep: tuple[int, ...], 
     fig, (dev_ax, held_ax, comm_ax) = new_figure(3, (15.0, 4.2))
     keys = list(WAYS)
     deviation_bars(dev_ax, [k for k in keys], [dev[k] for k in keys], [COLORS[k] for k in keys],
-                   f"deviation from one device (W={w})")
+                   f"deviation from one device (W={w})", "way of distributing the model")
     held_ax.bar(range(len(keys)), [held[k] / 1024 for k in keys], color=[COLORS[k] for k in keys], width=0.6)
     held_ax.set_xticks(range(len(keys)), keys)
     held_ax.set_ylabel("KiB per rank")
