@@ -15,6 +15,8 @@ import logging
 import os
 import re
 import signal
+import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,7 +57,17 @@ def _train_task(env: Any, cfg_dict: dict[str, Any], console: bool, resume: bool 
 def _train_or_stop_task(env: Any, cfg_dict: dict[str, Any], resume: bool, stop_at: int | None) -> int | None:
     from .stop import train_or_stop
 
-    return train_or_stop(config_from_dict(cfg_dict), env, resume=resume, stop_at=stop_at)
+    signum = train_or_stop(config_from_dict(cfg_dict), env, resume=resume, stop_at=stop_at)
+    if signum is not None:
+        # A worker hands its return value to torch's agent through a pipe, then waits for the agent to say it has
+        # read them all. An agent that got the signal itself no longer reads: it would wait out its shutdown timeout
+        # (30 s) and kill the worker. The checkpoint is durable and the value is in the pipe by now, so leave soon.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        timer = threading.Timer(2.0, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+    return signum
 
 
 def one_thread(env: Any) -> None:

@@ -108,6 +108,8 @@ def test_sigterm_to_the_launcher_checkpoints_and_resume_is_bitwise(pools, tmp_pa
     name, step, path = match.group(1), int(match.group(2)), Path(match.group(3))
     assert name == "SIGTERM" and path == stopped / "checkpoints" / f"step_{step:08d}.pt" and path.is_file()
     assert "Traceback" not in err and "death signal" not in err  # the agent's records went to launcher.log
+    # The workers left by themselves once stopped; the agent did not have to wait out its timeout and kill them.
+    assert "forcefully exiting" not in (stopped / "launcher.log").read_text()
     steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(step))  # every step up to the stop is logged, none after
 
