@@ -137,9 +137,12 @@ class Trainer:
             lr = parts.optimizer.param_groups[0]["lr"]
             out = train_step(parts.sync, parts.optimizer, micro_batches, cfg.clip, step, loss=t.loss,
                              precision=t.precision, scaler=parts.scaler)
-            with warnings.catch_warnings():  # torch warns when step 0 was skipped (non-finite, fp16 overflow)
-                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
-                parts.scheduler.step()  # one schedule step per optimizer step (also when a step was skipped)
+            if out.stepped:
+                parts.scheduler.step()  # one schedule step per optimizer step
+            else:  # skipped (non-finite, fp16 overflow): the schedule still moves on; torch warns if step 0 was
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                    parts.scheduler.step()
             result.grad_norms.append(out.grad_norm)
             result.skipped_steps += not out.stepped
             # The global mean loss, (sum of per-sample losses) / (sum of counts), is reduced over ranks for many
