@@ -8,9 +8,9 @@ import socket
 import torch
 
 from disttrain.config import config_from_dict, load_config
-from disttrain.dist import distributed
-from disttrain.train import run
-from disttrain.verify import relative_difference
+from disttrain.parallel.env import distributed
+from disttrain.run.train import run
+from disttrain.verify.whole import relative_difference
 
 
 def train_on_rank(cfg_dict: dict) -> tuple[dict[str, torch.Tensor], list[float]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from disttrain.verify import tolerance
+from disttrain.verify.whole import tolerance
 from tests.harness import WorkerPool
 from tests.measure_stepwise import BROKEN, MODELS, _errors, _train
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from disttrain.config import load_config
-from disttrain.stepwise import check_segments, tolerance
+from disttrain.verify.stepwise import check_segments, tolerance
 from tests.harness import WorkerPool
 from tests.stepwise_runs import train_run
 

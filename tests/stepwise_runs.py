@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from disttrain import train
-from disttrain.comm import GradSync
+from disttrain.run import train
+from disttrain.parallel.sync import GradSync
 from disttrain.config import config_from_dict
-from disttrain.dist import distributed
-from disttrain.train import Hook
+from disttrain.parallel.env import distributed
+from disttrain.run.train import Hook
 
 
 class SkipOneAllReduce(GradSync):

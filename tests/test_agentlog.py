@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from disttrain.agentlog import describe_exit, restart_lines
+from disttrain.parallel.agentlog import describe_exit, restart_lines
 
 
 def _agent_logs_a_restart(failures: list[tuple[int, int]], left: int, total: int) -> None:

@@ -17,10 +17,10 @@ from disttrain.bench import BENCHMARKS
 from disttrain.bench import main as bench_main
 from disttrain.bench.step import EVERY_STEP
 from disttrain.config import load_config
-from disttrain.dist import DistEnv, distributed
-from disttrain.metrics import MetricsLogger, StepMetrics
-from disttrain.runlog import read_metrics
-from disttrain.train import run
+from disttrain.parallel.env import DistEnv, distributed
+from disttrain.observe.metrics import MetricsLogger, StepMetrics
+from disttrain.observe.runlog import read_metrics
+from disttrain.run.train import run
 
 TINY = ["--set", "model.hidden=4", "--set", "train.global_batch_size=8", "--set", "data.num_samples=16"]
 
@@ -129,7 +129,7 @@ def test_bench_lists_names_and_rejects_usage_errors(capsys):
 # ---------------------------------------------------------------------- one thread per launched worker
 
 def test_one_thread_per_worker_unless_the_user_says_otherwise(monkeypatch):
-    from disttrain.launcher import one_thread_per_worker
+    from disttrain.parallel.launch import one_thread_per_worker
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with one_thread_per_worker(2):
@@ -149,11 +149,13 @@ def report_threads(tasks: list, device: str, timeout_s: float) -> list[tuple[str
 
 
 def test_launched_workers_get_one_intra_op_thread(monkeypatch):
-    import disttrain.launcher as launcher
+    import disttrain.parallel.launch as launcher
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(launcher, "_run_tasks", report_threads)
-    assert launcher.launch_local(load_config(None, []), 2) == ("1", 1)
+    from disttrain.run.tasks import launch_local
+
+    assert launch_local(load_config(None, []), 2) == ("1", 1)
 
 
 # ---------------------------------------------------------------------- batched reduction of the logged loss
@@ -226,7 +228,7 @@ def test_flush_at_any_step_puts_every_step_on_disk(tmp_path):
 
 
 def grad_sync_kind(cfg_dict: dict) -> str:
-    from disttrain.comm import build_grad_sync
+    from disttrain.parallel.strategies import build_grad_sync
     from disttrain.config import config_from_dict
 
     cfg = config_from_dict(cfg_dict)

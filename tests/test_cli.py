@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from disttrain.cli import main as cli_main
-from disttrain.verify import relative_difference
+from disttrain.cli.main import main as cli_main
+from disttrain.verify.whole import relative_difference
 from tests.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

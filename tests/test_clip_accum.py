@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from disttrain.build import build
+from disttrain.run.build import build
 from disttrain.config import config_from_dict, load_config
-from disttrain.dist import distributed
-from disttrain.step import train_step
-from disttrain.train import Hook, Trainer
-from disttrain.verify import unclaimed_reason
+from disttrain.parallel.env import distributed
+from disttrain.run.step import train_step
+from disttrain.run.train import Hook, Trainer
+from disttrain.verify.whole import unclaimed_reason
 from tests.common import max_rel_diff
 
 BASE = ["train.global_batch_size=30", "train.steps=8", "train.device=cpu", "data.num_samples=90",

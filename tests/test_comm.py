@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from disttrain.comm import AllReduceSync, build_grad_sync
+from disttrain.parallel.allreduce import AllReduceSync
+from disttrain.parallel.strategies import build_grad_sync
 from disttrain.config import load_config
-from disttrain.data import GlobalBatches, build_dataset
-from disttrain.dist import distributed
-from disttrain.models import build_model
+from disttrain.data.dataset import build_dataset
+from disttrain.data.loader import GlobalBatches
+from disttrain.parallel.env import distributed
+from disttrain.models.build import build_model
 
 MODEL = ["model.name=cnn", "data.num_samples=64", "train.dtype=float64", "train.device=cpu"]
 
@@ -99,8 +101,8 @@ def test_reduce_modes_uneven_split(pools, impl):
 
 
 def test_mean_divides_the_summed_loss_by_the_global_batch():
-    from disttrain.comm import LocalSync
-    from disttrain.dist import DistEnv
+    from disttrain.parallel.sync import LocalSync
+    from disttrain.parallel.env import DistEnv
 
     env = DistEnv(rank=1, local_rank=1, world_size=4, device=torch.device("cpu"), backend="gloo")
     cfg = load_config(None, ["comm.impl=allreduce"])  # built without DDP: no process group needed
@@ -142,7 +144,7 @@ def test_explicit_path_one_all_reduce_per_bucket(pools):
 
 
 def summed_over_ranks() -> list[float]:
-    from disttrain.comm import sum_over_ranks
+    from disttrain.parallel.collectives import sum_over_ranks
 
     with distributed("cpu") as env:
         return sum_over_ranks(torch.tensor([float(env.rank), 1.0], dtype=torch.float64), env).tolist()

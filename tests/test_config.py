@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from disttrain.cli import main
-from disttrain.config import Config, ConfigError, check_world_size, config_from_dict, load_config, reference_table
+from disttrain.cli.main import main
+from disttrain.config import Config, ConfigError, check_world_size
+from disttrain.config import config_from_dict, load_config, reference_table
 
 
 def write(tmp_path, text: str, name: str = "c.yaml"):
@@ -187,7 +188,7 @@ def test_readme_documents_every_key():
 
 def test_a_key_a_run_predates_counts_as_its_default():
     """Checkpoints and runs written before a config key existed compare as if they had its default."""
-    from disttrain.identity import trajectory_differences
+    from disttrain.config.identity import trajectory_differences
 
     ours = load_config(None, []).to_dict()
     older = {section: dict(v) if isinstance(v, dict) else v for section, v in ours.items()}

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from disttrain.config import ConfigError, DataConfig
-from disttrain.data import (GlobalBatches, build_dataset, epoch_permutation, global_batch_indices, local_batch_size,
-                            local_slice)
+from disttrain.data.batching import epoch_permutation, global_batch_indices, local_batch_size, local_slice
+from disttrain.data.dataset import build_dataset
+from disttrain.data.loader import GlobalBatches
 
 
 @pytest.mark.parametrize("B, W", [(30, 4), (32, 2), (7, 7), (10, 3), (1, 1), (13, 5)])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from disttrain.cli import main
+from disttrain.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUAL, DIFFERENT = 1e-10, 1e-3

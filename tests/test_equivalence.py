@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from disttrain.config import load_config
-from disttrain.verify import TOLERANCE
+from disttrain.verify.whole import TOLERANCE
 from tests.common import max_rel_diff, reference, train_on_rank
 
 STEPS = 12

@@ -12,15 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from disttrain.cli import main
-from disttrain.config import ConfigError, load_config
-from disttrain.data import GlobalBatches, build_dataset
-from disttrain.dist import distributed
+from disttrain.cli.main import main
+from disttrain.config import ConfigError
+from disttrain.config import load_config
+from disttrain.data.dataset import build_dataset
+from disttrain.data.loader import GlobalBatches
+from disttrain.parallel.env import distributed
 from disttrain.factory import resolve
-from disttrain.models import build_model
+from disttrain.models.build import build_model
 from disttrain.randomness import SampleDropout
-from disttrain.syncbn import SyncBatchNorm
-from disttrain.train import run
+from disttrain.parallel.syncbn import SyncBatchNorm
+from disttrain.run.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from disttrain.build import build
-from disttrain.cli import main as cli_main
-from disttrain.config import ConfigError, config_from_dict, load_config
-from disttrain.dist import distributed
-from disttrain.train import Trainer
+from disttrain.run.build import build
+from disttrain.cli.main import main as cli_main
+from disttrain.config import ConfigError
+from disttrain.config import config_from_dict, load_config
+from disttrain.parallel.env import distributed
+from disttrain.run.train import Trainer
 from tests.common import max_rel_diff
 
 # B=31: W=2 gives slices 16/15, W=3 gives 11/10/10 (and micro-batches of 6/5 and 5/5 with accumulation 2).
@@ -91,7 +92,7 @@ def test_resume_across_ddp_fsdp_and_world_sizes(pools, tmp_path):
         assert max_rel_diff(out["model"], ref["model"]) <= 1e-10, name
         assert optimizer_difference(out["optimizer"], ref["optimizer"]) <= 1e-10, name
     # Step-wise verification reads the checkpoint the fsdp ranks wrote at step 4 (run b): one process retrains 2 -> 4.
-    from disttrain.stepwise import check_segments
+    from disttrain.verify.stepwise import check_segments
 
     (segment,) = check_segments(config_from_dict(config(tmp_path, "b", *overrides)), tmp_path / "b", [(2, 4)],
                                 "float64")
@@ -166,7 +167,7 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path):
     # that lacks tensors of the model is refused in one line, on every rank, before any is loaded.
     cfg = config(tmp_path, "b", "train.checkpoint_every=2")
     train_state(cfg, stop_at=2)
-    from disttrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from disttrain.checkpoint.format import checkpoint_path, load_checkpoint, save_checkpoint
 
     state = load_checkpoint(checkpoint_path(tmp_path / "b", 2))
     del state["model"]["head.bias"]
@@ -181,7 +182,7 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path):
 def test_replayed_block_draws_with_the_call_counts_of_its_forward():
     """One dropout layer used twice in a forward: the second block's replay must draw as call 1 again, whether the
     backward runs inside the forward's sample_keys (counts already advanced) or outside it (no keys at all)."""
-    from disttrain.blocks import enable_recompute
+    from disttrain.parallel.blocks import enable_recompute
     from disttrain.randomness import SampleDropout, SampleKeys, assign_streams, sample_keys
 
     def grads(recompute: bool, backward_inside: bool) -> list[torch.Tensor]:

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from disttrain.build import build_data
-from disttrain.cli import main
-from disttrain.config import DataConfig, load_config
-from disttrain.data import GlobalBatches, build_dataset
+from disttrain.run.build import build_data
+from disttrain.cli.main import main
+from disttrain.config import DataConfig
+from disttrain.config import load_config
+from disttrain.data.dataset import build_dataset
+from disttrain.data.loader import GlobalBatches
 from disttrain.data.arrays import ArraySource
-from disttrain.dist import distributed
-from disttrain.launcher import launch_local
-from disttrain.train import run
+from disttrain.parallel.env import distributed
+from disttrain.run.tasks import launch_local
+from disttrain.run.train import run
 from tests.common import max_rel_diff
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -41,7 +41,7 @@ class TorchDropout(nn.Dropout):
 
 
 def train_with_torch_dropout(cfg_dict: dict):
-    import disttrain.models as models
+    import disttrain.models.layers as models
 
     real = models.SampleDropout
     models.SampleDropout = TorchDropout

@@ -10,12 +10,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from disttrain.checkpoint import list_checkpoints, load_checkpoint
-from disttrain.config import ConfigError, config_from_dict, load_config
-from disttrain.dist import distributed
-from disttrain.precision import LossScaler
-from disttrain.syncbn import SyncBatchNorm
-from disttrain.train import Hook, Trainer
+from disttrain.checkpoint.format import list_checkpoints, load_checkpoint
+from disttrain.config import ConfigError
+from disttrain.config import config_from_dict, load_config
+from disttrain.parallel.env import distributed
+from disttrain.run.precision import LossScaler
+from disttrain.parallel.syncbn import SyncBatchNorm
+from disttrain.run.train import Hook, Trainer
 from tests.common import max_rel_diff
 
 # A small MLP, B=31 (uneven over 2 and 3 ranks), fp16 with a scale that grows every 2 finite steps.
@@ -41,7 +42,7 @@ def test_precision_config_errors(overrides, message):
 
 
 def test_precision_config_errors_exit_2(capsys):
-    from disttrain.cli import main
+    from disttrain.cli.main import main
 
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # float64
     assert main(["train", str(demo), "--set", "train.precision=fp16"]) == 2
@@ -163,7 +164,7 @@ def test_fp16_overflow_on_one_rank_skips_on_every_rank(pools, tmp_path):
         assert out["scales"] == expected_scales and out["skipped"] == 1
         for key in out["state"]:  # the ranks never parted
             assert torch.equal(out["state"][key], per_rank[0]["state"][key]), key
-    from disttrain.runlog import read_metrics
+    from disttrain.observe.runlog import read_metrics
 
     records = read_metrics(tmp_path / "dist")
     assert [r["loss_scale"] for r in records] == expected_scales
@@ -239,7 +240,7 @@ def _train_into(cfg_dict: dict) -> None:
 
 
 def test_bf16_run_is_judged_against_a_bf16_one_process_run(pools, tmp_path):
-    from disttrain.verify import compare_runs, run_tolerance
+    from disttrain.verify.whole import compare_runs, run_tolerance
 
     ref_cfg = load_config(None, [*VERIFY, f"train.out_dir={tmp_path / 'ref'}"])
     _train_into(ref_cfg.to_dict())
@@ -269,7 +270,7 @@ def test_bf16_run_is_judged_against_a_bf16_one_process_run(pools, tmp_path):
 
 
 def test_stepwise_reference_dtype_of_a_mixed_precision_run(tmp_path):
-    from disttrain.stepwise import verify_stepwise
+    from disttrain.verify.stepwise import verify_stepwise
 
     cfg = load_config(None, [*VERIFY, f"train.out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"^--reference-dtype float64: a train\.precision=bf16 run is retrained in "

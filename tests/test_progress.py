@@ -13,9 +13,9 @@ import termios
 
 import torch
 
-from disttrain.dist import DistEnv
-from disttrain.metrics import MetricsLogger
-from disttrain.progress import Progress
+from disttrain.parallel.env import DistEnv
+from disttrain.observe.metrics import MetricsLogger
+from disttrain.observe.progress import Progress
 
 
 class FakeTerminal(io.StringIO):

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from disttrain.config import DataConfig
-from disttrain.data import GlobalBatches, augment_images, build_dataset
-from disttrain.randomness import (SampleDropout, SampleKeys, _mix32_, convert_dropout, mix32, random_bits, sample_keys,
-                                  uniform)
+from disttrain.data.augment import augment_images
+from disttrain.data.dataset import build_dataset
+from disttrain.data.loader import GlobalBatches
+from disttrain.randomness import SampleDropout, SampleKeys, _mix32_, convert_dropout, mix32, random_bits, sample_keys, uniform
 
 
 def keys(n: int, step: int = 0, seed: int = 0, start: int = 0) -> SampleKeys:

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from disttrain import bench, cli, demos, plot
-from disttrain.config import check_world_size, load_config
+from disttrain import bench, demos
+from disttrain.cli import main as cli
+from disttrain.observe import plot
+from disttrain.config import check_world_size
+from disttrain.config import load_config
 from disttrain.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

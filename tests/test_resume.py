@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from disttrain.checkpoint import (CheckpointError, atomic_save, checkpoint_path, list_checkpoints, load_checkpoint, newest_readable,
-                                  save_checkpoint)
-from disttrain.cli import main as cli_main
+from disttrain.checkpoint.format import CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint, newest_readable, save_checkpoint
+from disttrain.checkpoint.files import atomic_save
+from disttrain.cli.main import main as cli_main
 from disttrain.config import config_from_dict, load_config
-from disttrain.dist import distributed
-from disttrain.runlog import read_metrics
-from disttrain.train import run
-from disttrain.verify import compare_runs
+from disttrain.parallel.env import distributed
+from disttrain.observe.runlog import read_metrics
+from disttrain.run.train import run
+from disttrain.verify.whole import compare_runs
 from tests.common import free_port, max_rel_diff
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -395,7 +395,7 @@ def test_torchrun_elastic_membership_survivor_finishes_alone(tmp_path):
 def _decide_with_restart_count(cfg_dict: dict, count_on_rank_1: str) -> object:
     import os
 
-    from disttrain.resume import resume_state
+    from disttrain.checkpoint.resume import resume_state
 
     cfg = config_from_dict(cfg_dict)
     with distributed("cpu", 20.0) as env:

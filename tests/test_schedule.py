@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from disttrain.config import ConfigError, ScheduleConfig, load_config
-from disttrain.schedule import base_lr, build_scheduler, lr_at
+from disttrain.config import ConfigError, ScheduleConfig
+from disttrain.config import load_config
+from disttrain.optim.schedule import base_lr, build_scheduler, lr_at
 
 WARMUPS = ["none", "linear", "constant", "exponential"]
 DECAYS = ["constant", "cosine", "linear", "poly", "step"]

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from disttrain.checkpoint import checkpoint_path, list_checkpoints
-from disttrain.cli import main as cli_main
+from disttrain.checkpoint.format import checkpoint_path, list_checkpoints
+from disttrain.cli.main import main as cli_main
 from disttrain.config import load_config
-from disttrain.stepwise import Segment, summarize, tolerance, verify_stepwise
-from disttrain.verify import compare_runs
+from disttrain.verify.stepwise import Segment, summarize, tolerance, verify_stepwise
+from disttrain.verify.whole import compare_runs
 from tests.stepwise_runs import train_run
 from tests.common import free_port
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from disttrain.cli import main
+from disttrain.cli.main import main
 from disttrain.config import config_from_dict, load_config
-from disttrain.dist import distributed
-from disttrain.stop import GracefulStop, train_or_stop
-from disttrain.train import Hook, run
+from disttrain.parallel.env import distributed
+from disttrain.run.stop import GracefulStop
+from disttrain.run.tasks import train_or_stop
+from disttrain.run.train import Hook, run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -149,7 +150,7 @@ def test_single_process_stop_returns_the_signal(tmp_path, capsys):
 
     cfg = _cfg(tmp_path, "train.steps=50")
     with distributed("cpu") as env:
-        import disttrain.stop as stop_module
+        import disttrain.run.tasks as stop_module
 
         original = stop_module.run
         stop_module.run = lambda *a, hooks, **k: original(*a, hooks=[Signal(), *hooks], **k)
@@ -207,7 +208,7 @@ class AfterStep(Hook):
 
 
 def _with_hook(monkeypatch, hook: Hook) -> None:
-    import disttrain.stop as stop_module
+    import disttrain.run.tasks as stop_module
 
     original = stop_module.run
     monkeypatch.setattr(stop_module, "run", lambda *a, hooks, **k: original(*a, hooks=[hook, *hooks], **k))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-from disttrain.syncbn import BatchNormXd, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from disttrain.parallel.syncbn import BatchNormXd, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 EXACT = 1e-10  # float64 equivalence
 STEPS = 3

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from disttrain.checkpoint import save_final
+from disttrain.checkpoint.format import save_final
 from disttrain.config import load_config
-from disttrain.verify import TOLERANCE, compare_runs, relative_difference
+from disttrain.verify.whole import TOLERANCE, compare_runs, relative_difference
 
 
 def make_run(path, weight: torch.Tensor, losses: list[float], cfg, world_size: int):

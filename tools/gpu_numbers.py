@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from disttrain.config import load_config
-from disttrain.dist import distributed
-from disttrain.train import run
-from disttrain.verify import relative_difference, state_difference, tolerance
+from disttrain.config.parse import load_config
+from disttrain.parallel.env import distributed
+from disttrain.run.train import run
+from disttrain.verify.whole import relative_difference, state_difference, tolerance
 
 BASE = ["model.name=cnn", "model.norm=syncbn", "model.hidden=16", "train.global_batch_size=32", "train.steps=10",
         "optim.lr=0.05", "data.num_samples=256", "train.checkpoint_every=0"]
@@ -68,7 +68,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dy: torch.Tens
 def _one(impl: str, x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, dy: torch.Tensor, group) -> dict:
     from torch.nn.modules._functions import SyncBatchNorm as TorchFunction
 
-    from disttrain.syncbn import _SyncBatchNormFunction
+    from disttrain.parallel.syncbn import _SyncBatchNormFunction
 
     c = x.shape[1]
     w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()

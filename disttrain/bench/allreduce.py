@@ -20,8 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .common import (RunWorld, byte_sizes, format_bytes, machine, markdown_table, positive_int, positive_ints,
-                     spawn_world, time_calls)
+from .common import RunWorld, byte_sizes, format_bytes, machine, markdown_table, positive_int, positive_ints, spawn_world, time_calls
 
 DEFAULT_SIZES = tuple(2**10 * 4**i for i in range(9))  # 1 KiB, 4 KiB, ..., 64 MiB
 

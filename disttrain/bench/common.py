@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..launcher import launch_local_tasks, one_thread
+from ..parallel.launch import launch_local_tasks, one_thread
 
 RunWorld = Callable[..., list[Any]]
 

@@ -45,15 +45,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..build import build_data
-from ..config import Config, load_config
-from ..data import GlobalBatches
+from ..run.build import build_data
+from ..config.schema import Config
+from ..config.parse import load_config
+from ..data.loader import GlobalBatches
 from ..data.export import export_digits
-from ..dist import DistEnv
+from ..parallel.env import DistEnv
 from ..errors import ConfigError, RunFailure
-from ..train import Hook, Trainer
-from .common import (RunWorld, StepClock, interleaved, machine, markdown_table, paired_ratios, positive_int,
-                     positive_ints, slowest_median_ms, spawn_world)
+from ..run.train import Hook, Trainer
+from .common import RunWorld, StepClock, interleaved, machine, markdown_table, paired_ratios, positive_int, positive_ints, slowest_median_ms, spawn_world
 from .step import StampSteps
 
 DIGITS = 1797  # images in the exported digits

@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..build import build
-from ..config import load_config
-from ..dist import distributed
+from ..run.build import build
+from ..config.parse import load_config
+from ..parallel.env import distributed
 from ..randomness import sample_keys
-from ..step import summed_loss, train_step
+from ..run.step import summed_loss, train_step
 from .common import RunWorld, machine, markdown_table, positive_int, positive_ints, spawn_world
 
 MODELS = {

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..build import build
-from ..config import load_config
-from ..data import augment_images
-from ..dist import DistEnv
+from ..run.build import build
+from ..config.parse import load_config
+from ..data.augment import augment_images
+from ..parallel.env import DistEnv
 from ..randomness import SampleDropout, SampleKeys, assign_streams, sample_keys
-from ..step import train_step
+from ..run.step import train_step
 from .common import RunWorld, machine, markdown_table, positive_int, spawn_world
 
 VARIANTS = {

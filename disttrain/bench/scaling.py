@@ -17,7 +17,8 @@ import statistics
 import tempfile
 from typing import Any
 
-from ..config import check_world_size, config_from_dict
+from ..config.validate import check_world_size
+from ..config.parse import config_from_dict
 from .common import RunWorld, markdown_table, spawn_world
 from .step import add_run_arguments, bench_config, run_result, trainer_steps
 

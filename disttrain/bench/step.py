@@ -36,15 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ..build import build_data_and_model, build_optimizer
-from ..config import check_world_size, config_from_dict, load_config
-from ..data import GlobalBatches
-from ..dist import distributed
-from ..precision import autocast
+from ..run.build import build_data_and_model
+from ..optim.optimizer import build_optimizer
+from ..config.validate import check_world_size
+from ..config.parse import config_from_dict, load_config
+from ..data.loader import GlobalBatches
+from ..parallel.env import distributed
+from ..run.precision import autocast
 from ..randomness import sample_keys
-from ..train import Hook, Trainer
-from .common import (RunWorld, StepClock, interleaved, machine, markdown_table, non_negative_int, paired_ratios,
-                     positive_int, positive_ints, slowest_median_ms, spawn_world)
+from ..run.train import Hook, Trainer
+from .common import RunWorld, StepClock, interleaved, machine, markdown_table, non_negative_int, paired_ratios, positive_int, positive_ints, slowest_median_ms, spawn_world
 
 EVERY_STEP = "disttrain, loss reduced every step"
 HAND = "hand-written DDP"

@@ -25,9 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..syncbn import BatchNormXd, SyncBatchNorm
-from .common import (RunWorld, interleaved, machine, markdown_table, positive_int, positive_ints, slowest_median_ms,
-                     spawn_world, time_calls)
+from ..parallel.syncbn import BatchNormXd, SyncBatchNorm
+from .common import RunWorld, interleaved, machine, markdown_table, positive_int, positive_ints, slowest_median_ms, spawn_world, time_calls
 
 # ResNet-like activations per rank: (N, H=W) by channel count.
 DEFAULT_SHAPES = {64: (16, 16), 256: (16, 8)}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config.schema import DataConfig
 from ..errors import ConfigError
 from .disk import DataReadError, Normalize, data_dir, subset
 from .source import Source
@@ -90,4 +90,10 @@ class ArraySource(Source):
         return self.normalize(inputs), targets
 
 
-__all__ = ["ArraySource"]
+
+def open_source(cfg: DataConfig, model_name: str, seed: int, dtype: torch.dtype, loss: str) -> ArraySource:
+    """The format's entry in formats.FORMATS."""
+    return ArraySource(cfg, seed, dtype, loss)
+
+
+__all__ = ["ArraySource", "open_source"]

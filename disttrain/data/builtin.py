@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from ..config import DataConfig
+from ..config.schema import DataConfig
 from ..errors import ConfigError
+from .source import Dataset, Source
 
 
 def synthetic(cfg: DataConfig, image: bool, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -34,3 +36,9 @@ def digits(cfg: DataConfig, image: bool, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 BUILTIN = {"synthetic": synthetic, "digits": digits}
+
+
+def open_source(cfg: DataConfig, model_name: str, seed: int, dtype: torch.dtype, loss: str) -> Source:
+    """Vectors for the mlp, (C, 8, 8) images for every other model; held in memory."""
+    x, y, num_classes = BUILTIN[cfg.name](cfg, model_name != "mlp", seed)
+    return Dataset(torch.as_tensor(x, dtype=dtype), torch.as_tensor(y, dtype=torch.long), num_classes)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config.schema import DataConfig
 from ..errors import ConfigError, RunFailure
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config.schema import DataConfig
 from ..errors import ConfigError
 from .disk import DataReadError, Normalize, data_dir, subset
 from .source import Source
@@ -88,4 +88,10 @@ class ImageFolderSource(Source):
         return self.normalize(x.contiguous()), self.labels[torch.as_tensor(indices)]
 
 
-__all__ = ["ImageFolderSource", "scan", "EXTENSIONS"]
+
+def open_source(cfg: DataConfig, model_name: str, seed: int, dtype: torch.dtype, loss: str) -> ImageFolderSource:
+    """The format's entry in formats.FORMATS."""
+    return ImageFolderSource(cfg, seed, dtype)
+
+
+__all__ = ["ImageFolderSource", "scan", "EXTENSIONS", "open_source"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config.schema import DataConfig
 from ..errors import ConfigError
 from ..factory import call_factory
 from ..randomness import SampleKeys

@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "disttrain demo") -> int
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..dist import launched_by_torchrun
-    from ..plot import require_matplotlib
+    from ..parallel.env import launched_by_torchrun
+    from ..observe.plot import require_matplotlib
 
     if args.name != "all" and args.name not in DEMOS:
         raise ConfigError(f"demo: unknown demo {args.name!r} (choose from {', '.join(DEMOS)}, or all)")

@@ -23,14 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..build import build_data_and_model
-from ..checkpoint import load_final
-from ..config import Config, config_from_dict, load_config
-from ..dist import DistEnv, distributed
-from ..launcher import launch_local_tasks, one_thread
-from ..runlog import read_metrics
-from ..train import run
-from ..verify import compare_runs
+from ..run.build import build_data_and_model
+from ..checkpoint.format import load_final
+from ..config.schema import Config
+from ..config.parse import config_from_dict, load_config
+from ..parallel.env import DistEnv, distributed
+from ..parallel.launch import launch_local_tasks, one_thread
+from ..observe.runlog import read_metrics
+from ..run.train import run
+from ..verify.whole import compare_runs
 
 EQUAL = 1e-10  # float64: "equals one device" (verify's tolerance); measured runs agree to ~1e-15
 DIFFERENT = 1e-3  # "differs": a relative deviation at least this large

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..plot import finite, new_figure, save_figure
+from ..observe.plot import finite, new_figure, save_figure
 from .common import DIFFERENT, EQUAL
 
 __all__ = ["COLORS", "ONE_DEVICE", "axes", "deviation_bars", "finite", "loss_axes", "new_figure", "save"]

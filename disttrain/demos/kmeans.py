@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..comm import sum_over_ranks
-from ..dist import DistEnv
+from ..parallel.collectives import sum_over_ranks
+from ..parallel.env import DistEnv
 from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, sci
 from .figures import new_figure, save
 

@@ -20,17 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..bench.memory import counted_collectives, measure, state_bytes
-from ..build import build_data_and_model, build_optimizer
-from ..checkpoint import load_final
-from ..config import config_from_dict
-from ..data import GlobalBatches
-from ..dist import DistEnv
-from ..step import summed_loss
-from ..tensorparallel import SplitMLP
-from ..verify import relative_difference
+from ..run.build import build_data_and_model
+from ..optim.optimizer import build_optimizer
+from ..checkpoint.format import load_final
+from ..config.parse import config_from_dict
+from ..data.loader import GlobalBatches
+from ..parallel.env import DistEnv
+from ..run.step import summed_loss
+from .tensorparallel import SplitMLP
+from ..verify.whole import relative_difference
 from .common import EQUAL, Check, Lab, Result, at_most, config, deviation, losses, sci
 from .figures import axes, deviation_bars, new_figure, save
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..verify import run_tolerance
+from ..verify.whole import run_tolerance
 from .common import Check, Lab, Result, at_most, config, deviation, losses, metric, sci
 from .figures import ONE_DEVICE, axes, loss_axes, new_figure, save
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import (DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, losses,
-                     sci)
+from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, losses, sci
 from .figures import COLORS, ONE_DEVICE, axes, deviation_bars, loss_axes, new_figure, save
 
 NAME = "reduce"

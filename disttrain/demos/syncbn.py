@@ -25,15 +25,15 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..data import local_slice
-from ..dist import DistEnv
-from ..syncbn import COLLECTIVES, SyncBatchNorm
-from .common import (DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, evaluate, sci)
+from ..data.batching import local_slice
+from ..parallel.env import DistEnv
+from ..parallel.syncbn import COLLECTIVES, SyncBatchNorm
+from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, evaluate, sci
 from .figures import COLORS, ONE_DEVICE, axes, new_figure, save
 
 # The SyncBN benchmark's layers and timing loop (`disttrain bench syncbn`): the demo measures with its code.
-from ..bench.common import time_calls as _time_calls  # noqa: E402
-from ..bench.syncbn import implementations  # noqa: E402
+from ..bench.common import time_calls as _time_calls
+from ..bench.syncbn import implementations
 
 
 def time_calls(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, n: int) -> list[float]:

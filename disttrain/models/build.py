@@ -1,0 +1,68 @@
+"""Small models with a norm slot, and users' models from an import path, initialised from the seed so every
+rank builds the same weights.
+
+A model from ``model.name: package.module:function`` is built as ``function(input_shape, num_classes,
+**model.kwargs)`` under the same seeded RNG as the built-in ones, then adapted: its BatchNorm layers become
+disttrain's SyncBatchNorm with ``model.norm: syncbn`` (``bn`` and ``none`` leave them as they are), and its
+torch dropout layers become per-sample dropout (randomness.py), whose masks do not depend on the rank.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from ..config.schema import ModelConfig
+from ..errors import ConfigError
+from ..factory import call_factory, is_import_path, one_line
+from ..parallel.syncbn import convert_sync_batchnorm
+from ..randomness import assign_streams, convert_dropout
+from .registry import MODELS
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int,
+                dtype: torch.dtype, device: torch.device, example: torch.Tensor | None = None) -> nn.Module:
+    """Build under a private RNG seeded with ``seed``: identical weights on every rank, global RNG untouched.
+
+    ``example``: a few inputs to check a factory model's output shape with (default: zeros of ``input_shape``).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if is_import_path(cfg.name):
+            model = _from_factory(cfg, input_shape, num_classes, dtype, example)
+        else:  # a name from the table (validate.py checked it)
+            model = importlib.import_module(f"{__package__}.{MODELS[cfg.name]}").build(cfg, input_shape, num_classes)
+    return assign_streams(model).to(device=device, dtype=dtype)
+
+
+def _from_factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, dtype: torch.dtype,
+                  example: torch.Tensor | None) -> nn.Module:
+    path = cfg.name
+    model = call_factory("model.name", path, input_shape, num_classes, **cfg.kwargs)
+    if not isinstance(model, nn.Module):  # the factory's return value
+        raise ConfigError(f"model.name: {path!r} returned {type(model).__name__}, expected a torch.nn.Module")
+    model = model.to(dtype=dtype)
+    # Before any conversion, in eval mode (no statistics updated, no collectives, dropout off): a forward on
+    # two inputs, which also initialises lazy layers, here under the seeded RNG.
+    x = example if example is not None else torch.zeros((2, *input_shape), dtype=dtype)
+    expected = (len(x), num_classes)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise ConfigError(f"model.name: {path!r} failed on inputs of shape {tuple(x.shape)}: {one_line(exc)}") from None
+    model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model.name: {path!r} outputs {got} for inputs of shape {tuple(x.shape)}; expected "
+                          f"{expected} (one output per sample and class/target, num_classes={num_classes})")
+    if cfg.norm == "syncbn":
+        model = convert_sync_batchnorm(model)
+    return convert_dropout(model)
+
+
+__all__ = ["build_model"]

@@ -1,0 +1,186 @@
+"""Process-group bootstrap and teardown.
+
+Three situations, one entry point (:func:`distributed`):
+- launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): create the group;
+- a process group already exists (a user's own launcher, the test harness): use it, do not destroy it;
+- no launcher at all: world size 1, no process group, nothing to communicate.
+
+The device comes from LOCAL_RANK (the index of this process on its node), never from RANK (its index
+in the whole job): on node 2 of a 2-node job RANK is 8..15 but the GPUs are still cuda:0..7.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError, RunFailure
+
+
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None: no process group (single process)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+
+class PeerFailure(RunFailure):
+    """A collective could not complete because another rank died or stopped responding."""
+
+
+
+def _peer_failure(exc: RuntimeError, rank: int | str, timeout_s: float) -> PeerFailure | None:
+    """Name a failed collective or rendezvous in one line; None if ``exc`` is something else."""
+    text = str(exc)
+    if "Timed out" in text or "timed out" in text:
+        return PeerFailure(f"rank {rank}: no answer from a peer within comm.timeout_s={timeout_s:g} s "
+                           "(a peer is dead, stuck, or never started)")
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return PeerFailure(f"rank {rank}: a peer process died (its connection closed)")
+    return None
+
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto", timeout_s: float = 300.0) -> Iterator[DistEnv]:
+    """Yield this process's DistEnv; tear down the process group on exit if (and only if) we created it.
+
+    A collective that fails because a peer died or timed out surfaces as :class:`PeerFailure`, one line.
+    """
+    created = False
+    rank = os.environ.get("RANK", "0")
+    try:
+        with _name_peer_failures(rank, timeout_s):
+            env, created = _setup(device, timeout_s)
+        with _name_peer_failures(env.rank, timeout_s):
+            yield env
+    finally:
+        if created:  # the one place a process group is destroyed
+            # DDP's reducer and its comm-hook futures sit in reference cycles that hold the group; collect them
+            # while the interpreter is fully alive, so gloo's threads are not torn down during finalization
+            # (a std::terminate, SIGABRT, at exit).
+            gc.collect()
+            dist.destroy_process_group()
+
+
+
+@contextlib.contextmanager
+def _name_peer_failures(rank: int | str, timeout_s: float) -> Iterator[None]:
+    try:
+        yield
+    except PeerFailure:
+        raise
+    except RuntimeError as exc:
+        failure = _peer_failure(exc, rank, timeout_s)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+
+def _elastic_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """Under torch's elastic agent with its shared rendezvous store: the store, under a prefix of its own for
+    this incarnation of the worker group ({} otherwise: init_process_group reads MASTER_ADDR/PORT).
+
+    The agent keeps one TCPStore for all rendezvous rounds, and the process group's keys (each rank's gloo
+    address) would be those of the previous round: a restarted group then connects to the dead workers'
+    addresses and fails. A failure restart increments TORCHELASTIC_RESTART_COUNT, and within one restart
+    count membership can only grow (a node that leaves is a failure), so (restart count, world size) names
+    each incarnation uniquely.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world, is_master=False,
+                          timeout=timeout)
+    prefix = f"disttrain/restart{restart_count()}/world{world}"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
+
+
+
+def _setup(device: str, timeout_s: float) -> tuple[DistEnv, bool]:
+    created = False
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        backend = dist.get_backend()
+    elif launched_by_torchrun():
+        missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+        if missing:
+            raise ConfigError(f"incomplete torchrun environment: {', '.join(missing)} not set")
+        rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+        dev = resolve_device(device, local_rank)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        # The timeout bounds every collective: a peer that died makes the others fail after at most
+        # timeout_s instead of waiting forever (gloo usually notices a closed socket much sooner).
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None,
+                                **_elastic_store(rank, world, timeout))
+        created = True
+    else:
+        rank, world, local_rank, backend = 0, 1, 0, None
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world,
+                  device=resolve_device(device, local_rank), backend=backend)
+    return env, created
+
+
+
+def restart_count() -> int:
+    """How many times torch's elastic agent has restarted this worker group (0: the first attempt).
+
+    torchrun and the elastic launcher behind ``--nproc`` set TORCHELASTIC_RESTART_COUNT for every worker;
+    a restarted group continues from its newest checkpoint instead of starting over.
+    """
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0

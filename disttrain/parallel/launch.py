@@ -1,0 +1,165 @@
+"""`disttrain train/verify --nproc N` outside torchrun: N local workers through torch's elastic launcher.
+
+This is the same agent torchrun runs (torch.distributed.launcher.api), with a c10d rendezvous on a free
+loopback port (port 0: the store picks it) and workers started with spawn, each with one intra-op thread
+(see one_thread_per_worker). Several runs (or other tasks) can share one launched group, which pays the
+worker start-up (import torch) once. With ``max_restarts`` R > 0 the agent restarts the whole worker group
+when a worker dies (kill -9, OOM, an exception), up to R times; the restarted workers see
+TORCHELASTIC_RESTART_COUNT > 0 and continue from the newest checkpoint (train.run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from .agentlog import restart_lines
+from ..errors import RunFailure
+
+
+
+class WorkerFailure(RunFailure):
+    """A worker process failed; the message names the rank and its exception in one line."""
+
+
+
+Task = tuple[Callable[..., Any], tuple]  # (fn, args): fn(env, *args) runs on every rank
+
+
+
+def _run_tasks(tasks: list[Task], device: str, timeout_s: float) -> list[Any]:
+    # Runs in each spawned worker: the elastic agent has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*.
+    # One process group for all tasks, in order: the processes start (import torch) once.
+    from .env import distributed
+
+    with distributed(device, timeout_s) as env:
+        return [fn(env, *args) for fn, args in tasks]
+
+
+
+def one_thread(env: Any) -> None:
+    """A task: one intra-op thread in this worker, also when it is the only one (benchmarks, the demos)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+
+def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", timeout_s: float = 300.0,
+                       max_restarts: int = 0, log_dir: str | Path | None = None) -> list[list[Any]]:
+    """Run each task ``fn(env, *args)`` on ``nproc`` local workers, one after another in the same process
+    group; return every rank's results (``[rank][task]``). ``fn`` must be importable (workers are spawned).
+    ``max_restarts``: elastic restarts of the worker group after a failure (the tasks then run again from the
+    first). This is the one way disttrain starts local ranks: ``--nproc``, verify, the demos and the
+    benchmarks.
+
+    torch's elastic agent logs every restart, signal and failure with full tracebacks; those records go to
+    ``log_dir/launcher.log`` (nowhere without a ``log_dir``), and a failure is raised as :class:`WorkerFailure`:
+    one line per failed rank (its exception, message and where it was raised), naming that file."""
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
+                          monitor_interval=0.1, start_method="spawn", signals_to_handle=AGENT_SIGNALS)
+    log = Path(log_dir) / LAUNCHER_LOG if log_dir is not None else None
+    try:
+        # torch's records go to launcher.log; a failure the agent answers with a restart also gets a console line
+        with one_thread_per_worker(nproc), agent_log(log), restart_lines():
+            results = elastic_launch(launch, _run_tasks)(tasks, device, timeout_s)
+    except ChildFailedError as exc:
+        raise WorkerFailure(_describe(exc, log)) from None
+    return [results[rank] for rank in range(nproc)]
+
+
+
+@contextlib.contextmanager
+def one_thread_per_worker(nproc: int) -> Iterator[None]:
+    """OMP_NUM_THREADS=1 for the workers started inside, unless the user set it or nproc is 1.
+
+    torchrun does this when it starts several workers on a node; the elastic API it is built on does not.
+    Without it, N workers with torch's default of one intra-op thread per core oversubscribe the cores
+    (2 workers on 2 cores: twice the time per step). The elastic agent copies this process's OMP_NUM_THREADS
+    into every worker's environment; it is set only for the launch, and this process's own torch, which
+    has chosen its thread count already, is left as it was.
+    """
+    if nproc <= 1 or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
+
+LAUNCHER_LOG = "launcher.log"
+
+
+LAUNCHER_LOG = "launcher.log"
+# The agent forwards these to the workers, which stop gracefully on the last three (stop.py); SIGUSR1 is not in
+# torch's default list. The launch scripts pass the same list to torchrun (--signals_to_handle).
+AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+_AGENT_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
+
+
+
+@contextlib.contextmanager
+def agent_log(path: Path | None) -> Iterator[None]:
+    """Keep torch's elastic agent off the console while workers run: its records (restarts, signals forwarded,
+    failures with their tracebacks) go to the file ``path``, or nowhere."""
+    handler: logging.Handler = logging.NullHandler()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in _AGENT_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate, list(logger.handlers)))
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level, propagate, handlers in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        handler.close()
+
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+
+def _describe(exc: ChildFailedError, log: Path | None = None) -> str:
+    """One line per failed rank: its exception and message, and the innermost disttrain frame that raised it."""
+    lines = []
+    for rank, failure in sorted(exc.failures.items()):
+        message, where = failure.message, ""
+        if isinstance(message, dict):
+            stack = str(message.get("extraInfo", {}).get("py_callstack", ""))
+            frames = [m for m in _FRAME.finditer(stack) if "disttrain" in m.group(1)]
+            if frames:
+                path, line, fn = frames[-1].groups()
+                where = f" (in {fn}, {Path(path).name}:{line})"
+            message = message.get("message", "")
+        if not message and failure.exitcode < 0:
+            message = f"killed by {signal.Signals(-failure.exitcode).name}"
+        message = (message or f"exit code {failure.exitcode}").strip().splitlines()[-1]
+        lines.append(f"rank {rank}: {message}{where}")
+    details = f" (full log: {log})" if log is not None and log.is_file() else ""
+    return "worker failed: " + "\n  ".join(lines) + details

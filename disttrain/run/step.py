@@ -1,0 +1,89 @@
+"""The step function: one optimizer step on this rank's slice of the global batch, in a fixed order.
+
+forward/backward per micro-batch (no communication until the last; under autocast for bf16/fp16, the loss scaled
+for fp16) -> reduce gradients over ranks (the strategy, comm.py) -> unscale (fp16) -> clip the global gradient ->
+optimizer step (skipped on every rank if the gradient is not finite) -> update the loss scale (fp16). The strategy
+decides how gradients travel; this order never changes. Mixed precision: precision.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..optim.clip import should_step
+from ..parallel.sync import GradSync
+from ..config.schema import ClipConfig
+from .precision import LossScaler, autocast
+from ..randomness import sample_keys
+
+
+def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum over the batch of per-sample losses (a sample is a row of ``target``).
+
+    mse: a sample's loss is the mean squared error over its outputs, so the logged global mean loss
+    (sum over samples / samples) is torch's ``mse_loss`` on the global batch.
+    """
+    if output.dtype in (torch.float16, torch.bfloat16):  # autocast's output: the loss is summed in float32
+        output = output.float()
+    if kind == "mse":
+        return F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()
+    return F.cross_entropy(output, target, reduction="sum")
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this rank's sum of per-sample losses (detached)
+    grad_norm: float  # global gradient norm before clipping
+    stepped: bool  # False: non-finite gradient, optimizer step skipped on every rank
+    loss_scale: float = 1.0  # the fp16 loss scale this step's backward used (1 without loss scaling)
+
+
+def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
+               clip: ClipConfig, step: int, loss: str = "cross_entropy", precision: str = "fp32",
+               scaler: LossScaler | None = None) -> StepResult:
+    """One optimizer step. A micro-batch is (x, y), or (x, y, keys) with the samples' keys for per-sample
+    randomness (randomness.py). ``precision``: autocast of forward and loss; ``scaler``: fp16 loss scaling (its
+    state moves on here, identically on every rank)."""
+    scaler = scaler if scaler is not None else LossScaler(enabled=False)
+    scale = scaler.scale
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0][1].device)
+    for j, (x, y, *keys) in enumerate(micro_batches):
+        last = j == len(micro_batches) - 1
+        # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
+        with contextlib.nullcontext() if last else sync.no_sync():
+            with autocast(precision, x.device.type):
+                with sample_keys(keys[0]) if keys else contextlib.nullcontext():
+                    output = sync.module(x)
+                micro_loss = summed_loss(loss, output, y)
+            # Summed loss over a fixed divisor (the global batch size B for the mean), not a per-micro-batch
+            # mean divided by k: exact for micro-batches and rank slices of any size. Why B, and why before
+            # backward rather than in the reduction: see comm.py. fp16: times the loss scale.
+            scaler.scale_loss(micro_loss / sync.loss_divisor).backward()
+        loss_sum += micro_loss.detach().double()
+    overflow = False
+    if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient, then reduce
+        scaler.unscale_(sync.model.parameters())
+        sync.clip_local(clip)
+        sync.sync()
+        grad_norm = sync.gradient_norm(clip.norm_type)
+    else:
+        sync.sync()
+        # fp16: the overflow test and the unscaling see the reduced gradient, the same on every rank (exact, and
+        # every rank decides alike with no collective: precision.py).
+        overflow = scaler.overflows(sync.model)
+        scaler.unscale_(sync.model.parameters())
+        grad_norm = sync.clip(clip)
+    stepped = not overflow and should_step(grad_norm, clip, step)
+    if stepped:
+        optimizer.step()
+    scaler.update(not overflow and math.isfinite(grad_norm))  # the same decision everywhere: the same scale
+    return StepResult(loss_sum, grad_norm, stepped, scale)
+
+
+__all__ = ["summed_loss", "StepResult", "train_step"]

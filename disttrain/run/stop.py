@@ -1,0 +1,94 @@
+"""Stopping a run on a signal at a step that every rank agrees on, with a checkpoint there.
+
+SIGTERM (what Slurm, Kubernetes and docker send before they kill), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's usual
+warning signal) set a stop request on the rank that receives them; the signal may reach every rank (torchrun's
+agent and the ``--nproc`` launcher forward it, Ctrl-C reaches the whole process group) or only some (a scheduler
+signalling the processes of one node). The ranks agree without a collective of their own: the request is two
+control values, [1, signal number], that travel in the step's last gradient bucket (comm.GradSync.control), so
+after the reduction every rank holds [n, n * signal] for the n ranks that were asked, and all stop after the same
+step. A signal that arrives during a step before its last bucket is packed stops the run after that step;
+later, after the next one (the values are read once, when the bucket is packed, so no rank decides on a value
+the others did not reduce). The loop then writes a checkpoint at exactly that step (whatever
+``train.checkpoint_every`` is) and returns; the command prints one line and exits with 128 + the signal number.
+
+A second signal exits at once, with the signal's own default action. The same signal twice within
+:data:`REPEAT_WINDOW_S` counts once: Ctrl-C reaches a worker directly and again through its launcher.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+import torch
+
+from ..parallel.collectives import sum_over_ranks
+from .train import Hook, Trainer
+
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REPEAT_WINDOW_S = 2.0
+
+
+
+class GracefulStop(Hook):
+    """Installs the signal handlers for the run (main thread only) and stops the loop where the ranks agree."""
+
+    def __init__(self) -> None:
+        self.request = torch.zeros(2)  # [asked, signal number] of this rank, set by the signal handler
+        self.signum: int | None = None  # the signal the run stopped for (agreed on every rank)
+        self._received: tuple[int, float] | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_start(self, trainer: Trainer) -> None:
+        self._sync = sync = trainer.parts.sync
+        sync.control = self.request  # read when the step's last bucket is packed
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self._received is None:
+            self._received = (signum, now)
+            # The number first: a reader on another thread (CUDA backward) sees [0, s] at worst, never [1, 0].
+            self.request[1] = float(signum)
+            self.request[0] = 1.0
+            return
+        first, when = self._received
+        if signum == first and now - when < REPEAT_WINDOW_S:
+            return  # the same request delivered twice (directly and forwarded)
+        signal.signal(signum, signal.SIG_DFL)  # a second request: exit at once, as that signal does
+        signal.raise_signal(signum)
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        if not self._sync.carries_control:  # what this step sends is fixed now; reduced in should_stop
+            self._sent = self.request.clone()
+
+    def should_stop(self, trainer: Trainer, done: int) -> bool:
+        if self._sync.carries_control:
+            reduced = self._sync.reduced_control  # reduced with the step's gradients: the same on every rank
+        else:
+            reduced = sum_over_ranks(self._sent, trainer.env)
+        asked, total = reduced.tolist()
+        if asked > 0:
+            self.signum = round(total / asked)
+            return True
+        return False
+
+    def on_end(self, trainer: Trainer) -> None:
+        self._sync.control = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

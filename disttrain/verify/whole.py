@@ -1,0 +1,196 @@
+"""`disttrain verify`: the W-process run against one process on the same global batches, and a verdict.
+
+The distributed run uses W local workers (launcher.py); the reference is the same config trained in this
+process with world size 1, so it sees every global batch whole. Both write final.pt; the verdict compares
+the per-step global losses and every floating-point tensor of the final state_dict.
+
+Relative difference of two tensors: max|a - b| / max|b| (infinity norms, so a parameter that is near
+zero elementwise does not blow up the ratio); the loss curve is compared the same way, as one vector.
+
+Tolerances. The runs differ only in reduction order (W partial sums vs one), so each step agrees to
+~1e-16 in float64 and ~1e-7 in float32; training dynamics then amplify those differences over steps, the
+more so near convergence or at the edge of stability. Measured with W=4: the demo (20 steps) 3.7e-15 in
+float64 and 8e-7 in float32; an MLP trained to near-zero loss at lr 0.1 reaches 1.1e-5 (float32) after
+100 steps, and 3e-9 (float64) / 0.76 (float32) after 300, where rounding differences have grown
+~1e7-fold. The verdict allows 1e-10 in float64 and 1e-4 in float32: verify is a check for runs of tens
+to about a hundred steps (longer runs: stepwise.py, segment by segment between checkpoints). Every real mistake measured is orders of magnitude above (clipping before
+averaging 5e-2, per-rank BatchNorm 0.16, reduce=sum 1.3).
+
+Under autocast (train.precision bf16 / fp16) the tolerances are keyed by the precision: each step rounds the
+gradients' partial sums to half precision before the float32 reduction (precision.py), so W processes and one
+process differ by ~1e-4 (bf16) and ~3e-5 (fp16) per step; measured with tests/measure_precision.py (README "Mixed
+precision").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+
+from ..checkpoint.format import CheckpointError, load_final
+from ..config.schema import Config
+from ..parallel.env import distributed
+from ..errors import ConfigError
+from ..config.identity import trajectory_differences
+from ..run.tasks import launch_local
+from ..observe.runlog import read_metrics
+from ..run.train import run
+
+# The largest relative difference accepted per step of training (whole-run verify: a run of tens of steps;
+# step-wise verify: BASE * k for a segment of k steps, stepwise.py). Measurements: the module docstrings.
+# Mixed precision (train.precision bf16 / fp16, float32 weights): keyed by the precision; measured the same way
+# (tests/measure_precision.py, README "Mixed precision").
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bf16": 3e-3, "fp16": 1e-3}
+# Whole-run verify (a run of tens of steps): the per-step tolerance for float32/float64, as measured above; bf16 and
+# fp16 runs carry their rounding of every step's gradient (~2^-9, ~2^-12) through the run, so their whole-run
+# tolerances are wider (measured: README "Mixed precision"; a bf16 W=3 run of 12 steps: 2.4e-3, clipping before
+# averaging 0.15, reduce=sum 1.2).
+RUN_TOLERANCE = {**TOLERANCE, "bf16": 1e-2, "fp16": 3e-3}
+
+
+def tolerance_key(dtype: str, precision: str = "fp32") -> str:
+    """The row of TOLERANCE for a run: its dtype, or its autocast precision."""
+    return dtype if precision == "fp32" else precision
+
+
+def tolerance(dtype: str, steps: int = 1, precision: str = "fp32") -> float:
+    """The tolerance of ``steps`` steps in ``dtype`` (under autocast to ``precision``): TOLERANCE[key] * steps."""
+    return TOLERANCE[tolerance_key(dtype, precision)] * steps
+
+
+def run_tolerance(dtype: str, precision: str = "fp32") -> float:
+    """Whole-run verify's tolerance (RUN_TOLERANCE)."""
+    return RUN_TOLERANCE[tolerance_key(dtype, precision)]
+
+
+def precision_name(dtype: str, precision: str) -> str:
+    """How reports name the arithmetic of a run: "float32", or "bf16, float32 weights"."""
+    return dtype if precision == "fp32" else f"{precision}, {dtype} weights"
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b| in float64 (0 when both are all zero)."""
+    a, b = a.double(), b.double()
+    scale = b.abs().max().item() if b.numel() else 0.0
+    diff = (a - b).abs().max().item() if b.numel() else 0.0
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def state_difference(dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative difference per floating-point entry of two state_dicts with the same keys."""
+    if dist_state.keys() != ref_state.keys():
+        raise ValueError(f"state_dicts differ in keys: {sorted(set(dist_state) ^ set(ref_state))}")
+    return {k: relative_difference(dist_state[k], ref_state[k]) for k in ref_state if ref_state[k].is_floating_point()}
+
+
+@dataclass
+class VerifyReport:
+    world_size: int
+    dtype: str
+    tolerance: float
+    steps: list[dict[str, float]]  # step, loss_distributed, loss_reference, rel_diff
+    max_loss_rel_diff: float
+    max_param_rel_diff: float
+    worst_param: str
+    equivalent: bool
+    claimed: bool = True  # False: equivalence is not expected for this config (see `reason`)
+    reason: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def table(self) -> str:
+        w = self.world_size
+        lines = [f"{'step':>5}  {f'loss (W={w})':>20}  {'loss (W=1)':>20}  {'rel diff':>9}"]
+        for s in self.steps:
+            lines.append(f"{s['step']:>5}  {s['loss_distributed']:>20.15f}  {s['loss_reference']:>20.15f}"
+                         f"  {s['rel_diff']:>9.2e}")
+        verdict = "EQUIVALENT" if self.equivalent else "NOT EQUIVALENT"
+        if not self.claimed:
+            lines.append(f"note: {self.reason}")
+        lines += [
+            f"max relative loss difference:      {self.max_loss_rel_diff:.3e}",
+            f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
+            f"tolerance ({self.dtype}):           {self.tolerance:.0e}",
+            f"verdict: {verdict}: {w} processes {'match' if self.equivalent else 'do not match'} "
+            "one process on the global batch",
+        ]
+        return "\n".join(lines)
+
+
+def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
+    dist_ckpt, ref_ckpt = load_final(dist_dir / "final.pt"), load_final(ref_dir / "final.pt")
+    world_size = dist_ckpt["world_size"]
+    dist_losses = [m["loss"] for m in read_metrics(dist_dir)]
+    ref_losses = [m["loss"] for m in read_metrics(ref_dir)]
+    # Like tensors, the loss curve is compared relative to its largest value: a per-step relative difference
+    # is ill-conditioned where a converging loss approaches zero.
+    scale = max(max(abs(r) for r in ref_losses), 1e-300)
+    steps = [{"step": i, "loss_distributed": d, "loss_reference": r, "rel_diff": abs(d - r) / scale}
+             for i, (d, r) in enumerate(zip(dist_losses, ref_losses, strict=True))]
+    diffs = state_difference(dist_ckpt["model"], ref_ckpt["model"])
+    worst = max(diffs, key=diffs.get)
+    tol = run_tolerance(cfg.train.dtype, cfg.train.precision)
+    max_loss = max(s["rel_diff"] for s in steps)
+    reason = unclaimed_reason(cfg)
+    return VerifyReport(world_size=world_size, dtype=precision_name(cfg.train.dtype, cfg.train.precision),
+                        tolerance=tol, steps=steps,
+                        max_loss_rel_diff=max_loss, max_param_rel_diff=diffs[worst], worst_param=worst,
+                        equivalent=not reason and max_loss <= tol and diffs[worst] <= tol,
+                        claimed=not reason, reason=reason)
+
+
+def unclaimed_reason(cfg: Config) -> str:
+    """Why equivalence is not even claimed for ``cfg`` ("" when it is)."""
+    k = cfg.train.accumulation_steps
+    if cfg.model.norm != "none" and k > 1:
+        return (f"model.norm={cfg.model.norm} with train.accumulation_steps={k}: batch-norm statistics are "
+                "computed per micro-batch, so a run with accumulation does not equal one device on the "
+                "global batch; equivalence is not claimed")
+    return ""
+
+
+def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out_dir)))
+
+
+def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> VerifyReport:
+    """Train with ``nproc`` workers and with one process; compare. Runs go to {out_dir}/distributed, /reference.
+
+    ``against``: compare an existing run directory (e.g. written by torchrun on several nodes) instead of
+    launching local workers; it must have been trained with the same config.
+    """
+    root = Path(cfg.train.out_dir)
+    ref_dir = root / "reference"
+    if against is None:
+        assert nproc is not None, "verify needs nproc or against"
+        dist_dir = root / "distributed"
+        launch_local(_with_out_dir(cfg, dist_dir), nproc, console=False)
+    else:
+        dist_dir = Path(against)
+        _check_comparable(cfg, dist_dir)
+    ref_cfg = _with_out_dir(cfg, ref_dir)
+    with distributed(ref_cfg.train.device, ref_cfg.comm.timeout_s) as env:
+        if env.world_size != 1:
+            raise RuntimeError("the reference run must be a single process")
+        run(ref_cfg, env, console=False)
+    return compare_runs(cfg, dist_dir, ref_dir)
+
+
+def _check_comparable(cfg: Config, run_dir: Path) -> None:
+    """The run at ``run_dir`` must exist, be readable and have been trained with ``cfg`` (execution keys aside)."""
+    for name in ("final.pt", "metrics.jsonl"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"--against {run_dir}: no {name} there (train into it first)")
+    try:
+        theirs = load_final(run_dir / "final.pt")["config"]
+    except CheckpointError as exc:
+        raise ConfigError(f"--against: {exc}") from None
+    differ = trajectory_differences(cfg.to_dict(), theirs)
+    if differ:
+        raise ConfigError(f"--against {run_dir}: trained with a different config ({', '.join(differ)} differ)")
