@@ -1,4 +1,4 @@
-"""Checkpoints: the final model, and resumable training state written atomically.
+"""The checkpoint format: the final model, and resumable training state, their names and how they are read.
 
 ``final.pt`` (every run, at the end):
 
@@ -18,10 +18,8 @@ The data needs no state: the global batch of step k is a pure function of (seed,
 per-sample randomness. Nor does the world size enter the trajectory, so a checkpoint written by W ranks
 resumes on any other number of ranks. All files load with ``torch.load(path, weights_only=True)``.
 
-Atomic write: the bytes go to a temporary file in the same directory, which is flushed and fsynced, then
-renamed over the final name (rename within one filesystem is atomic on POSIX), and the directory is
-fsynced so the rename itself survives a crash. A kill at any instant leaves the old file or the new one,
-never a torn one; an orphaned temporary file never matches ``step_*.pt``.
+Every file is written atomically (files.py); writer.py decides when a checkpoint is due and writes it in the
+background; resume.py decides where a run continues.
 """
 
 from __future__ import annotations

@@ -1,27 +1,6 @@
-"""Checkpoints: the final model, and resumable training state written atomically.
-
-``final.pt`` (every run, at the end):
-
-    {"model": state_dict, "step": int, "config": dict, "world_size": int}
-
-``checkpoints/step_{s:08d}.pt`` (every ``train.checkpoint_every`` optimizer steps and at the end), everything
-the rest of the trajectory depends on after s completed optimizer steps:
-
-    {"format": 1, "step": s, "model": state_dict (parameters and buffers: SyncBN running statistics),
-     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "skipped": int,
-     "config": dict, "world_size": int, "scaler": {"scale": float, "growth_tracker": int}}
-
-("scaler": the fp16 loss scale, precision.py; the same on every rank. A checkpoint without it resumes with the
-initial scale.)
-
-The data needs no state: the global batch of step k is a pure function of (seed, k), and so is any
-per-sample randomness. Nor does the world size enter the trajectory, so a checkpoint written by W ranks
-resumes on any other number of ranks. All files load with ``torch.load(path, weights_only=True)``.
-
-Atomic write: the bytes go to a temporary file in the same directory, which is flushed and fsynced, then
-renamed over the final name (rename within one filesystem is atomic on POSIX), and the directory is
-fsynced so the rename itself survives a crash. A kill at any instant leaves the old file or the new one,
-never a torn one; an orphaned temporary file never matches ``step_*.pt``.
+"""Writing checkpoints while training goes on: when one is due (:class:`Checkpointer`), and a background
+thread that writes rank 0's CPU copy (:class:`CheckpointWriter`), so a step never waits for the disk except when a
+second checkpoint is due before the first is written.
 """
 
 from __future__ import annotations

@@ -1,9 +1,4 @@
-"""One builder for a run's parts: the data, the model inside its gradient strategy, the optimizer, the schedule.
-
-Everything that trains or inspects a model builds it here (train, verify and step-wise verify through the
-trainer, the benchmarks, the demos, the checks before workers start), so they all see the same data and the same
-initial weights for a config. Data flow: config -> data source (data/) -> model (models.py, shapes from the
-data) -> gradient strategy (comm.py) -> optimizer -> schedule (schedule.py).
+"""The optimizer of ``optim``: SGD (momentum, Nesterov, weight decay) or AdamW.
 """
 
 from __future__ import annotations

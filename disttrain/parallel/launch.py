@@ -1,11 +1,12 @@
-"""`disttrain train/verify --nproc N` outside torchrun: N local workers through torch's elastic launcher.
+"""Starting local ranks: N workers through torch's elastic launcher, the one way disttrain starts them
+(``--nproc``, verify, the demos and the benchmarks).
 
 This is the same agent torchrun runs (torch.distributed.launcher.api), with a c10d rendezvous on a free
 loopback port (port 0: the store picks it) and workers started with spawn, each with one intra-op thread
-(see one_thread_per_worker). Several runs (or other tasks) can share one launched group, which pays the
-worker start-up (import torch) once. With ``max_restarts`` R > 0 the agent restarts the whole worker group
-when a worker dies (kill -9, OOM, an exception), up to R times; the restarted workers see
-TORCHELASTIC_RESTART_COUNT > 0 and continue from the newest checkpoint (train.run).
+(see one_thread_per_worker). Several tasks can share one launched group, which pays the worker start-up
+(import torch) once. With ``max_restarts`` R > 0 the agent restarts the whole worker group when a worker dies
+(kill -9, OOM, an exception), up to R times; the restarted workers see TORCHELASTIC_RESTART_COUNT > 0 and
+continue from the newest checkpoint (run/train.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gradient averaging: DistributedDataParallel, an explicit bucketed all-reduce, and reduce modes.
+"""The gradient strategy interface (:class:`GradSync`), the reduce modes, and the single-process case.
 
 The single-device gradient on a global batch of B samples is g = (1/B) sum_i grad l_i. Rank r holds
 b_r of the samples (sum b_r = B; B=30 over W=4 gives 8, 8, 7, 7).
@@ -22,8 +22,9 @@ process computes on its slice) and the reduction is:
                           only when every b_r = B/W (B=32 over W=4), not for uneven slices (B=30)
 so the difference between averaging, summing and taking the maximum is visible in `disttrain verify`.
 
-Both implementations issue one all_reduce per gradient bucket with the op from :data:`_OPS`, so "ddp" and
-"allreduce" can only differ in how gradients are grouped into buckets, never in what is computed.
+The strategies (one module each: ddp.py, allreduce.py, fsdp.py; names in registry.py, built by strategies.py)
+reduce with the op and divisor of :class:`ReduceSpec`, so they can differ only in how gradients are grouped and
+sharded, never in what is computed.
 """
 
 from __future__ import annotations
