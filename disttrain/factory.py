@@ -7,7 +7,7 @@ directory on the path itself; ``--nproc`` workers are started in the same direct
 
 Every failure is a :class:`ConfigError` in one line naming the key, the path and what went wrong: the
 module does not import, has no such attribute, the attribute is not callable, or calling it raised.
-What a factory must return is checked where it is used (data/, models.py), and the whole config is tried once
+What a factory must return is checked where it is used (data/, models/), and the whole config is tried once
 before workers start by its caller (build.preflight). This module imports nothing of the project but its errors.
 """
 

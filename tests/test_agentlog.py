@@ -1,4 +1,4 @@
-"""The console line for a worker failure that torch's elastic agent restarts the group for (disttrain/agentlog.py),
+"""The console line for a worker failure that torch's elastic agent restarts the group for (disttrain/parallel/agentlog.py),
 from the agent's own log calls; the end-to-end restart is in test_resume.py (kill -9 under --max-restarts)."""
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def test_missing_peer_at_startup_is_a_one_line_error(tmp_path):
 PEER_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import torch, torch.distributed as dist
-    from disttrain.dist import PeerFailure, distributed
+    from disttrain.parallel.env import PeerFailure, distributed
     try:
         with distributed("cpu", timeout_s=3) as env:
             dist.all_reduce(torch.ones(2))  # both ranks are up

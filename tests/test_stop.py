@@ -74,7 +74,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(pools, tmp_path)
 def test_second_signal_exits_at_once():
     """A different signal after the first (or the same one after the repeat window) is not queued: the
     process ends with that signal's own default action."""
-    code = ("import signal; from disttrain.stop import GracefulStop; s = GracefulStop()\n"
+    code = ("import signal; from disttrain.run.stop import GracefulStop; s = GracefulStop()\n"
             "s._handle(signal.SIGTERM, None); s._handle(signal.SIGTERM, None)  # a forwarded copy: ignored\n"
             "s._handle(signal.SIGINT, None); print('not reached')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)

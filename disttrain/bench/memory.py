@@ -105,7 +105,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def counted_collectives(counts: list[int]) -> Iterator[None]:
-    """Append the payload of every torch.distributed collective called inside (by module attribute, as comm.py,
+    """Append the payload of every torch.distributed collective called inside (by module attribute, as parallel/sync.py,
     syncbn.py and FSDP2 call them) to ``counts``."""
     real = {name: getattr(dist, name) for name in _COLLECTIVES}
 

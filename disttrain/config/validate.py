@@ -1,6 +1,6 @@
 """Checks of a whole config: ranges, consistency between keys, and the batch split over a world size.
 
-The schema and types are checked while the config is read (configparse.py); this module checks what the
+The schema and types are checked while the config is read (parse.py); this module checks what the
 values mean together. Nothing here builds data or a model or imports users' code: checks that need those
 run where they are built (build.preflight). Every failure is a one-line :class:`ConfigError` naming the key.
 """

@@ -2,7 +2,7 @@
 
 A demo registers the work it needs with a :class:`Lab`: training runs (a Config and a world size) and
 functions to call on every rank of a worker group. The lab then runs the work of all requested demos with
-one launched worker group per world size (:func:`disttrain.launcher.launch_local_tasks`: W processes that
+one launched worker group per world size (:func:`disttrain.parallel.launch.launch_local_tasks`: W processes that
 import torch once and run every task in turn in the same process group) and the world-size-1 runs in this
 process, as ``disttrain verify`` does. Nothing is re-implemented for show: runs are
 :func:`disttrain.train.run` with real gloo process groups, compared with :func:`disttrain.verify.compare_runs`.

@@ -7,7 +7,7 @@ by one process on the whole global batch:
   are all-reduced once per step (count-weighted);
 - sharded data parallel (``comm.impl: fsdp``): as ddp, but each rank holds 1/W of the parameters, gradients and
   optimizer state; parameters are all-gathered before use and gradients reduce-scattered;
-- model parallel as AlexNet did it (disttrain/tensorparallel.py): every rank runs the whole batch, the middle
+- model parallel as AlexNet did it (disttrain/demos/tensorparallel.py): every rank runs the whole batch, the middle
   layer's output features are split over the ranks, and its activations are all-gathered.
 
 Besides the deviation from one device, each way's per-rank state bytes and the bytes its collectives move per

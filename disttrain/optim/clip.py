@@ -1,7 +1,7 @@
 """Gradient clipping on the global gradient.
 
 Clipping runs after the gradients are reduced. At that point every rank holds the same gradient (the
-count-weighted mean, see comm.py), so the local norm *is* the global-gradient norm, a local
+count-weighted mean, see parallel/sync.py), so the local norm *is* the global-gradient norm, a local
 clip_grad_norm_ equals the single-device clip, and every rank takes the same skip/step decision, with no
 extra collective. Clipping each rank's gradient before the reduction (``clip.before_average``, for
 demonstration only) rescales each g_r by its own factor min(1, c/||g_r||): the average of those is not the

@@ -12,7 +12,7 @@ its own) and then to the root, so one group of parameters is whole at a time:
 
 **The reduction is a SUM, never a division.** FSDP2 divides the reduced gradient by W by default: the
 equal-weight average of per-rank gradients, which is not the single-device gradient for uneven slices (see
-comm.py; a 5-step AdamW MLP ended 2e-6 away from one device at W=2). disttrain already divides each rank's
+parallel/sync.py; a 5-step AdamW MLP ended 2e-6 away from one device at W=2). disttrain already divides each rank's
 summed loss by the global batch size B before backward, so the gradient divide factor is set to 1 and the
 reduce_scatter sums: the exact count-weighted mean for any split. ``comm.reduce: avg`` (contrast) divides by W
 as FSDP2 would; ``sum`` sums local means; ``max`` has no reduce_scatter and is refused (validate.py). The sum is

@@ -2,8 +2,8 @@
 
 Everything that trains or inspects a model builds it here (train, verify and step-wise verify through the
 trainer, the benchmarks, the demos, the checks before workers start), so they all see the same data and the same
-initial weights for a config. Data flow: config -> data source (data/) -> model (models.py, shapes from the
-data) -> gradient strategy (comm.py) -> optimizer -> schedule (schedule.py).
+initial weights for a config. Data flow: config -> data source (data/) -> model (models/, shapes from the
+data) -> gradient strategy (parallel/sync.py) -> optimizer -> schedule (schedule.py).
 """
 
 from __future__ import annotations

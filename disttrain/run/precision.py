@@ -3,14 +3,14 @@
 ``train.precision``: fp32 (no autocast), bf16 or fp16. Parameters stay in train.dtype (float32): they are the
 master weights, their gradients are float32 (autocast casts a *copy* of each weight to half precision for a matmul,
 and backward accumulates into the float32 leaf), and so is the optimizer state. So the count-weighted reduction
-(comm.py) sums float32 gradients exactly as in an fp32 run. What changes is inside forward and backward: matmuls and
+(parallel/sync.py) sums float32 gradients exactly as in an fp32 run. What changes is inside forward and backward: matmuls and
 convolutions round their inputs and outputs to 8 (bf16) or 11 (fp16) significant bits. SyncBatchNorm widens its
 input to float32 and merges in float64 (syncbn.py), and the loss is computed in float32.
 
 Why W ranks differ from one device at all: per-sample forward values are the same whether a batch runs whole or in
 slices, but each rank's *partial* weight gradient (a sum over its slice) is rounded to half precision by the matmul
 before the float32 all-reduce, where one device rounds the whole sum once. That is a rounding of ~2^-8 (bf16) per
-step, hence the wider tolerances of verify.py.
+step, hence the wider tolerances of verify/whole.py.
 
 **fp16 loss scaling.** fp16 has 5 exponent bits: small gradients underflow to zero. The summed loss is multiplied
 by a scale s (a power of two) before backward and the gradient by 1/s afterwards; a step whose gradient overflowed

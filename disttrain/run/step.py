@@ -1,7 +1,7 @@
 """The step function: one optimizer step on this rank's slice of the global batch, in a fixed order.
 
 forward/backward per micro-batch (no communication until the last; under autocast for bf16/fp16, the loss scaled
-for fp16) -> reduce gradients over ranks (the strategy, comm.py) -> unscale (fp16) -> clip the global gradient ->
+for fp16) -> reduce gradients over ranks (the strategy, parallel/sync.py) -> unscale (fp16) -> clip the global gradient ->
 optimizer step (skipped on every rank if the gradient is not finite) -> update the loss scale (fp16). The strategy
 decides how gradients travel; this order never changes. Mixed precision: precision.py.
 """
@@ -63,7 +63,7 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
                 micro_loss = summed_loss(loss, output, y)
             # Summed loss over a fixed divisor (the global batch size B for the mean), not a per-micro-batch
             # mean divided by k: exact for micro-batches and rank slices of any size. Why B, and why before
-            # backward rather than in the reduction: see comm.py. fp16: times the loss scale.
+            # backward rather than in the reduction: see parallel/sync.py. fp16: times the loss scale.
             scaler.scale_loss(micro_loss / sync.loss_divisor).backward()
         loss_sum += micro_loss.detach().double()
     overflow = False

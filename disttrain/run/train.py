@@ -1,9 +1,9 @@
 """The training loop: a run of a config on this rank, from its parts (build.py) and hooks.
 
-Data flow: config -> process group (dist.py) -> this rank's slice of the global batch (data/) -> model
-(models.py) inside its gradient strategy (comm.py) -> step (step.py: forward/backward per micro-batch, gradient
+Data flow: config -> process group (parallel/env.py) -> this rank's slice of the global batch (data/) -> model
+(models/) inside its gradient strategy (parallel/sync.py) -> step (step.py: forward/backward per micro-batch, gradient
 reduction, clipping of the global gradient, optimizer step), next lr (schedule.py) -> metrics reduced over ranks
-(metrics.py) -> checkpoints and final.pt written by rank 0 (checkpoint.py). A run may start from a checkpoint
+(metrics.py) -> checkpoints and final.pt written by rank 0 (checkpoint/). A run may start from a checkpoint
 (resume, elastic restart, another world size): the trajectory after step s depends only on the state at s and
 the config, never on the world size.
 

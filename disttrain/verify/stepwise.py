@@ -1,6 +1,6 @@
 """Step-wise verification: every checkpointed segment of a run, retrained by one process.
 
-Whole-run verification (verify.py) compares the end of a W-process run with the end of a one-process run. Training
+Whole-run verification (verify/whole.py) compares the end of a W-process run with the end of a one-process run. Training
 amplifies rounding differences, so for long float32 runs the two ends drift apart although every step is right.
 Step-wise verification removes the amplification: for each pair of consecutive checkpoints (s, s+k) of a run
 (and the first segment, from the seeded initialisation), one process loads checkpoint s, trains the same k global
@@ -9,7 +9,7 @@ buffers, the optimizer state, and the k losses in metrics.jsonl. Each segment st
 its error depends on k and on the dtype, never on how long the run has been going: one tolerance per (dtype, k)
 holds for any run length, and a mistake shows in the first segment it touches.
 
-What is compared, per segment, as in verify.py: the largest relative difference max|a - b| / max|b| over the
+What is compared, per segment, as in verify/whole.py: the largest relative difference max|a - b| / max|b| over the
 floating-point tensors of the model state (parameters and buffers, e.g. SyncBN running statistics); the loss
 difference of the k steps relative to the scale of the run's loss curve; and, reported alongside, the optimizer
 state (momentum, Adam moments), whose relative differences are those of the *gradient*, ill-conditioned near a
@@ -38,7 +38,7 @@ each at the segment where the mistake first acts. The tolerance is BASE[dtype] *
     float64/64     50            4.0e-15   1.1e-11   5e-09      2.2e-01            450x             4e7x
     float64/64    100            3.7e-14   6.1e-09   1e-08      2.3e-01            1.6x           2.3e7x
 
-Per step, that is verify.py's whole-run tolerance. The error of a segment grows with k, slowly in most of training
+Per step, that is verify/whole.py's whole-run tolerance. The error of a segment grows with k, slowly in most of training
 and by 1.1x to 1.3x per step in a chaotic phase (the first MLP's transient): float32 segments of more than 10
 steps, and float64 segments of more than 50, can then grow past the tolerance from rounding alone (float32, 50
 steps: up to 0.2, while the median stays at 5e-6), and the report says so. Up to those lengths correct and broken
@@ -183,7 +183,7 @@ def check_segments(cfg: Config, run_dir: Path, segments: list[tuple[int, int]], 
     env = reference_env(device)
     records = read_metrics(run_dir)
     losses = {m["step"]: m["loss"] for m in records}
-    # Like verify.py, the loss is compared relative to the scale of its curve: a per-step relative difference is
+    # Like verify/whole.py, the loss is compared relative to the scale of its curve: a per-step relative difference is
     # ill-conditioned where a converging loss approaches zero.
     loss_scale = max(max((abs(m["loss"]) for m in records), default=0.0), 1e-300)
     with tempfile.TemporaryDirectory(prefix="disttrain-stepwise-") as scratch:

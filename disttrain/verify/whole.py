@@ -1,6 +1,6 @@
 """`disttrain verify`: the W-process run against one process on the same global batches, and a verdict.
 
-The distributed run uses W local workers (launcher.py); the reference is the same config trained in this
+The distributed run uses W local workers (parallel/launch.py); the reference is the same config trained in this
 process with world size 1, so it sees every global batch whole. Both write final.pt; the verdict compares
 the per-step global losses and every floating-point tensor of the final state_dict.
 
