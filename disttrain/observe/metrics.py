@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..checkpoint.format import writing
+from ..parallel.collectives import sum_over_ranks
 from ..parallel.env import DistEnv
 from .progress import Progress
 from .runlog import read_records
@@ -72,8 +72,7 @@ class StepMetrics:
         # to the interval slot, so every rank reads rank 0's choice.
         host = [float(c) for _, c, _ in self._pending] + [float(self._next_interval(n)) if self.env.is_main else 0.0]
         buf = torch.cat([sums, torch.tensor(host, dtype=torch.float64, device=sums.device)])
-        if self.env.is_distributed:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        sum_over_ranks(buf, self.env)
         values = buf.tolist()  # the one read back to the host
         records = []
         for i, (step, _, fields) in enumerate(self._pending):
