@@ -381,3 +381,18 @@ def test_extraction_finds_blocks_continuations_and_inline_commands():
         (4, "A=1 disttrain train configs/demo.yaml --nproc 2   # a comment", True),
         (6, ".venv/bin/pip install x", True), (6, ".venv/bin/disttrain config configs/demo.yaml", True),
         (1, "disttrain demo reduce", False)]
+
+
+def test_architecture_names_every_module():
+    """docs/architecture.md's layout names every module of the package (the demos and benchmarks by name)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    package = ROOT / "disttrain"
+    unnamed = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if path.name in ("__init__.py", "__main__.py") and len(relative.parts) > 1:
+            continue
+        named = path.name in text or (relative.parts[0] in ("demos", "bench") and re.search(rf"\b{path.stem}\b", text))
+        if not named:
+            unnamed.append(str(relative))
+    assert not unnamed, f"docs/architecture.md does not name {unnamed}"
