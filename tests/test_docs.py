@@ -23,6 +23,7 @@ import importlib.util
 import io
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -270,22 +271,25 @@ def anchors(text: str) -> set[str]:
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?: \"[^\"]*\")?\)")
 
 
+def links(page: Path, text: str) -> Iterator[tuple[int, str, Path, str]]:
+    """(line, target, file, anchor) of each relative link and image in ``text`` (the contents of ``page``)."""
+    for number, line in _outside_code(text):
+        for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):  # a link inside code is no link
+            if not re.match(r"[a-z][a-z+.-]*:", target):  # https:, mailto:
+                path, _, anchor = target.partition("#")
+                yield number, target, (page.parent / path).resolve() if path else page, anchor
+
+
 def broken_links(page: Path, text: str) -> list[str]:
     """A description of each relative link or anchor in ``text`` (the contents of ``page``) that resolves to
     nothing."""
     failures = []
-    for number, line in _outside_code(text):
-        for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):
-            if re.match(r"[a-z][a-z+.-]*:", target):  # https:, mailto:
-                continue
-            path, _, anchor = target.partition("#")
-            where = (page.parent / path).resolve() if path else page
-            if not where.exists() or ROOT not in where.parents:
-                failures.append(f"{_name(page)}:{number}: {target}: no file {path}")
-            elif anchor and where.suffix == ".md":
-                headings = anchors(text if where == page else where.read_text())
-                if anchor not in headings:
-                    failures.append(f"{_name(page)}:{number}: {target}: no heading #{anchor} in {where.name}")
+    for number, target, where, anchor in links(page, text):
+        if not where.exists() or ROOT not in where.parents:
+            failures.append(f"{_name(page)}:{number}: {target}: no file {target.partition('#')[0]}")
+        elif anchor and where.suffix == ".md":
+            if anchor not in anchors(text if where == page else where.read_text()):
+                failures.append(f"{_name(page)}:{number}: {target}: no heading #{anchor} in {where.name}")
     return failures
 
 
@@ -396,3 +400,16 @@ def test_architecture_names_every_module():
         if not named:
             unnamed.append(str(relative))
     assert not unnamed, f"docs/architecture.md does not name {unnamed}"
+
+
+def test_every_page_is_reachable_from_the_readme():
+    """A page in docs/ that no link leads to, from the README or a page it leads to, is lost to readers."""
+    reached, todo = {README}, [README]
+    while todo:
+        page = todo.pop()
+        for _, _, where, _ in links(page, page.read_text()):
+            if where.suffix == ".md" and where.exists() and where not in reached:
+                reached.add(where)
+                todo.append(where)
+    lost = [_name(page) for page in PAGES if page not in reached]
+    assert not lost, f"no link leads to {lost}"
