@@ -345,7 +345,7 @@ def _sets(command: list[str]) -> dict[str, str]:
 
 
 def test_elastic_compose_override_lets_a_node_leave(tmp_path):
-    """docker-compose.elastic.yml: the rendezvous settings of an elastic run (README "Fault tolerance"), and the
+    """docker-compose.elastic.yml: the rendezvous settings of an elastic run (docs/fault-tolerance.md), and the
     verdict checks the run the nodes train (tests/test_docker.py kills a node of it for real)."""
     env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NPROC_PER_NODE")}
     env["DOCKER_CONFIG"] = str(tmp_path)

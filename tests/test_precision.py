@@ -230,7 +230,7 @@ def test_gpu_check_fails_loudly_without_a_gpu():
 
 # -------------------------------------------------------------------------------- verify knows the precision
 
-# bf16, W=3 on B=31 (11/10/10), SGD at lr 0.05: a run that does not amplify rounding (the chaotic regime: README)
+# bf16, W=3 on B=31 (11/10/10), SGD at lr 0.05: a run that does not amplify rounding (the chaotic regime: docs/mixed-precision.md)
 VERIFY = ["model.name=mlp", "model.hidden=32", "train.global_batch_size=31", "data.num_samples=124", "train.steps=12",
           "optim.lr=0.05", "train.device=cpu", "train.dtype=float32", "train.precision=bf16"]
 

@@ -24,7 +24,7 @@ from tests.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-# The README's example: a small MLP at lr 0.3 with clipping and weight decay never quite fits (loss ~1e-2) and
+# The example of docs/verification.md: a small MLP at lr 0.3 with clipping and weight decay never quite fits (loss ~1e-2) and
 # stays chaotic, so float32 rounding differences grow to order 1 over its 1,000 steps. Checkpoints every 10 steps,
 # all kept.
 CHAOTIC = ROOT / "configs" / "stepwise.yaml"

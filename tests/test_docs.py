@@ -1,12 +1,17 @@
-"""The README's commands against the real argument parsers: every command parses as typed, nothing is run.
+"""The documentation (README.md and docs/*.md) against the code: commands, links, paths, the reference.
 
-Every ``disttrain ...``, ``torchrun ... -m disttrain ...``, ``.venv/bin/...``, ``python -m ...`` and
+Commands, against the real argument parsers: every command parses as typed, nothing is run. Every ``disttrain ...``, ``torchrun ... -m disttrain ...``, ``.venv/bin/...``, ``python -m ...`` and
 ``launch/*.sh`` command in the README's code blocks, and every inline code span that is a full command, is
 checked: the subcommand (benchmark, demo) exists, every option is spelled exactly as its parser defines it
 (argparse would accept an abbreviation), the arguments parse, the config file exists, and its ``--set``
 overrides name existing keys with valid values (disttrain.config.load_config). A synopsis (``CONFIG``,
 ``[--nproc N]``, ``...``) and an inline command without its config file have their options checked only.
 A made-up option, key, value, file or subcommand makes the test fail (test_drift_is_caught).
+
+Links: every relative link and image resolves to a file of the repository, and every ``#anchor`` to a heading of
+the target page (GitHub's slugs). Paths: every inline code span that names a file of the repository
+(``disttrain/parallel/ddp.py``, ``configs/demo.yaml``) names one that exists, and every ``from disttrain... import``
+in a Python block imports. Reference: docs/reference.md is what ``python -m disttrain.cli.reference`` prints.
 """
 
 from __future__ import annotations
@@ -18,19 +23,21 @@ import importlib.util
 import io
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from disttrain import bench, demos
-from disttrain.cli import main as cli
+from disttrain.cli.main import _parser as cli_parser
 from disttrain.observe import plot
 from disttrain.config import check_world_size
-from disttrain.config import load_config
+from disttrain.config import load_config, reference_table
 from disttrain.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 ENV = re.compile(r"^[A-Z_][A-Z0-9_]*=")  # FOO=bar before a command
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|[\[\]|]|\.\.\.")  # CONFIG, N, [--set ...], NAME|all
 
@@ -83,7 +90,7 @@ def _options(parser: argparse.ArgumentParser, tokens: list[str]) -> None:
 
 @functools.cache
 def _cli_parser() -> argparse.ArgumentParser:
-    return cli._parser()  # built once: parsing does not change a parser
+    return cli_parser()  # built once: parsing does not change a parser
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -157,7 +164,8 @@ def check(command: str, from_block: bool) -> bool:
     if not tokens:
         return False
     head, rest = tokens[0], tokens[1:]
-    synopsis = any(PLACEHOLDER.search(t) for t in tokens)
+    # A synopsis, or a request for help (which argparse answers by exiting): its options are checked, not parsed.
+    synopsis = any(PLACEHOLDER.search(t) or t in ("-h", "--help") for t in tokens)
     if head in ("disttrain", ".venv/bin/disttrain"):
         if not rest:
             return False  # the program's name in prose
@@ -208,15 +216,142 @@ def check(command: str, from_block: bool) -> bool:
     return False
 
 
-def test_readme_commands_parse():
+def _name(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def test_commands_parse():
     checked, failures = 0, []
-    for line, command, from_block in commands(README.read_text()):
-        try:
-            checked += check(command, from_block)
-        except AssertionError as exc:
-            failures.append(f"README.md:{line}: {command}: {exc}")
+    for page in PAGES:
+        for line, command, from_block in commands(page.read_text()):
+            try:
+                checked += check(command, from_block)
+            except AssertionError as exc:
+                failures.append(f"{_name(page)}:{line}: {command}: {exc}")
     assert not failures, "\n".join(failures)
-    assert checked >= 40  # the extraction found the README's commands, not nothing
+    assert checked >= 100  # the extraction found the pages' commands, not nothing
+
+
+def test_readme_keeps_the_quickstart_ci_runs():
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    assert ("python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e \".[test]\" && "
+            ".venv/bin/python -m pytest\n") in blocks
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: markup and punctuation dropped, lower case, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip())  # a link's text
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
+def _outside_code(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of the lines outside fenced code blocks."""
+    found, fenced = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            found.append((number, line))
+    return found
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading's anchor; a repeated heading gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    names = set()
+    for _, line in _outside_code(text):
+        if match := re.match(r"#{1,6} +(.+?) *#*$", line):
+            base = slug(match.group(1))
+            count = seen.get(base, 0)
+            names.add(f"{base}-{count}" if count else base)
+            seen[base] = count + 1
+    return names
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?: \"[^\"]*\")?\)")
+
+
+def links(page: Path, text: str) -> Iterator[tuple[int, str, Path, str]]:
+    """(line, target, file, anchor) of each relative link and image in ``text`` (the contents of ``page``)."""
+    for number, line in _outside_code(text):
+        for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):  # a link inside code is no link
+            if not re.match(r"[a-z][a-z+.-]*:", target):  # https:, mailto:
+                path, _, anchor = target.partition("#")
+                yield number, target, (page.parent / path).resolve() if path else page, anchor
+
+
+def broken_links(page: Path, text: str) -> list[str]:
+    """A description of each relative link or anchor in ``text`` (the contents of ``page``) that resolves to
+    nothing."""
+    failures = []
+    for number, target, where, anchor in links(page, text):
+        if not where.exists() or ROOT not in where.parents:
+            failures.append(f"{_name(page)}:{number}: {target}: no file {target.partition('#')[0]}")
+        elif anchor and where.suffix == ".md":
+            if anchor not in anchors(text if where == page else where.read_text()):
+                failures.append(f"{_name(page)}:{number}: {target}: no heading #{anchor} in {where.name}")
+    return failures
+
+
+def test_links_and_anchors_resolve():
+    failures = [failure for page in PAGES for failure in broken_links(page, page.read_text())]
+    assert not failures, "\n".join(failures)
+
+
+# A file of the repository named in inline code: `disttrain/parallel/ddp.py`, `configs/demo.yaml`, `launch/k8s/`.
+REPO_PATH = re.compile(r"(?:disttrain|configs|tests|examples|launch|docker|tools|docs|\.ci)/[\w./-]*")
+MADE_BY_RUNS = ("docker/wheels/",)  # written by a command the page shows (docker/wheelhouse.sh)
+
+
+def missing_paths(page: Path, text: str) -> list[str]:
+    failures = []
+    for number, line in _outside_code(text):
+        for span in re.findall(r"`([^`]+)`", line):
+            if REPO_PATH.fullmatch(span) and span not in MADE_BY_RUNS and not (ROOT / span).exists():
+                failures.append(f"{_name(page)}:{number}: `{span}`: no such file in the repository")
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        for module, names in re.findall(r"^\s*from (disttrain[\w.]*) import ([\w, ]+)$", block, flags=re.M):
+            try:
+                imported = importlib.import_module(module)
+            except ImportError:
+                failures.append(f"{_name(page)}: from {module} import ...: no module {module}")
+                continue
+            failures += [f"{_name(page)}: from {module} import {name}: no such name"
+                         for name in (n.strip() for n in names.split(",")) if not hasattr(imported, name)]
+    return failures
+
+
+def test_paths_and_imports_exist():
+    failures = [failure for page in PAGES for failure in missing_paths(page, page.read_text())]
+    assert not failures, "\n".join(failures)
+
+
+def test_reference_is_current():
+    """docs/reference.md is generated; regenerate it with ``python -m disttrain.cli.reference > docs/reference.md``."""
+    from disttrain.cli.reference import reference_markdown
+
+    text = reference_markdown()
+    assert (ROOT / "docs" / "reference.md").read_text() == text, \
+        "docs/reference.md is stale: python -m disttrain.cli.reference > docs/reference.md"
+    assert all(f"`{key}`" in text for key, *_ in reference_table())  # every config key is documented
+
+
+@pytest.mark.parametrize("text, error", [
+    ("[a](docs/nothing.md)", "no file docs/nothing.md"),
+    ("[a](#nowhere)\n# Somewhere", "no heading #nowhere"),
+    ("[a](docs/reference.md#no-such-key)", "no heading #no-such-key in reference.md"),
+    ("see `disttrain/comm.py`", "`disttrain/comm.py`: no such file"),
+    ("```python\nfrom disttrain.syncbn import SyncBatchNorm\n```", "no module disttrain.syncbn"),
+    ("```python\nfrom disttrain.randomness import uniformm\n```", "import uniformm: no such name"),
+])
+def test_link_and_path_drift_is_caught(text, error):
+    failures = broken_links(README, text) + missing_paths(README, text)
+    assert any(error in failure for failure in failures), failures
+
+
+def test_anchors_are_githubs():
+    text = "# Why W processes equal one device\n## `comm.impl: fsdp` (ZeRO-3)\n## Notes\n## Notes\n```\n# not a heading\n```"
+    assert anchors(text) == {"why-w-processes-equal-one-device", "commimpl-fsdp-zero-3", "notes", "notes-1"}
 
 
 @pytest.mark.parametrize("command, error", [
@@ -250,3 +385,31 @@ def test_extraction_finds_blocks_continuations_and_inline_commands():
         (4, "A=1 disttrain train configs/demo.yaml --nproc 2   # a comment", True),
         (6, ".venv/bin/pip install x", True), (6, ".venv/bin/disttrain config configs/demo.yaml", True),
         (1, "disttrain demo reduce", False)]
+
+
+def test_architecture_names_every_module():
+    """docs/architecture.md's layout names every module of the package (the demos and benchmarks by name)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    package = ROOT / "disttrain"
+    unnamed = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if path.name in ("__init__.py", "__main__.py") and len(relative.parts) > 1:
+            continue
+        named = path.name in text or (relative.parts[0] in ("demos", "bench") and re.search(rf"\b{path.stem}\b", text))
+        if not named:
+            unnamed.append(str(relative))
+    assert not unnamed, f"docs/architecture.md does not name {unnamed}"
+
+
+def test_every_page_is_reachable_from_the_readme():
+    """A page in docs/ that no link leads to, from the README or a page it leads to, is lost to readers."""
+    reached, todo = {README}, [README]
+    while todo:
+        page = todo.pop()
+        for _, _, where, _ in links(page, page.read_text()):
+            if where.suffix == ".md" and where.exists() and where not in reached:
+                reached.add(where)
+                todo.append(where)
+    lost = [_name(page) for page in PAGES if page not in reached]
+    assert not lost, f"no link leads to {lost}"
