@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import disttrain
+
 from disttrain.config import ConfigError, ScheduleConfig
 from disttrain.config import load_config
-from disttrain.optim.schedule import base_lr, build_scheduler, lr_at
+from disttrain.optim.schedule import base_lr, build_scheduler, lr_at, schedule_args
 
 WARMUPS = ["none", "linear", "constant", "exponential"]
 DECAYS = ["constant", "cosine", "linear", "poly", "step"]
@@ -31,6 +33,11 @@ def expected(s: int, warmup: str, decay: str) -> float:
             "step": ETA * 0.5 ** sum(m <= s for m in (8, 14))}[decay]
 
 
+def lr_of(step, cfg: ScheduleConfig) -> float:
+    """The trainer's lr at ``step``: the public lr_at with the config's arguments."""
+    return lr_at(step, base_lr=ETA, total_steps=T, **schedule_args(cfg))
+
+
 def cfg_of(warmup: str, decay: str) -> ScheduleConfig:
     return ScheduleConfig(warmup=warmup, warmup_steps=W, warmup_start_factor=F0, decay=decay, min_lr=MIN_LR,
                           power=2.0, milestones=[8, 14], gamma=0.5)
@@ -40,7 +47,7 @@ def cfg_of(warmup: str, decay: str) -> ScheduleConfig:
 def test_every_combination_matches_the_formulas(warmup, decay):
     cfg = cfg_of(warmup, decay)
     for s in [0, 1, 2, W - 1, W, W + 1, 8, 11, 14, T - 1, T, T + 3]:
-        assert lr_at(s, ETA, T, cfg) == pytest.approx(float(expected(s, warmup, decay)), rel=1e-12, abs=1e-15), s
+        assert lr_of(s, cfg) == pytest.approx(float(expected(s, warmup, decay)), rel=1e-12, abs=1e-15), s
 
 
 def test_table_of_known_values():
@@ -49,11 +56,11 @@ def test_table_of_known_values():
     table = {0: 0.08, 1: 0.224, 2: 0.368, 3: 0.512, 4: 0.656, 5: 0.8, 12.5: None, 20: 0.05}
     for s, lr in table.items():
         if lr is not None:
-            assert lr_at(int(s), ETA, T, cfg) == pytest.approx(lr, rel=1e-12)
+            assert lr_of(int(s), cfg) == pytest.approx(lr, rel=1e-12)
     # Halfway through the decay (p = 0.5 at s = 12.5) cosine is at the midpoint: check the neighbours straddle it.
-    assert lr_at(12, ETA, T, cfg) > (ETA + MIN_LR) / 2 > lr_at(13, ETA, T, cfg)
+    assert lr_of(12, cfg) > (ETA + MIN_LR) / 2 > lr_of(13, cfg)
     step_cfg = cfg_of("none", "step")
-    assert [lr_at(s, ETA, T, step_cfg) for s in (0, 7, 8, 13, 14, 19)] == pytest.approx(
+    assert [lr_of(s, step_cfg) for s in (0, 7, 8, 13, 14, 19)] == pytest.approx(
         [0.8, 0.8, 0.4, 0.4, 0.2, 0.2], rel=1e-12)
 
 
@@ -61,19 +68,19 @@ def test_table_of_known_values():
 @pytest.mark.parametrize("decay", ["constant", "cosine", "linear", "poly"])
 def test_warmup_is_monotone_and_continuous(warmup, decay):
     cfg = cfg_of(warmup, decay)
-    lrs = [lr_at(s, ETA, T, cfg) for s in range(W + 1)]
+    lrs = [lr_of(s, cfg) for s in range(W + 1)]
     assert lrs[0] == pytest.approx(ETA * F0) and lrs[0] > 0  # step 0 is not zero
     assert all(a < b for a, b in zip(lrs, lrs[1:]))  # strictly increasing warmup
     assert lrs[W] == pytest.approx(ETA, rel=1e-12)  # meets the decay phase where it starts: no jump
     # Continuity: the warmup curve approaching W from below meets the decay curve at W.
-    assert lr_at(W - 1e-9, ETA, T, cfg) == pytest.approx(lr_at(W, ETA, T, cfg), rel=1e-8)
+    assert lr_of(W - 1e-9, cfg) == pytest.approx(lr_of(W, cfg), rel=1e-8)
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "poly"])
 def test_decay_ends_at_min_lr_and_never_goes_below(decay):
     cfg = cfg_of("linear", decay)
-    assert lr_at(T, ETA, T, cfg) == pytest.approx(MIN_LR, abs=1e-15)
-    assert min(lr_at(s, ETA, T, cfg) for s in range(T + 10)) >= MIN_LR - 1e-15
+    assert lr_of(T, cfg) == pytest.approx(MIN_LR, abs=1e-15)
+    assert min(lr_of(s, cfg) for s in range(T + 10)) >= MIN_LR - 1e-15
 
 
 def test_linear_scaling_rule():
@@ -96,7 +103,7 @@ def test_lambdalr_wrapper_equals_lr_at_and_resumes_mid_warmup():
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert seen == pytest.approx([lr_at(s, ETA, T, cfg) for s in range(T)], rel=1e-12)
+    assert seen == pytest.approx([lr_of(s, cfg) for s in range(T)], rel=1e-12)
 
     # Interrupt after 3 steps (mid-warmup), save, restore into fresh objects: the same sequence continues.
     opt, resumed = _optimizer(), []
@@ -135,3 +142,41 @@ def test_schedule_config_errors(override, message):
         load_config(None, [override])
     with pytest.raises(ConfigError, match=r"schedule\.warmup_steps=30 exceeds train\.steps=20"):
         load_config(None, ["schedule.warmup=linear", "schedule.warmup_steps=30"])
+
+
+def test_public_lr_at_takes_plain_arguments_and_defaults_to_linear_warmup_then_cosine():
+    # base 1.0, 4 warmup steps from 0.1, cosine to 0 at step 12: values written out by hand.
+    lrs = [disttrain.lr_at(s, base_lr=1.0, warmup_steps=4, total_steps=12) for s in (0, 2, 4, 8, 12, 20)]
+    assert lrs == pytest.approx([0.1, 0.55, 1.0, 0.5, 0.0, 0.0], abs=1e-15)
+
+
+def test_warmup_schedule_follows_each_param_groups_lr_and_equals_lr_at():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.4}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2.0}])
+    sched = disttrain.warmup_schedule(opt, warmup_steps=3, total_steps=10, decay="linear", min_lr=0.01)
+    seen = []
+    for _ in range(10):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    for eta, column in zip((0.4, 2.0), zip(*seen)):
+        expected_lrs = [disttrain.lr_at(s, base_lr=eta, warmup_steps=3, total_steps=10, decay="linear", min_lr=0.01)
+                        for s in range(10)]
+        assert list(column) == pytest.approx(expected_lrs, rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(warmup_steps=-1), r"^warmup_steps: must be >= 0, got -1$"),
+    (dict(warmup_steps=20), r"^warmup_steps=20 exceeds total_steps=10$"),
+    (dict(total_steps=0), r"^total_steps: must be >= 1, got 0$"),
+    (dict(decay="exp"), r"^decay: must be one of constant, cosine, linear, poly, step, got 'exp'$"),
+    (dict(min_lr=2.0), r"^min_lr: must be in \[0, base lr=1\], got 2\.0$"),
+    (dict(warmup_start_factor=0.0), r"^warmup_start_factor: must be in \(0, 1\], got 0\.0$"),
+])
+def test_public_schedule_arguments_are_validated(kwargs, message):
+    args = {"warmup_steps": 2, "total_steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        disttrain.lr_at(0, base_lr=1.0, **args)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=message):
+        disttrain.warmup_schedule(opt, **args)

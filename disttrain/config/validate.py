@@ -72,19 +72,11 @@ def validate(cfg: Config) -> None:
              f"train.accumulation_steps={t.accumulation_steps} exceeds train.global_batch_size="
              f"{t.global_batch_size}: every micro-batch needs at least one sample")
     _check_precision(cfg)
-    _require(sc.warmup_steps >= 0, f"schedule.warmup_steps: must be >= 0, got {sc.warmup_steps}")
     _require(sc.warmup == "none" or sc.warmup_steps <= t.steps,
              f"schedule.warmup_steps={sc.warmup_steps} exceeds train.steps={t.steps}")
-    _require(0 < sc.warmup_start_factor <= 1,
-             f"schedule.warmup_start_factor: must be in (0, 1], got {sc.warmup_start_factor}")
-    _require(sc.power > 0, f"schedule.power: must be > 0, got {sc.power}")
-    _require(sc.gamma > 0, f"schedule.gamma: must be > 0, got {sc.gamma}")
-    _require(all(m >= 1 for m in sc.milestones) and sc.milestones == sorted(set(sc.milestones)),
-             f"schedule.milestones: must be increasing steps >= 1, got {sc.milestones}")
     _require(sc.reference_batch_size >= 1,
              f"schedule.reference_batch_size: must be >= 1, got {sc.reference_batch_size}")
-    eta = o.lr * t.global_batch_size / sc.reference_batch_size if sc.scale_lr else o.lr
-    _require(0 <= sc.min_lr <= eta, f"schedule.min_lr: must be in [0, base lr={eta:g}], got {sc.min_lr}")
+    _check_schedule(cfg)
     _require(cl.max_norm > 0, f"clip.max_norm: must be > 0, got {cl.max_norm}")
     _require(cl.norm_type > 0, f"clip.norm_type: must be > 0, got {cl.norm_type}")
     _require(cl.value > 0, f"clip.value: must be > 0, got {cl.value}")
@@ -163,6 +155,19 @@ def check_world_size(cfg: Config, world_size: int) -> None:
              f"train.global_batch_size={b} over world size {world_size} gives local batches of "
              f"{smallest}{'' if b % world_size == 0 else f' to {smallest + 1}'} samples, which cannot be split "
              f"into train.accumulation_steps={k} micro-batches of at least one sample")
+
+
+
+def _check_schedule(cfg: Config) -> None:
+    """The schedule's own rules are those of the public lr_at/warmup_schedule (optim/schedule.py), one set of
+    checks for both; here they name the config keys."""
+    from ..optim.schedule import base_lr, check_schedule, schedule_args  # torch: only once a config is checked
+
+    eta = base_lr(cfg.optim.lr, cfg.train.global_batch_size, cfg.schedule)
+    try:
+        check_schedule(base_lr=eta, total_steps=cfg.train.steps, **schedule_args(cfg.schedule))
+    except ValueError as exc:
+        raise ConfigError(f"schedule.{exc}") from None
 
 
 __all__ = ["validate", "check_world_size", "BUILTIN_DATA", "BUILTIN_MODELS", "DIGITS_SAMPLES", "ON_DISK"]

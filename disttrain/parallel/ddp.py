@@ -41,6 +41,26 @@ def _ddp_comm_hook(spec, bucket):  # no annotations: DDP checks them, and this m
     return fut.then(reduced)
 
 
+def register_sum_hook(ddp_model: DistributedDataParallel, *, spec: ReduceSpec | None = None) -> ReduceSpec:
+    """Make a stock DistributedDataParallel *sum* gradients over ranks instead of averaging them.
+
+    DDP's own reduction divides the summed gradients by W: the equal-weight average of per-rank gradients, which
+    is not the single-device gradient when ranks hold different numbers of samples (parallel/sync.py). With this
+    hook each bucket is reduced by one all_reduce SUM and nothing is divided; the loop then divides each rank's
+    *summed* loss by the global count (:func:`~disttrain.parallel.collectives.global_count`) before backward, and
+    every rank ends with exactly the gradient of the global mean loss. Call it before the first backward.
+
+    ``spec``: the trainer's reduction (the contrast modes and the control values ride here); default: a SUM over
+    the model's process group. Returns the hook's state.
+    """
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(f"register_sum_hook: expects a torch DistributedDataParallel, got {type(ddp_model).__name__}")
+    if spec is None:
+        group = ddp_model.process_group
+        spec = ReduceSpec(mode="mean", group=group, world_size=dist.get_world_size(group))
+    ddp_model.register_comm_hook(spec, _ddp_comm_hook)
+    return spec
+
 
 class DDPSync(GradSync):
     """torch DistributedDataParallel with the configured reduction as its comm hook (one all_reduce per bucket)."""
@@ -52,8 +72,7 @@ class DDPSync(GradSync):
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         self.module = DistributedDataParallel(module, device_ids=device_ids, bucket_cap_mb=bucket_mb,
                                               process_group=spec.group)
-        self._spec = spec
-        self.module.register_comm_hook(spec, _ddp_comm_hook)
+        self._spec = register_sum_hook(self.module, spec=spec)
 
     @property
     def model(self) -> nn.Module:
@@ -78,3 +97,6 @@ class DDPSync(GradSync):
     @property
     def reduced_control(self) -> torch.Tensor | None:
         return self._spec.reduced_control
+
+
+__all__ = ["register_sum_hook", "DDPSync"]

@@ -42,7 +42,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from .blocks import model_blocks
-from ..optim.clip import clip_gradients
 from .sync import GradSync, ReduceSpec, check_model_state
 from ..config.schema import ClipConfig, CommConfig
 from .env import DistEnv
@@ -51,11 +50,6 @@ from ..errors import ConfigError
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, kept on rank 0 only
 _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # rank 0's whole tensors -> shards
-
-
-def _whole(norm: torch.Tensor) -> torch.Tensor:
-    # A norm over sharded gradients is a partial DTensor: full_tensor() all-reduces the ranks' parts.
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 class FSDPSync(GradSync):
@@ -97,19 +91,8 @@ class FSDPSync(GradSync):
         finally:
             self.module.set_requires_gradient_sync(True)
 
-    def _norm(self, norm_type: float) -> torch.Tensor:
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return _whole(torch.nn.utils.get_total_norm(grads, norm_type=norm_type)) if grads else torch.zeros(())
-
-    def clip(self, cfg: ClipConfig) -> float:
-        """The global norm needs one all_reduce (the shards' parts); each rank then clips its own shards."""
-        return clip_gradients(self.module.parameters(), cfg, self._norm(cfg.norm_type))
-
     def clip_local(self, cfg: ClipConfig) -> None:
         raise ConfigError("clip.before_average: no rank of comm.impl=fsdp holds a whole local gradient to clip")
-
-    def gradient_norm(self, norm_type: float) -> float:
-        return float(self._norm(norm_type))
 
     def _names(self) -> list[str]:
         return [name for name, _ in self.module.named_parameters()]

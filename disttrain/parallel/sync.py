@@ -126,7 +126,8 @@ class GradSync:
         """Clip the reduced gradient per ``cfg``; return the global gradient norm before clipping.
 
         Every rank holds the whole reduced gradient (the same on all ranks), so the local norm *is* the global
-        one and every rank takes the same decision, with no collective (clip.py).
+        one and every rank takes the same decision, with no collective; sharded gradients (fsdp) need one
+        all_reduce of the shards' parts (clip.py).
         """
         return clip_gradients(self.model.parameters(), cfg)
 

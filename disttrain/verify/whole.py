@@ -125,20 +125,37 @@ class VerifyReport:
 
 def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
     dist_ckpt, ref_ckpt = load_final(dist_dir / "final.pt"), load_final(ref_dir / "final.pt")
-    world_size = dist_ckpt["world_size"]
     dist_losses = [m["loss"] for m in read_metrics(dist_dir)]
     ref_losses = [m["loss"] for m in read_metrics(ref_dir)]
+    return compare_states(dist_ckpt["world_size"], dist_ckpt["model"], ref_ckpt["model"], dist_losses, ref_losses,
+                          dtype=cfg.train.dtype, precision=cfg.train.precision, reason=unclaimed_reason(cfg))
+
+
+_DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor],
+                   dist_losses: list[float], ref_losses: list[float], *, dtype: str | None = None,
+                   precision: str = "fp32", rtol: float | None = None, reason: str = "") -> VerifyReport:
+    """The verdict on two final states and their loss curves (``disttrain verify``, and disttrain.testing's
+    assert_equivalent). ``dtype``: the row of the tolerance table (default: the dtype of the state's first floating
+    tensor); ``rtol`` replaces the tolerance; ``reason``: why equivalence is not claimed at all."""
+    if len(dist_losses) != len(ref_losses):
+        raise ValueError(f"the runs logged {len(dist_losses)} and {len(ref_losses)} losses: not the same steps")
     # Like tensors, the loss curve is compared relative to its largest value: a per-step relative difference
     # is ill-conditioned where a converging loss approaches zero.
-    scale = max(max(abs(r) for r in ref_losses), 1e-300)
+    scale = max(max((abs(r) for r in ref_losses), default=0.0), 1e-300)
     steps = [{"step": i, "loss_distributed": d, "loss_reference": r, "rel_diff": abs(d - r) / scale}
              for i, (d, r) in enumerate(zip(dist_losses, ref_losses, strict=True))]
-    diffs = state_difference(dist_ckpt["model"], ref_ckpt["model"])
+    diffs = state_difference(dist_state, ref_state)
+    if not diffs:
+        raise ValueError("the states hold no floating-point tensor to compare")
     worst = max(diffs, key=diffs.get)
-    tol = run_tolerance(cfg.train.dtype, cfg.train.precision)
-    max_loss = max(s["rel_diff"] for s in steps)
-    reason = unclaimed_reason(cfg)
-    return VerifyReport(world_size=world_size, dtype=precision_name(cfg.train.dtype, cfg.train.precision),
+    if dtype is None:
+        dtype = _DTYPE_KEYS.get(next(v.dtype for v in ref_state.values() if v.is_floating_point()), "float32")
+    tol = run_tolerance(dtype, precision) if rtol is None else rtol
+    max_loss = max((s["rel_diff"] for s in steps), default=0.0)
+    return VerifyReport(world_size=world_size, dtype=precision_name(dtype, precision),
                         tolerance=tol, steps=steps,
                         max_loss_rel_diff=max_loss, max_param_rel_diff=diffs[worst], worst_param=worst,
                         equivalent=not reason and max_loss <= tol and diffs[worst] <= tol,
