@@ -177,6 +177,11 @@ def check(command: str, from_block: bool) -> bool:
         from torch.distributed.run import get_args_parser
 
         parser = get_args_parser()
+        script = next((i for i, t in enumerate(rest) if t.endswith(".py")), None)
+        if "-m" not in rest and script is not None:  # torchrun [options] SCRIPT.py [the script's own arguments]
+            _options(parser, rest[:script])
+            assert (ROOT / rest[script]).is_file(), f"no script {rest[script]}"
+            return True
         split = rest.index("-m") if "-m" in rest else len(rest)
         _options(parser, rest[:split])
         inner = rest[split + 2:]
