@@ -251,3 +251,18 @@ def test_tensorboard_curves_continue_without_duplicates_after_a_resume(tmp_path)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.step)] == pytest.approx(
         [m["loss"] for m in metrics])
+
+
+def test_a_fresh_run_into_the_same_out_dir_starts_with_empty_tensorboard_curves(tmp_path):
+    """A second fresh (not resumed) run into the same out_dir: its steps once each, none of the first run's; files
+    of the user's own in the directory stay."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with distributed("cpu") as env:
+        run(_cfg(tmp_path, "train.steps=6"), env, console=False)
+        (tmp_path / "tensorboard" / "notes.txt").write_text("mine")
+        run(_cfg(tmp_path, "train.steps=4"), env, console=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("train/loss")) == [0, 1, 2, 3]
+    assert (tmp_path / "tensorboard" / "notes.txt").read_text() == "mine"
