@@ -81,6 +81,22 @@ def test_second_signal_exits_at_once():
     assert result.returncode == -signal.SIGINT and "not reached" not in result.stdout
 
 
+def test_the_first_signal_to_the_launcher_decides_the_exit_code(monkeypatch):
+    """SIGTERM, then Ctrl-C while torch's agent shuts the workers down (they stop for SIGTERM and say so): the
+    launcher returns SIGTERM, not the SIGINT it raised last."""
+    import disttrain.run.tasks as tasks
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def agent(*args, **kwargs):
+        try:
+            raise SignalException("got SIGTERM", sigval=signal.SIGTERM)
+        except SignalException:  # the agent's shutdown, interrupted
+            raise SignalException("got SIGINT", sigval=signal.SIGINT)
+
+    monkeypatch.setattr(tasks, "launch_local_tasks", agent)
+    assert tasks.launch_training(_cfg(Path("unused")), 2) == signal.SIGTERM
+
+
 # --------------------------------------------------------------------------- a signal to the launcher
 
 def _start(args: list[str], out_dir: Path) -> subprocess.Popen:
