@@ -203,6 +203,35 @@ def test_demo_user_errors(tmp_path, capsys):
     assert "cannot create" in _one_error_line(capsys)
 
 
+def test_one_demo_run_replaces_its_own_section_and_keeps_the_others(tmp_path, monkeypatch):
+    """`demo all`, then one demo again into the same OUT: summary.json and report.html keep every demo, in
+    order, with the new run's entry and section for that one (the demos here are stand-ins that train nothing)."""
+    import disttrain.demos as demos
+    from disttrain.demos.common import Check, Result, Settings
+
+    said = {"first": "words of the first run", "second": "words of the second run"}
+
+    def stand_in(name: str, words: list[str]):
+        def plan(lab, out):
+            return lambda: Result(name=name, question=f"question {name}?", experiment="none", claim="it holds",
+                                  checks=[Check("checked", True)], summary=f"{name}: {words[0]}", tables=[["a"], ["1"]])
+        return plan
+
+    words = [said["first"]]
+    monkeypatch.setattr(demos, "DEMOS", {n: stand_in(n, words) for n in ("alpha", "beta", "gamma")})
+    (tmp_path / "summary.json").write_text("not json")  # not a summary: replaced
+    demos.run_demos(["alpha", "beta", "gamma"], Settings(out=tmp_path), log=lambda line: None)
+    words[0] = said["second"]
+    demos.run_demos(["beta"], Settings(out=tmp_path, nproc=3, quick=True), log=lambda line: None)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["alpha", "beta", "gamma"]
+    assert [summary[n]["conclusion"].split(": ")[1] for n in summary] == [said["first"], said["second"], said["first"]]
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert [page.index(f'<h2 id="{n}"') for n in summary] == sorted(page.index(f'<h2 id="{n}"') for n in summary)
+    assert page.count(said["first"]) == 2 and page.count(said["second"]) == 1
+    assert "W=3 processes, quick settings" in page and "W=4 processes, full settings" in page
+
+
 # --------------------------------------------------------------------------- figures, from made-up numbers
 
 def test_parallelism_figure_names_each_way_as_the_table_does():
