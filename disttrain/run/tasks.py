@@ -75,12 +75,11 @@ def launch_training(cfg: Config, nproc: int, resume: bool = False, stop_at: int 
 def first_signal(exc: SignalException) -> int:
     """The first signal the launcher received (stop.py: the first signal decides). A second one while torch's
     agent shuts the workers down raises anew inside the handling of the first, which stays its ``__context__``."""
-    first: BaseException | None = exc
-    signum = int(exc.sigval)
-    while first is not None:
-        if isinstance(first, SignalException):
-            signum = int(first.sigval)
-        first = first.__context__
+    signum, link = int(exc.sigval), exc.__context__
+    while link is not None:  # back to the earliest
+        if isinstance(link, SignalException):
+            signum = int(link.sigval)
+        link = link.__context__
     return signum
 
 
