@@ -90,3 +90,25 @@ def test_digits_without_scikit_learn_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
     with pytest.raises(ConfigError, match=r"data\.name=digits needs scikit-learn: pip install 'disttrain\[digits\]'"):
         build_dataset(DataConfig(name="digits", num_samples=10), "mlp", seed=0, dtype=torch.float32)
+
+
+def test_loader_workers_leave_no_semaphore_for_the_resource_tracker(monkeypatch):
+    """In a rank started with spawn (as --nproc starts them), the loader's workers are still forked: their
+    queues' semaphores are unlinked at once, so a rank killed while a run fails leaves none for the launcher's
+    resource tracker to warn about (the warning was two lines after the run's one-line error)."""
+    import multiprocessing
+    import multiprocessing.resource_tracker
+
+    registered: list[tuple[str, str]] = []
+    monkeypatch.setattr(multiprocessing.resource_tracker, "register", lambda name, kind: registered.append((name, kind)))
+    source = build_dataset(DataConfig(name="synthetic", num_samples=16), "mlp", 0, torch.float64)
+    batches = GlobalBatches(source, 8, seed=0, rank=0, world_size=2, workers=1, prefetch=1)
+    method = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)  # what a spawned rank's DataLoader would inherit
+    try:
+        (step, micro_batches), = batches.steps(0, 1, torch.device("cpu"), 1)
+    finally:
+        batches.close()
+        multiprocessing.set_start_method(method, force=True)
+    assert step == 0 and torch.equal(micro_batches[0][0], batches.batch(0, torch.device("cpu"))[0])
+    assert [kind for _, kind in registered if kind == "semaphore"] == []

@@ -114,10 +114,11 @@ def test_kmeans_count_weighted_merge_equals_one_machine(demos):
 
 def test_parallelism_data_sharded_and_model_parallel_equal_one_device(demos):
     entry = demos[0]["parallelism"]
-    assert set(entry["deviation"]) == {"ddp", "fsdp", "tp"} and max(entry["deviation"].values()) <= EQUAL
+    assert set(entry["deviation"]) == {"ddp", "fsdp", "model_parallel"} and max(entry["deviation"].values()) <= EQUAL
     held, comm, w = entry["state_bytes"], entry["comm_bytes"], entry["world_size"]
     assert held["fsdp"] <= (1 / w + 0.05) * held["ddp"]
-    assert comm["ddp"][0] == comm["ddp"][-1] and comm["tp"][-1] >= comm["tp"][0] * 8  # batch 8 -> 128
+    split = comm["model_parallel"]
+    assert comm["ddp"][0] == comm["ddp"][-1] and split[-1] >= split[0] * 8  # batch 8 -> 128
 
 
 class _Page(HTMLParser):
@@ -200,3 +201,69 @@ def test_demo_user_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["demo", "kmeans", "--out", str(tmp_path / "file" / "sub")]) == 2
     assert "cannot create" in _one_error_line(capsys)
+
+
+def test_one_demo_run_replaces_its_own_section_and_keeps_the_others(tmp_path, monkeypatch):
+    """`demo all`, then one demo again into the same OUT: summary.json and report.html keep every demo, in
+    order, with the new run's entry and section for that one (the demos here are stand-ins that train nothing)."""
+    import disttrain.demos as demos
+    from disttrain.demos.common import Check, Result, Settings
+
+    said = {"first": "words of the first run", "second": "words of the second run"}
+
+    def stand_in(name: str, words: list[str]):
+        def plan(lab, out):
+            return lambda: Result(name=name, question=f"question {name}?", experiment="none", claim="it holds",
+                                  checks=[Check("checked", True)], summary=f"{name}: {words[0]}", tables=[["a"], ["1"]])
+        return plan
+
+    words = [said["first"]]
+    monkeypatch.setattr(demos, "DEMOS", {n: stand_in(n, words) for n in ("alpha", "beta", "gamma")})
+    (tmp_path / "summary.json").write_text("not json")  # not a summary: replaced
+    demos.run_demos(["alpha", "beta", "gamma"], Settings(out=tmp_path), log=lambda line: None)
+    words[0] = said["second"]
+    demos.run_demos(["beta"], Settings(out=tmp_path, nproc=3, quick=True), log=lambda line: None)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["alpha", "beta", "gamma"]
+    assert [summary[n]["conclusion"].split(": ")[1] for n in summary] == [said["first"], said["second"], said["first"]]
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert [page.index(f'<h2 id="{n}"') for n in summary] == sorted(page.index(f'<h2 id="{n}"') for n in summary)
+    assert page.count(said["first"]) == 2 and page.count(said["second"]) == 1
+    assert "W=3 processes, quick settings" in page and "W=4 processes, full settings" in page
+
+
+# --------------------------------------------------------------------------- figures, from made-up numbers
+
+def test_parallelism_figure_names_each_way_as_the_table_does():
+    from disttrain.demos import parallelism
+
+    ways = list(parallelism.WAYS)
+    sweep = (8, 128)
+    fig = parallelism.figure({k: 1e-16 for k in ways}, {k: 4096 for k in ways},
+                             {k: [1000 * (i + 1), 2000 * (i + 1)] for i, k in enumerate(ways)}, sweep, 4)
+    names = list(parallelism.WAYS.values())
+    dev_ax, held_ax, comm_ax = fig.axes
+    for ax in (dev_ax, held_ax):
+        assert [t.get_text().replace("\n", " ") for t in ax.get_xticklabels()] == names
+    assert [t.get_text() for t in comm_ax.get_legend().get_texts()] == names
+
+
+def test_precision_figure_legends_cover_no_panel():
+    """Four panels on two rows; every legend lies outside every panel's plotting area."""
+    from disttrain.demos import precision
+
+    curves = {p: ([2.3 - 0.01 * s for s in range(10)], [2.3 - 0.01 * s + 1e-6 for s in range(10)])
+              for p in precision.PRECISIONS}
+    fp16 = {"W=4": ([2.0 ** (24 - min(s, 5)) for s in range(10)], [0, 1, 2, 3, 4]),
+            "one device": ([2.0 ** (24 - min(s, 5)) for s in range(10)], [0, 1, 2, 3, 4])}
+    fig = precision.figure(curves, fp16, {"fp32": 1e-7, "bf16": 1e-3, "fp16": 1e-4}, {"bf16": 2e-2, "fp16": 0.9}, 4,
+                           31)
+    fig.draw_without_rendering()  # the constrained layout, without drawing pixels
+    renderer = fig.canvas.get_renderer()
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes]
+    legends = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes]
+    assert len(panels) == 4 and len({round(p.y0) for p in panels}) == 2  # two rows
+    for i, legend in enumerate(legends):
+        assert not any(legend.overlaps(panel) for panel in panels), i
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width >= 1000 and height >= 800

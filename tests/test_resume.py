@@ -179,6 +179,18 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
+def test_a_refused_run_leaves_no_directory_behind(capsys, tmp_path):
+    """--resume with no checkpoint, and a config error found by the checks before training: exit 2, and the
+    run directory (with its missing parents) is not created."""
+    demo = str(ROOT / "configs" / "demo.yaml")
+    out_dir = tmp_path / "new" / "run"
+    code, err = _cli(capsys, "train", demo, "--resume", "--set", f"train.out_dir={out_dir}")
+    assert code == 2 and "--resume: no readable checkpoint" in err
+    code, err = _cli(capsys, "train", demo, "--stop-at", "99", "--set", f"train.out_dir={out_dir}")
+    assert code == 2 and "--stop-at" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_errors_are_one_line_exit_2(capsys, tmp_path):
     demo = str(ROOT / "configs" / "demo.yaml")
     out = f"train.out_dir={tmp_path}"

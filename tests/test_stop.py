@@ -81,6 +81,22 @@ def test_second_signal_exits_at_once():
     assert result.returncode == -signal.SIGINT and "not reached" not in result.stdout
 
 
+def test_the_first_signal_to_the_launcher_decides_the_exit_code(monkeypatch):
+    """SIGTERM, then Ctrl-C while torch's agent shuts the workers down (they stop for SIGTERM and say so): the
+    launcher returns SIGTERM, not the SIGINT it raised last."""
+    import disttrain.run.tasks as tasks
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def agent(*args, **kwargs):
+        try:
+            raise SignalException("got SIGTERM", sigval=signal.SIGTERM)
+        except SignalException:  # the agent's shutdown, interrupted
+            raise SignalException("got SIGINT", sigval=signal.SIGINT)
+
+    monkeypatch.setattr(tasks, "launch_local_tasks", agent)
+    assert tasks.launch_training(_cfg(Path("unused")), 2) == signal.SIGTERM
+
+
 # --------------------------------------------------------------------------- a signal to the launcher
 
 def _start(args: list[str], out_dir: Path) -> subprocess.Popen:
@@ -251,3 +267,18 @@ def test_tensorboard_curves_continue_without_duplicates_after_a_resume(tmp_path)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.step)] == pytest.approx(
         [m["loss"] for m in metrics])
+
+
+def test_a_fresh_run_into_the_same_out_dir_starts_with_empty_tensorboard_curves(tmp_path):
+    """A second fresh (not resumed) run into the same out_dir: its steps once each, none of the first run's; files
+    of the user's own in the directory stay."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with distributed("cpu") as env:
+        run(_cfg(tmp_path, "train.steps=6"), env, console=False)
+        (tmp_path / "tensorboard" / "notes.txt").write_text("mine")
+        run(_cfg(tmp_path, "train.steps=4"), env, console=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("train/loss")) == [0, 1, 2, 3]
+    assert (tmp_path / "tensorboard" / "notes.txt").read_text() == "mine"

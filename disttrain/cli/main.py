@@ -16,8 +16,9 @@ impossible batch split, missing file, wrong usage), reported in one line without
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..config.schema import Config
@@ -227,9 +228,25 @@ def _command(args: argparse.Namespace) -> int:
             return _verify_stepwise(cfg, args)
         if args.against is None and args.nproc is None:
             args.nproc = 2
-    _preflight(args.nproc, cfg)
+    with _no_trace_on_refusal(Path(cfg.train.out_dir)):
+        _preflight(args.nproc, cfg)
+        complete = args.command == "train" and _preflight_train(cfg, args)
     if args.command == "train":
-        if _preflight_train(cfg, args):
+        if complete:
             return EXIT_OK  # --resume of a complete run: said so, nothing to train
         return _train(cfg, args)
     return _verify(cfg, args.nproc, args.against, args.json)
+
+
+@contextlib.contextmanager
+def _no_trace_on_refusal(out_dir: Path) -> Iterator[None]:
+    """A run that refuses to start (a user error in the checks inside) leaves no directory behind: the
+    directories the checks created for ``out_dir`` are removed again, if still empty."""
+    missing = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for path in missing:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only an empty directory: nothing a check wrote is lost
+        raise

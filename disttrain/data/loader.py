@@ -11,12 +11,18 @@ augmentation as the training process would (:func:`read_step`). Workers are pers
 and each has ``data.prefetch`` steps in flight; the DataLoader returns them in step order. What a step holds
 therefore does not depend on the number of workers either. On CUDA the batches are pinned and copied without
 blocking.
+
+On Linux the workers are forked, whatever start method this rank itself was started with (``--nproc`` spawns
+ranks, and a DataLoader would inherit spawn). A forked worker's queues use semaphores that are unlinked as soon as
+they exist, so a rank that is killed while a run fails (the agent ends the others when one rank raises) leaves
+none behind for the launcher's resource tracker to report as leaked: a failed run prints its one line only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,6 +36,7 @@ from .batching import global_batch_indices, local_slice
 from .source import Source
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, SampleKeys]
+WORKER_START = "fork" if sys.platform.startswith("linux") else None  # None: the platform's default (spawn)
 
 
 class GlobalBatches:
@@ -88,7 +95,8 @@ class GlobalBatches:
         self.close()  # an earlier pass's workers
         self._loader = DataLoader(_Steps(self), batch_sampler=[[step] for step in range(start, stop)],
                                   collate_fn=_only, num_workers=self.workers, prefetch_factor=self.prefetch,
-                                  persistent_workers=True, pin_memory=cuda, worker_init_fn=_one_thread)
+                                  persistent_workers=True, pin_memory=cuda, worker_init_fn=_one_thread,
+                                  multiprocessing_context=WORKER_START)
         for step, read in zip(range(start, stop), self._loader):
             if isinstance(read, _Failed):
                 raise read.error  # a worker's one-line error, as the training process would have raised it

@@ -5,8 +5,9 @@
 Each demo (one module here) trains small runs with the real trainer and real process groups, prints a table
 and its conclusion, and writes its plots (PNG) and numbers (result.json) into OUT/NAME/. The conclusion is
 computed from the numbers: a claim that does not hold is reported as such, and the exit code is 1. Every run
-also writes OUT/summary.json (one entry per demo: claim, holds, conclusion, numbers) and OUT/report.html
-(self-contained: the plots are embedded).
+also updates OUT/summary.json (one entry per demo: claim, holds, conclusion, numbers) and OUT/report.html
+(self-contained: the plots are embedded) with the entries and sections of the demos it ran, keeping those of
+the demos that an earlier run into OUT left there: `demo precision` after `demo all` replaces only its own.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DEMOS: dict[str, Callable] = {m.NAME: m.plan for m in (reduce, syncbn, warmup, c
 
 def run_demos(names: Sequence[str], settings: Settings, log: Callable[[str], None] | None = None) -> list[Result]:
     """Run the named demos (their runs share worker groups); write results, summary.json and report.html."""
-    from .report import write_report
+    from .report import write_report, write_section
 
     lab = Lab(settings, log)
     finishers = []
@@ -41,10 +42,23 @@ def run_demos(names: Sequence[str], settings: Settings, log: Callable[[str], Non
     results = [finish() for finish in finishers]
     for result in results:
         save_result(result, settings.out / result.name)
-    summary = {r.name: r.to_dict() for r in results}
-    (settings.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    write_report(results, settings, settings.out / "report.html")
+        write_section(result, settings)
+    summary = merge_summary(settings.out / "summary.json", {r.name: r.to_dict() for r in results})
+    write_report(settings.out, summary)
     return results
+
+
+def merge_summary(path: Path, entries: dict[str, dict]) -> dict[str, dict]:
+    """Write ``entries`` into summary.json over the entries an earlier run left there (in the order of DEMOS;
+    a file that is not a summary is replaced); returns the whole summary."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    merged = {**(earlier if isinstance(earlier, dict) else {}), **entries}
+    summary = {name: merged[name] for name in DEMOS if isinstance(merged.get(name), dict)}
+    path.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    return summary
 
 
 def _require_scikit_learn() -> None:

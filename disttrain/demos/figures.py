@@ -10,7 +10,8 @@ from typing import Any
 from ..observe.plot import finite, new_figure, save_figure
 from .common import DIFFERENT, EQUAL
 
-__all__ = ["COLORS", "ONE_DEVICE", "axes", "deviation_bars", "finite", "loss_axes", "new_figure", "save"]
+__all__ = ["COLORS", "ONE_DEVICE", "axes", "deviation_bars", "finite", "legend_beside", "loss_axes", "new_figure",
+           "save"]
 
 COLORS = {"mean": "#1f77b4", "avg": "#ff7f0e", "sum": "#d62728", "max": "#9467bd", "bn": "#d62728",
           "syncbn": "#1f77b4", "none": "#d62728", "after": "#1f77b4", "before": "#ff7f0e", "warmup": "#1f77b4"}
@@ -30,6 +31,13 @@ def axes(ax: Any, title: str, xlabel: str | None = "step", ylabel: str | None = 
     ax.grid(alpha=0.3)
     if legend:
         ax.legend(fontsize="small")
+
+
+def legend_beside(ax: Any, handles: Sequence[Any] | None = None) -> None:
+    """The axes' legend to the right of its plotting area, where it covers no line (constrained layout makes
+    room for it). ``handles``: the entries, when they are not the labelled artists."""
+    args = () if handles is None else (handles, [h.get_label() for h in handles])
+    ax.legend(*args, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def loss_axes(ax: Any, title: str, xlabel: str = "step") -> None:

@@ -39,8 +39,10 @@ QUESTION = "Multi-process training: data parallel, sharded, or model parallel?"
 CLAIM = ("data parallel, sharded data parallel and model parallel all equal one device; sharding cuts each rank's "
          "state to about 1/W; model parallelism moves bytes that grow with the batch, data parallelism bytes that "
          "do not")
-WAYS = {"ddp": "data parallel (ddp)", "fsdp": "sharded (fsdp)", "tp": "model parallel (split layer)"}
-COLORS = {"ddp": "#1f77b4", "fsdp": "#2ca02c", "tp": "#ff7f0e"}
+# One name per way, in the table, the checks, the plots and result.json alike.
+SPLIT = "model_parallel"
+WAYS = {"ddp": "data parallel (ddp)", "fsdp": "sharded (fsdp)", SPLIT: "model parallel (split layer)"}
+COLORS = {"ddp": "#1f77b4", "fsdp": "#2ca02c", SPLIT: "#ff7f0e"}
 SHARD_SLACK = 0.05  # fsdp state <= (1/W + 5 %) of ddp's: shards are padded to equal sizes
 
 
@@ -85,7 +87,7 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
     dirs = {impl: lab.train(runs / impl, config(*run, f"comm.impl={impl}"), w) for impl in ("ddp", "fsdp")}
     one = lab.train(runs / "one_device", config(*run), 1)
     tp = lab.call(w, tensor_parallel, config(*run).to_dict())
-    costs: dict[str, list[Any]] = {"tp": [lab.call(w, tensor_parallel, config(
+    costs: dict[str, list[Any]] = {SPLIT: [lab.call(w, tensor_parallel, config(
         *base, "train.steps=1", f"train.global_batch_size={b}").to_dict()) for b in sweep]}
     for impl in ("ddp", "fsdp"):
         costs[impl] = [lab.call(w, _measure, [*base, f"comm.impl={impl}", f"train.global_batch_size={b}"])
@@ -95,13 +97,13 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
         ref = load_final(one / "final.pt")["model"]
         tp_rank0 = tp.value  # rank 0's answer
         dev = {impl: deviation(d, one) for impl, d in dirs.items()}
-        dev["tp"] = max(max(relative_difference(tp_rank0["state"][k], ref[k]) for k in ref),
+        dev[SPLIT] = max(max(relative_difference(tp_rank0["state"][k], ref[k]) for k in ref),
                         max(abs(a - b) / abs(b) for a, b in zip(tp_rank0["losses"], losses(one))))
         # Rank 0's numbers (it holds the largest shard: fsdp pads shards to equal sizes).
         per_rank = {impl: [p.value["comm_bytes"] for p in costs[impl]] for impl in costs}  # at each batch
         held = {impl: (lambda r: r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"])(costs[impl][0].value)
                 for impl in costs}
-        tp_growth = per_rank["tp"][-1] / per_rank["tp"][0]
+        tp_growth = per_rank[SPLIT][-1] / per_rank[SPLIT][0]
         ddp_growth = per_rank["ddp"][-1] / per_rank["ddp"][0]
         batch_growth = sweep[-1] / sweep[0]
         shard_ratio = held["fsdp"] / held["ddp"]
@@ -115,14 +117,14 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
             Check(f"data parallel bytes per step grow {ddp_growth:.2f}x for it (< 1.01x: the gradients only)",
                   ddp_growth < 1.01),
         ]
-        crossover = next((b for b, t, d in zip(sweep, per_rank["tp"], per_rank["ddp"]) if t > d), None)
+        crossover = next((b for b, t, d in zip(sweep, per_rank[SPLIT], per_rank["ddp"]) if t > d), None)
         summary = (f"At W={w} all three equal one device (ddp {sci(dev['ddp'])}, fsdp {sci(dev['fsdp'])}, model "
-                   f"parallel {sci(dev['tp'])}). Per rank, fsdp holds {shard_ratio:.2f} of ddp's parameter, "
+                   f"parallel {sci(dev[SPLIT])}). Per rank, fsdp holds {shard_ratio:.2f} of ddp's parameter, "
                    f"gradient and optimizer bytes ({held['fsdp']} vs {held['ddp']}), the split model "
-                   f"{held['tp'] / held['ddp']:.2f}. Per step, ddp moves {per_rank['ddp'][0]} B whatever the batch "
+                   f"{held[SPLIT] / held['ddp']:.2f}. Per step, ddp moves {per_rank['ddp'][0]} B whatever the batch "
                    f"(the gradients), fsdp {per_rank['fsdp'][0]} B (parameters gathered twice, gradients "
-                   f"reduce-scattered), model parallelism {per_rank['tp'][0]} B at batch {sweep[0]} and "
-                   f"{per_rank['tp'][-1]} B at batch {sweep[-1]} (activations: it grows with the batch"
+                   f"reduce-scattered), model parallelism {per_rank[SPLIT][0]} B at batch {sweep[0]} and "
+                   f"{per_rank[SPLIT][-1]} B at batch {sweep[-1]} (activations: it grows with the batch"
                    + (f", past ddp's from batch {crossover}" if crossover else "") + "). Model parallelism pays when "
                    "a layer does not fit one device, data parallelism when the model fits and the batch is large.")
         table = [["way", "deviation", "state bytes/rank",
@@ -144,16 +146,22 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
 
 
 def _plot(out: Path, dev: dict, held: dict, comm: dict, sweep: tuple[int, ...], w: int) -> str:
-    fig, (dev_ax, held_ax, comm_ax) = new_figure(3, (15.0, 4.2))
+    return save(figure(dev, held, comm, sweep, w), out, "parallelism.png")
+
+
+def figure(dev: dict, held: dict, comm: dict, sweep: tuple[int, ...], w: int) -> Any:
+    """Deviation, state bytes and bytes communicated of each way, each named as in the table (WAYS)."""
+    fig, (dev_ax, held_ax, comm_ax) = new_figure(3, (15.0, 4.6))
     keys = list(WAYS)
-    deviation_bars(dev_ax, [k for k in keys], [dev[k] for k in keys], [COLORS[k] for k in keys],
+    ticks = [WAYS[k].replace(" (", "\n(") for k in keys]  # the name, its short form under it
+    deviation_bars(dev_ax, ticks, [dev[k] for k in keys], [COLORS[k] for k in keys],
                    f"deviation from one device (W={w})", "way of distributing the model")
     held_ax.bar(range(len(keys)), [held[k] / 1024 for k in keys], color=[COLORS[k] for k in keys], width=0.6)
-    held_ax.set_xticks(range(len(keys)), keys)
+    held_ax.set_xticks(range(len(keys)), ticks)
     held_ax.set_ylabel("KiB per rank")
     axes(held_ax, "parameters + gradients + optimizer state", xlabel=None, legend=False)
     for k in keys:
         comm_ax.plot(sweep, [v / 1024 for v in comm[k]], marker="o", color=COLORS[k], label=WAYS[k])
     comm_ax.set_xscale("log")
     axes(comm_ax, "bytes communicated per step and rank", xlabel="global batch", ylabel="KiB", log=True)
-    return save(fig, out, "parallelism.png")
+    return fig

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..verify.whole import run_tolerance
 from .common import Check, Lab, Result, at_most, config, deviation, losses, metric, sci
-from .figures import ONE_DEVICE, axes, loss_axes, new_figure, save
+from .figures import ONE_DEVICE, axes, legend_beside, loss_axes, new_figure, save
 
 NAME = "precision"
 QUESTION = "Does mixed precision (bf16, fp16 with loss scaling) break the equivalence with one device?"
@@ -93,29 +94,45 @@ def _skipped_steps(run_dir: Path) -> list[int]:
 
 def _plot(out: Path, dist: dict[str, Path], one: dict[str, Path], dev: dict[str, float],
           from_fp32: dict[str, float], w: int, batch: int) -> str:
-    fig, (loss_ax, gap_ax, scale_ax, bars) = new_figure(4, (20.0, 4.2))
-    for p in PRECISIONS:
-        curve, ref = losses(dist[p]), losses(one[p])
+    curves = {p: (losses(dist[p]), losses(one[p])) for p in PRECISIONS}
+    fp16 = {f"W={w}": (metric(dist["fp16"], "loss_scale"), _skipped_steps(dist["fp16"])),
+            "one device": (metric(one["fp16"], "loss_scale"), _skipped_steps(one["fp16"]))}
+    return save(figure(curves, fp16, dev, from_fp32, w, batch), out, "precision.png")
+
+
+def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, tuple[list[float], list[int]]],
+           dev: dict[str, float], from_fp32: dict[str, float], w: int, batch: int) -> Any:
+    """Four panels on two rows, each legend beside its panel. ``curves``: per precision, the loss per step of the
+    W-process run and of one device; ``fp16``: per run (W first), its loss scale per step and skipped steps."""
+    from matplotlib.lines import Line2D
+
+    fig, (loss_ax, gap_ax, scale_ax, bars) = new_figure(2, (14.0, 8.4), nrows=2)
+    for p, (curve, ref) in curves.items():
         steps = range(1, len(curve) + 1)
-        loss_ax.plot(steps, curve, color=COLORS[p], label=f"W={w}, {p}", zorder=3)
-        loss_ax.plot(steps, ref, **{**ONE_DEVICE, "color": COLORS[p], "label": f"one device, {p}"})
+        loss_ax.plot(steps, curve, color=COLORS[p], zorder=3)
+        loss_ax.plot(steps, ref, **{**ONE_DEVICE, "color": COLORS[p]})
         scale = max(abs(v) for v in ref)
         gap_ax.plot(steps, [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], color=COLORS[p],
-                    label=f"{p} (tolerance {run_tolerance('float32', p):.0e})")
+                    label=p)
+        gap_ax.axhline(run_tolerance("float32", p), color=COLORS[p], linestyle="--", linewidth=1,
+                       label=f"{p} tolerance {run_tolerance('float32', p):.0e}")
     loss_axes(loss_ax, f"loss per step, B={batch} over W={w}")
-    axes(gap_ax, f"W={w} vs one device, per step", ylabel="|loss - one device| / max loss", log=True)
-    for label, run_dir, style in ((f"W={w}", dist["fp16"], {"color": COLORS["fp16"], "zorder": 3}),
-                                  ("one device", one["fp16"], {k: v for k, v in ONE_DEVICE.items() if k != "label"})):
-        scales = metric(run_dir, "loss_scale")
-        scale_ax.step(range(1, len(scales) + 1), scales, where="mid", label=label, **style)
-        skipped = _skipped_steps(run_dir)
+    legend_beside(loss_ax, [Line2D([], [], color=COLORS[p], label=f"W={w}, {p}") for p in curves]
+                  + [Line2D([], [], **{**ONE_DEVICE, "color": "grey"})])
+    axes(gap_ax, f"W={w} vs one device, per step", ylabel="|loss - one device| / max loss", log=True, legend=False)
+    legend_beside(gap_ax)
+    for label, (scales, skipped) in fp16.items():
         one_device = label == "one device"
+        style = {k: v for k, v in ONE_DEVICE.items() if k != "label"} if one_device else {"color": COLORS["fp16"],
+                                                                                          "zorder": 3}
+        scale_ax.step(range(1, len(scales) + 1), scales, where="mid", label=label, **style)
         scale_ax.scatter([s + 1 for s in skipped], [scales[s] for s in skipped], zorder=4, label=f"{label}: skipped",
                          **({"marker": "o", "s": 110, "facecolors": "none", "edgecolors": "grey"} if one_device else
                             {"marker": "x", "s": 50, "color": "black"}))
-    axes(scale_ax, "fp16 loss scale (marked: step skipped, overflow)", ylabel="loss scale", log=True)
+    axes(scale_ax, "fp16 loss scale (marked: step skipped, overflow)", ylabel="loss scale", log=True, legend=False)
+    legend_beside(scale_ax)
     _bars(bars, dev, from_fp32, w)
-    return save(fig, out, "precision.png")
+    return fig
 
 
 def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int) -> None:
@@ -142,4 +159,4 @@ def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int) -> Non
     ax.set_xticks(range(len(values)), labels, fontsize="small")
     ax.set_title("largest deviation (loss curve, final parameters)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize="small", loc="upper left")
+    legend_beside(ax)

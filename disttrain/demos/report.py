@@ -2,17 +2,23 @@
 
 The plots are embedded as base64 PNG data URIs and the style is inline, so the file opens offline in any
 browser and can be mailed or archived on its own; nothing is fetched from the network.
+
+Each demo's part of the page is written beside its result.json (OUT/NAME/section.html), and the page is put
+together from every part present in OUT: running one demo replaces its own section and keeps the others'.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from .common import Result, Settings
+
+SECTION = "section.html"  # a demo's part of report.html, in its own directory
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1180px; margin: 2em auto;
@@ -49,9 +55,11 @@ def _image(path: Path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def _section(result: Result, demo_dir: Path) -> str:
+def _section(result: Result, demo_dir: Path, settings: Settings) -> str:
     verdict = "holds" if result.holds else "fails"
+    mode = "quick settings" if settings.quick else "full settings"
     parts = [f'<h2 id="{result.name}">{html.escape(result.name)}: {html.escape(result.question)}</h2>',
+             f'<p class="muted">W={settings.nproc} processes, {mode}.</p>',
              f'<p class="experiment"><b>Experiment.</b> {html.escape(result.experiment)}</p>']
     parts += [_image(demo_dir / name, f"{result.name}: {name}") for name in result.plots]
     parts += [_table(t) for t in result.tables]
@@ -63,25 +71,39 @@ def _section(result: Result, demo_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def render(results: Sequence[Result], settings: Settings) -> str:
-    overview = [["demo", "question", "claim holds"]] + [[r.name, r.question, "yes" if r.holds else "NO"]
-                                                         for r in results]
-    mode = "quick settings" if settings.quick else "full settings"
-    body = "\n".join(_section(r, settings.out / r.name) for r in results)
+def write_section(result: Result, settings: Settings) -> Path:
+    """The demo's part of the report, into its directory (its plots embedded)."""
+    demo_dir = settings.out / result.name
+    path = demo_dir / SECTION
+    path.write_text(_section(result, demo_dir, settings) + "\n", encoding="utf-8")
+    return path
+
+
+def render(summary: dict[str, dict], sections: dict[str, str]) -> str:
+    """The page: an overview of ``summary``'s demos (name -> its summary.json entry), then each one's section."""
+    overview = [["demo", "question", "claim holds"]] + [[name, entry["question"], "yes" if entry["holds"] else "NO"]
+                                                         for name, entry in summary.items()]
+    body = "\n".join(sections[name] for name in summary)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>disttrain demonstrations</title>
 <style>{STYLE}</style></head>
 <body>
 <h1>disttrain demonstrations</h1>
 <p class="muted">Each question of data-parallel training answered by an experiment: real runs with disttrain's trainer
-and gloo process groups (W={settings.nproc} processes, {mode}), measured and drawn. Every conclusion is computed from
-the numbers below it. Made by <code>disttrain demo</code>.</p>
+and gloo process groups, measured and drawn. Every conclusion is computed from the numbers below it. Made by
+<code>disttrain demo</code>; each section says how it was run, and running one demo again replaces its section.</p>
 {_table(overview)}
 {body}
 </body></html>
 """
 
 
-def write_report(results: Sequence[Result], settings: Settings, path: Path) -> Path:
-    path.write_text(render(results, settings), encoding="utf-8")
+def write_report(out: Path, summary: dict[str, dict]) -> Path:
+    """OUT/report.html from the section of every demo in ``summary`` (in its order) that has one in OUT."""
+    sections = {}
+    for name in summary:
+        with contextlib.suppress(OSError):
+            sections[name] = (out / name / SECTION).read_text(encoding="utf-8")
+    path = out / "report.html"
+    path.write_text(render({n: e for n, e in summary.items() if n in sections}, sections), encoding="utf-8")
     return path

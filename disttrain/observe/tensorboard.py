@@ -6,15 +6,19 @@ Tags: ``train/loss`` (the global mean loss), ``train/lr``, ``train/grad_norm`` (
 and ``train/samples_per_s`` (the global batch over the step's time), at the step's index as in metrics.jsonl. The
 records arrive when the metrics are reduced over ranks (metrics.py), a batch of steps at a time. A resumed run
 opens the directory with ``purge_step`` at its first step, so TensorBoard drops whatever an interrupted run wrote
-after its checkpoint and the curves continue without duplicate steps.
+after its checkpoint and the curves continue without duplicate steps. A fresh run into the same ``out_dir`` removes
+the earlier run's event files first (:func:`clear_events`): TensorBoard reads every file in the directory, and
+the old run's steps would show beside the new run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 EVENTS_DIR = "tensorboard"
+EVENT_FILES = "events.out.tfevents.*"  # what SummaryWriter writes and TensorBoard reads
 
 
 class TensorBoardLog:
@@ -39,4 +43,15 @@ class TensorBoardLog:
         self.writer.close()
 
 
-__all__ = ["TensorBoardLog", "EVENTS_DIR"]
+def clear_events(out_dir: str | Path) -> int:
+    """Delete the event files of an earlier run in ``out_dir`` (a fresh run's curves start empty); returns how
+    many. Only event files: anything else a user keeps in the directory stays."""
+    removed = 0
+    for path in sorted((Path(out_dir) / EVENTS_DIR).glob(EVENT_FILES)):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+__all__ = ["TensorBoardLog", "EVENTS_DIR", "clear_events"]

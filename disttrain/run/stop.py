@@ -13,6 +13,10 @@ the others did not reduce). The loop then writes a checkpoint at exactly that st
 
 A second signal exits at once, with the signal's own default action. The same signal twice within
 :data:`REPEAT_WINDOW_S` counts once: Ctrl-C reaches a worker directly and again through its launcher.
+
+The first signal decides: the line names it and the exit code is 128 + its number. A second signal that reaches
+the ``--nproc`` launcher while its workers stop (SIGTERM, then Ctrl-C) changes neither (tasks.first_signal); one
+that ends a process at once leaves no line, only that signal's own exit status.
 """
 
 from __future__ import annotations

@@ -69,7 +69,18 @@ def launch_training(cfg: Config, nproc: int, resume: bool = False, stop_at: int 
         return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts,
                                   cfg.train.out_dir)[0][0]
     except SignalException as exc:
-        return int(exc.sigval)
+        return first_signal(exc)
+
+
+def first_signal(exc: SignalException) -> int:
+    """The first signal the launcher received (stop.py: the first signal decides). A second one while torch's
+    agent shuts the workers down raises anew inside the handling of the first, which stays its ``__context__``."""
+    signum, link = int(exc.sigval), exc.__context__
+    while link is not None:  # back to the earliest
+        if isinstance(link, SignalException):
+            signum = int(link.sigval)
+        link = link.__context__
+    return signum
 
 
 def train_or_stop(cfg: Config, env: DistEnv, resume: bool = False, stop_at: int | None = None) -> int | None:
@@ -84,4 +95,4 @@ def train_or_stop(cfg: Config, env: DistEnv, resume: bool = False, stop_at: int 
     return stop.signum
 
 
-__all__ = ["train_or_stop", "launch_local", "launch_training"]
+__all__ = ["train_or_stop", "launch_local", "launch_training", "first_signal"]

@@ -32,6 +32,7 @@ from ..config.schema import Config
 from ..config.validate import check_world_size
 from ..parallel.env import DistEnv
 from ..observe.metrics import MetricsLogger, StepMetrics
+from ..observe.tensorboard import clear_events
 from ..checkpoint.resume import TENSOR_KEYS, resume_state
 from .step import StepResult, train_step
 
@@ -176,6 +177,7 @@ class Trainer:
             checkpoint_dir(out_dir).mkdir(exist_ok=True)  # later writes never recreate a vanished run directory
         if state is None:
             clear_checkpoints(out_dir)  # an earlier run's checkpoints must never be resumed into this one
+            clear_events(out_dir)  # nor its TensorBoard steps shown beside this run's (a resume purges instead)
         elif self.console and start == self.cfg.train.steps:  # under torchrun; cli says so before launching
             print(f"run already complete: the checkpoint is step {start} of train.steps={start}; nothing to train",
                   flush=True)
