@@ -18,8 +18,6 @@ from typing import Any
 import torch
 
 
-
-
 def cpu_copy(state: Any) -> Any:
     """A copy of a (nested) state with every tensor detached on the CPU: loadable on any device."""
     if isinstance(state, torch.Tensor):
@@ -29,7 +27,6 @@ def cpu_copy(state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(cpu_copy(v) for v in state)
     return state
-
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -52,7 +49,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
-
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -39,20 +39,12 @@ from .files import atomic_save
 
 
 FORMAT = 1
-
-
-FORMAT = 1
-CHECKPOINT_DIR = "checkpoints"
-
-
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 
-
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read as one; the message names the file."""
-
 
 
 def save_final(path: str | Path, model: nn.Module | dict[str, torch.Tensor], step: int, config: dict[str, Any],
@@ -61,7 +53,6 @@ def save_final(path: str | Path, model: nn.Module | dict[str, torch.Tensor], ste
     state = {k: v.detach().cpu() for k, v in (model.state_dict() if isinstance(model, nn.Module) else model).items()}
     with writing(path, Path(path).parent):
         atomic_save({"model": state, "step": int(step), "config": config, "world_size": int(world_size)}, path)
-
 
 
 def load_final(path: str | Path) -> dict[str, Any]:
@@ -75,7 +66,6 @@ def load_final(path: str | Path) -> dict[str, Any]:
     return state
 
 
-
 def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -85,15 +75,12 @@ def _load(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable, truncated or not a torch file ({reason[:120]})") from None
 
 
-
 def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / CHECKPOINT_DIR
 
 
-
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(out_dir) / f"step_{step:08d}.pt"
-
 
 
 @contextlib.contextmanager
@@ -118,7 +105,6 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-
 def training_state(model_and_optimizer: dict[str, Any], scheduler: Any, step: int, skipped: int,
                    config: dict[str, Any], world_size: int, scaler: dict[str, Any] | None = None) -> dict[str, Any]:
     """The resumable state after ``step`` completed optimizer steps: ``model_and_optimizer`` as the gradient
@@ -129,7 +115,6 @@ def training_state(model_and_optimizer: dict[str, Any], scheduler: Any, step: in
     if scaler is not None:
         state["scaler"] = dict(scaler)
     return state
-
 
 
 def save_checkpoint(out_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
@@ -148,7 +133,6 @@ def save_checkpoint(out_dir: str | Path, state: dict[str, Any], keep: int) -> Pa
     return path
 
 
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read one resumable checkpoint; CheckpointError (one line) if it is not one."""
     path = Path(path)
@@ -164,7 +148,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-
 def newest_readable(out_dir: str | Path, warn: Callable[[str], None]) -> dict[str, Any] | None:
     """The newest checkpoint in ``out_dir`` that loads; each unreadable newer one is reported through ``warn``
     (one line naming it) and skipped. None when there is no readable checkpoint."""
@@ -174,7 +157,6 @@ def newest_readable(out_dir: str | Path, warn: Callable[[str], None]) -> dict[st
         except CheckpointError as exc:
             warn(f"skipping {exc}")
     return None
-
 
 
 def clear_checkpoints(out_dir: str | Path) -> int:

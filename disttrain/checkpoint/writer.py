@@ -51,7 +51,6 @@ class CheckpointWriter:
             raise error
 
 
-
 class Checkpointer:
     """When the loop checkpoints, and how: every ``every`` completed steps, at ``stop_at`` and at the end.
 

@@ -170,8 +170,6 @@ def describe_keys(root: type) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-
-
 def config_from_dict(raw: dict) -> Config:
     """Build and validate a Config from plain data (e.g. a resolved config sent to workers)."""
     cfg = build_dataclass(Config, raw)

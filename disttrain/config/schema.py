@@ -29,7 +29,6 @@ def _doc(text: str) -> dict[str, str]:
     return {"help": text}
 
 
-
 @dataclass
 class DataConfig:
     name: str = field(
@@ -65,7 +64,6 @@ class DataConfig:
             self.num_samples = 0 if self.name in ON_DISK else IN_MEMORY_SAMPLES
 
 
-
 @dataclass
 class ModelConfig:
     name: str = field(default="mlp", metadata=_doc(
@@ -81,7 +79,6 @@ class ModelConfig:
         "(less memory, about one more forward; the same result bitwise)"))
 
 
-
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw"] = field(default="sgd", metadata=_doc("optimizer"))
@@ -91,7 +88,6 @@ class OptimConfig:
     nesterov: bool = field(default=False, metadata=_doc("sgd Nesterov momentum (needs momentum > 0)"))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_doc("adamw betas, each in [0, 1)"))
     eps: float = field(default=1e-8, metadata=_doc("adamw epsilon, > 0"))
-
 
 
 @dataclass
@@ -111,7 +107,6 @@ class CommConfig:
                                     "ZeRO-2-like)"))
 
 
-
 @dataclass
 class ScheduleConfig:
     warmup: Literal["none", "linear", "constant", "exponential"] = field(
@@ -129,7 +124,6 @@ class ScheduleConfig:
     reference_batch_size: int = field(default=256, metadata=_doc("the batch size optim.lr was tuned for, >= 1"))
 
 
-
 @dataclass
 class ClipConfig:
     mode: Literal["none", "norm", "value"] = field(
@@ -141,7 +135,6 @@ class ClipConfig:
         default="skip", metadata=_doc("inf/nan gradient norm: skip the step on every rank, or stop with an error"))
     before_average: bool = field(
         default=False, metadata=_doc("demonstration only: clip each rank's gradient before averaging (wrong)"))
-
 
 
 @dataclass
@@ -170,7 +163,6 @@ class TrainConfig:
         default=2, metadata=_doc("keep the newest K checkpoints in out_dir/checkpoints; 0: keep all"))
     tensorboard: bool = field(
         default=True, metadata=_doc("rank 0 writes TensorBoard events of every step to out_dir/tensorboard"))
-
 
 
 @dataclass

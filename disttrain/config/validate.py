@@ -157,7 +157,6 @@ def check_world_size(cfg: Config, world_size: int) -> None:
              f"into train.accumulation_steps={k} micro-batches of at least one sample")
 
 
-
 def _check_schedule(cfg: Config) -> None:
     """The schedule's own rules are those of the public lr_at/warmup_schedule (optim/schedule.py), one set of
     checks for both; here they name the config keys."""

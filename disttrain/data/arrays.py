@@ -90,7 +90,6 @@ class ArraySource(Source):
         return self.normalize(inputs), targets
 
 
-
 def open_source(cfg: DataConfig, model_name: str, seed: int, dtype: torch.dtype, loss: str) -> ArraySource:
     """The format's entry in formats.FORMATS."""
     return ArraySource(cfg, seed, dtype, loss)

@@ -88,7 +88,6 @@ class ImageFolderSource(Source):
         return self.normalize(x.contiguous()), self.labels[torch.as_tensor(indices)]
 
 
-
 def open_source(cfg: DataConfig, model_name: str, seed: int, dtype: torch.dtype, loss: str) -> ImageFolderSource:
     """The format's entry in formats.FORMATS."""
     return ImageFolderSource(cfg, seed, dtype)

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from .env import DistEnv
 
 
-
 def sum_over_ranks(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """``tensor`` summed over all ranks, in place, with one all_reduce (unchanged without a process group).
 
@@ -24,7 +23,6 @@ def sum_over_ranks(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
 
 
 def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:

@@ -24,9 +24,7 @@ import torch.distributed as dist
 from ..errors import ConfigError, RunFailure
 
 
-
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 
 @dataclass(frozen=True)
@@ -48,10 +46,8 @@ class DistEnv:
         return self.rank == 0
 
 
-
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -64,7 +60,6 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-
 def _env_int(name: str) -> int:
     value = os.environ.get(name, "")
     try:
@@ -73,10 +68,8 @@ def _env_int(name: str) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-
 class PeerFailure(RunFailure):
     """A collective could not complete because another rank died or stopped responding."""
-
 
 
 def _peer_failure(exc: RuntimeError, rank: int | str, timeout_s: float) -> PeerFailure | None:
@@ -88,7 +81,6 @@ def _peer_failure(exc: RuntimeError, rank: int | str, timeout_s: float) -> PeerF
     if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
         return PeerFailure(f"rank {rank}: a peer process died (its connection closed)")
     return None
-
 
 
 @contextlib.contextmanager
@@ -113,7 +105,6 @@ def distributed(device: str = "auto", timeout_s: float = 300.0) -> Iterator[Dist
             dist.destroy_process_group()
 
 
-
 @contextlib.contextmanager
 def _name_peer_failures(rank: int | str, timeout_s: float) -> Iterator[None]:
     try:
@@ -125,7 +116,6 @@ def _name_peer_failures(rank: int | str, timeout_s: float) -> Iterator[None]:
         if failure is None:
             raise
         raise failure from exc
-
 
 
 def _elastic_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
@@ -144,7 +134,6 @@ def _elastic_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
                           timeout=timeout)
     prefix = f"disttrain/restart{restart_count()}/world{world}"
     return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
-
 
 
 def _setup(device: str, timeout_s: float) -> tuple[DistEnv, bool]:
@@ -173,7 +162,6 @@ def _setup(device: str, timeout_s: float) -> tuple[DistEnv, bool]:
     env = DistEnv(rank=rank, local_rank=local_rank, world_size=world,
                   device=resolve_device(device, local_rank), backend=backend)
     return env, created
-
 
 
 def restart_count() -> int:

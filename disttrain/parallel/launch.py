@@ -28,14 +28,11 @@ from .agentlog import restart_lines
 from ..errors import RunFailure
 
 
-
 class WorkerFailure(RunFailure):
     """A worker process failed; the message names the rank and its exception in one line."""
 
 
-
 Task = tuple[Callable[..., Any], tuple]  # (fn, args): fn(env, *args) runs on every rank
-
 
 
 def _run_tasks(tasks: list[Task], device: str, timeout_s: float) -> list[Any]:
@@ -47,13 +44,11 @@ def _run_tasks(tasks: list[Task], device: str, timeout_s: float) -> list[Any]:
         return [fn(env, *args) for fn, args in tasks]
 
 
-
 def one_thread(env: Any) -> None:
     """A task: one intra-op thread in this worker, also when it is the only one (benchmarks, the demos)."""
     import torch
 
     torch.set_num_threads(1)
-
 
 
 def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", timeout_s: float = 300.0,
@@ -80,7 +75,6 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
     return [results[rank] for rank in range(nproc)]
 
 
-
 @contextlib.contextmanager
 def one_thread_per_worker(nproc: int) -> Iterator[None]:
     """OMP_NUM_THREADS=1 for the workers started inside, unless the user set it or nproc is 1.
@@ -101,19 +95,11 @@ def one_thread_per_worker(nproc: int) -> Iterator[None]:
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
-
-LAUNCHER_LOG = "launcher.log"
-
-
 LAUNCHER_LOG = "launcher.log"
 # The agent forwards these to the workers, which stop gracefully on the last three (stop.py); SIGUSR1 is not in
 # torch's default list. The launch scripts pass the same list to torchrun (--signals_to_handle).
 AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-
-
-AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
-
 
 
 @contextlib.contextmanager
@@ -141,9 +127,7 @@ def agent_log(path: Path | None) -> Iterator[None]:
         handler.close()
 
 
-
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
-
 
 
 def _describe(exc: ChildFailedError, log: Path | None = None) -> str:

@@ -46,11 +46,9 @@ from .collectives import broadcast_from_main
 from ..errors import ConfigError
 
 
-
 # mean is a SUM: the 1/B normalisation already happened in the loss (see the module docstring).
 # avg is a SUM followed by a division by W (ReduceSpec.divisor), as DDP does without a hook.
 _OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}
-
 
 
 @dataclass
@@ -73,17 +71,14 @@ class ReduceSpec:
         return self.world_size if self.mode == "avg" else 1
 
 
-
 def pack(flat: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
     """``flat`` with the control values appended (in its dtype: small integers are exact in any float type)."""
     return torch.cat([flat, control.to(device=flat.device, dtype=flat.dtype)])
 
 
-
 def unpack(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient part of ``packed`` (a view) and its ``n`` reduced control values (a copy)."""
     return packed[:-n], packed[-n:].clone()
-
 
 
 class GradSync:
@@ -163,14 +158,12 @@ class GradSync:
         optimizer.load_state_dict(state["optimizer"])  # momentum / Adam moments, and the current lr
 
 
-
 class LocalSync(GradSync):
     """One process, no group: the local gradient is already the global one."""
 
     def __init__(self, module: nn.Module, loss_divisor: int):
         self.module = module
         self.loss_divisor = loss_divisor
-
 
 
 def check_model_state(model: nn.Module, state: dict[str, Any]) -> str | None:

@@ -34,17 +34,14 @@ from ..optim.optimizer import build_optimizer
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-
 def torch_dtype(name: str) -> torch.dtype:
     """train.dtype's name -> the torch dtype."""
     return DTYPES[name]
 
 
-
 def build_data(cfg: Config) -> Source:
     """The run's dataset, in train.dtype, shaped for model.name."""
     return build_dataset(cfg.data, cfg.model.name, cfg.seed, torch_dtype(cfg.train.dtype), loss=cfg.train.loss)
-
 
 
 def build_data_and_model(cfg: Config, device: torch.device) -> tuple[Source, nn.Module]:
@@ -53,7 +50,6 @@ def build_data_and_model(cfg: Config, device: torch.device) -> tuple[Source, nn.
     model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, torch_dtype(cfg.train.dtype),
                         device, example=data.example() if is_import_path(cfg.model.name) else None)
     return data, model
-
 
 
 @dataclass
@@ -65,7 +61,6 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: LossScaler  # fp16 loss scaling (the identity for fp32 and bf16)
-
 
 
 def build(cfg: Config, env: DistEnv) -> Parts:
@@ -82,7 +77,6 @@ def build(cfg: Config, env: DistEnv) -> Parts:
                                 cfg.schedule)
     scaler = LossScaler(t.precision == "fp16", t.loss_scale, t.loss_scale_growth_interval)
     return Parts(batches, sync, optimizer, scheduler, scaler)
-
 
 
 def preflight(cfg: Config, build_parts: bool) -> None:

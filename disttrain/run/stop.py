@@ -32,13 +32,8 @@ from ..parallel.collectives import sum_over_ranks
 from .train import Hook, Trainer
 
 
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 REPEAT_WINDOW_S = 2.0
-
 
 
 class GracefulStop(Hook):
@@ -91,7 +86,6 @@ class GracefulStop(Hook):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
 
 
 def signal_name(signum: int) -> str:
