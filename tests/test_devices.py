@@ -196,3 +196,44 @@ def test_model_building_leaves_every_generator_as_it_found_it(monkeypatch):
     b = build_model(cfg.model, (1, 8, 8), 10, 5, torch.float64, torch.device("cpu"))
     assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+# --------------------------------------------------------------------------- on a CUDA device (tools/gpu_check.sh)
+
+def gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+@gpu
+def test_float32_on_cuda_is_ieee_unless_tf32_is_allowed(restore_numerics):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(256, 256, device="cuda", generator=g) for _ in range(2))
+    x = torch.randn(8, 16, 32, 32, device="cuda", generator=g)
+    w = torch.randn(16, 16, 3, 3, device="cuda", generator=g)
+    configure_numerics(torch.device("cuda", 0), tf32=False, deterministic=False)
+    mm = relative(a @ b, a.double() @ b.double())
+    conv = relative(torch.nn.functional.conv2d(x, w), torch.nn.functional.conv2d(x.double(), w.double()))
+    assert mm < 1e-5 and conv < 1e-5  # TF32 (10 mantissa bits) would be ~1e-3
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@gpu
+def test_a_group_of_one_on_cuda_runs_every_collective_with_the_stop_hook(tmp_path):
+    """An NCCL group of one (beside gloo), fsdp and SyncBN forced past the W=1 shortcut, the stop hook installed:
+    its request lives on the GPU and the run completes (NCCL refuses a CPU tensor)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("cpu:gloo,cuda:nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for impl in ("ddp", "allreduce", "fsdp"):
+            cfg = load_config(None, [*TINY, "train.device=cuda", f"train.out_dir={tmp_path / impl}",
+                                     f"comm.impl={impl}", "comm.force_collectives=true"])
+            stop = GracefulStop()
+            with distributed("cuda") as env:
+                result = run(cfg, env, console=False, hooks=[stop])
+            assert stop.request.device.type == "cuda" and stop.signum is None and len(result.losses) == 2
+    finally:
+        dist.destroy_process_group()
