@@ -32,7 +32,7 @@ import torch
 
 from ..checkpoint.format import CheckpointError, load_final
 from ..config.schema import Config
-from ..parallel.env import distributed
+from ..parallel.env import choose_device, distributed
 from ..errors import ConfigError
 from ..config.identity import trajectory_differences
 from ..run.tasks import launch_local
@@ -179,7 +179,11 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> Verif
         dist_dir = Path(against)
         _check_comparable(cfg, dist_dir)
     ref_cfg = _with_out_dir(cfg, ref_dir)
-    with distributed(ref_cfg.train.device, ref_cfg.comm.timeout_s) as env:
+    # The reference runs where the ranks did: device auto with more local ranks than GPUs put them on the CPU.
+    device = ref_cfg.train.device
+    if against is None and choose_device(device, 0, nproc)[0].type == "cpu":
+        device = "cpu"
+    with distributed(device, ref_cfg.comm.timeout_s) as env:
         if env.world_size != 1:
             raise RuntimeError("the reference run must be a single process")
         run(ref_cfg, env, console=False)
