@@ -46,8 +46,9 @@ def device() -> str:
     import torch
 
     p = torch.cuda.get_device_properties(0)
-    return (f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"
-            f", {torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB)")
+    nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    return (f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl}, {torch.cuda.device_count()} x "
+            f"{p.name} ({p.total_memory / 2**30:.0f} GiB)")
 
 
 def nccl_group_of_one(impl: str, limit: float) -> str:

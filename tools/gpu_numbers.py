@@ -1,4 +1,4 @@
-"""The numbers of tools/gpu_check.sh that need a script (prints them; exits non-zero on an error, or a check that fails).
+"""The numbers of tools/gpu_check.sh that need a script (prints them; exits non-zero on an error or a failed check).
 
     python tools/gpu_numbers.py trainer   the trainer on cuda (W=1) in fp32/bf16/fp16 against the CPU float64 run
                                           (exit 1 when cuda and cpu part by more than verify's tolerance)

@@ -99,7 +99,9 @@ class FSDPSync(GradSync):
 
     def _norm(self, norm_type: float) -> torch.Tensor:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return _whole(torch.nn.utils.get_total_norm(grads, norm_type=norm_type)) if grads else torch.zeros((), device=self.env.device)
+        if not grads:
+            return torch.zeros((), device=self.env.device)
+        return _whole(torch.nn.utils.get_total_norm(grads, norm_type=norm_type))
 
     def clip(self, cfg: ClipConfig) -> float:
         """The global norm needs one all_reduce (the shards' parts); each rank then clips its own shards."""
