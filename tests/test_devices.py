@@ -69,14 +69,16 @@ def _case(out_dir: Path, *extra: str) -> dict:
 
 def test_every_collective_sends_tensors_of_the_compute_device(pools, tmp_path):
     """W=2 runs of ddp (with SyncBN), the explicit all_reduce and fsdp, each with the stop hook and a signal at
-    step 1, then each resumed: no collective ever sends a tensor made without the compute device (the check of
+    step 1, then ddp's and fsdp's resumed: no collective ever sends a tensor made without the compute device (the check of
     tests/devicecheck.py, which also fails on the stop request as it was; see the next test)."""
     cases = []
     for impl in ("ddp", "allreduce", "fsdp"):
         cases.append((_case(tmp_path / impl, f"comm.impl={impl}", "train.checkpoint_every=1"), False))
-        cases.append((_case(tmp_path / impl, f"comm.impl={impl}", "train.checkpoint_every=1", "train.steps=3"), True))
+        if impl != "allreduce":  # its resume is ddp's (the replicated strategies' load_state_dict)
+            cases.append((_case(tmp_path / impl, f"comm.impl={impl}", "train.checkpoint_every=1", "train.steps=3"),
+                          True))
     ranks = pools(2).run(train_recording, cases)
-    ddp, ddp_resumed, allreduce, _, fsdp, fsdp_resumed = ranks[0]
+    ddp, ddp_resumed, allreduce, fsdp, fsdp_resumed = ranks[0]
     assert "all_reduce" in ddp and "all_gather" in ddp  # the comm hook; SyncBN's statistics
     assert "broadcast" in ddp_resumed  # the checkpoint's state, tensor by tensor
     assert "all_reduce" in allreduce
