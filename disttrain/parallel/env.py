@@ -6,7 +6,8 @@ Three situations, one entry point (:func:`distributed`):
 - no launcher at all: world size 1, no process group, nothing to communicate.
 
 The device comes from LOCAL_RANK (the index of this process on its node), never from RANK (its index
-in the whole job): on node 2 of a 2-node job RANK is 8..15 but the GPUs are still cuda:0..7.
+in the whole job): on node 2 of a 2-node job RANK is 8..15 but the GPUs are still cuda:0..7. Each rank needs a GPU
+of its own (:func:`choose_device`); on CUDA the group is ``cpu:gloo,cuda:nccl`` (:func:`backend_for`).
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def _setup(requested: str, timeout_s: float) -> tuple[DistEnv, bool]:
         backend = dist.get_backend()
         if requested == "auto" and "nccl" not in backend:
             requested = "cpu"  # a group without NCCL (the test harness's gloo group) carries CPU tensors
-        device, note = choose_device(requested, local_rank, local_world_size(world))
+        # Without LOCAL_WORLD_SIZE (a user's own launcher), assume no more ranks on this node than this one needs.
+        device, note = choose_device(requested, local_rank, local_world_size(local_rank + 1))
     elif launched_by_torchrun():
         missing = [v for v in TORCHRUN_VARS if v not in os.environ]
         if missing:
