@@ -69,8 +69,8 @@ def _case(out_dir: Path, *extra: str) -> dict:
 
 def test_every_collective_sends_tensors_of_the_compute_device(pools, tmp_path):
     """W=2 runs of ddp (with SyncBN), the explicit all_reduce and fsdp, each with the stop hook and a signal at
-    step 1, then ddp's and fsdp's resumed: no collective ever sends a tensor made without the compute device (the check of
-    tests/devicecheck.py, which also fails on the stop request as it was; see the next test)."""
+    step 1, then ddp's and fsdp's resumed: no collective ever sends a tensor made without the compute device (the
+    check of tests/devicecheck.py, which also fails on the stop request as it was; see the next test)."""
     cases = []
     for impl in ("ddp", "allreduce", "fsdp"):
         cases.append((_case(tmp_path / impl, f"comm.impl={impl}", "train.checkpoint_every=1"), False))
@@ -92,6 +92,27 @@ def test_the_check_fails_on_a_stop_request_made_on_the_host(pools, tmp_path):
     message = r"dist.all_reduce sent a host tensor of shape \(2,\) \(made without the compute device at .*test_devices"
     with pytest.raises(WorkerError, match=message):
         pools(2).run(train_recording, [case], True)
+
+
+def _broadcast_state() -> bool:
+    from disttrain.parallel.collectives import broadcast_state_from_main
+
+    state = {"model": {"w": torch.arange(6.0).view(2, 3).t(), "n": torch.tensor(7),
+                       "mask": torch.tensor([True, False])},
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4, dtype=torch.float64)}},
+                           "param_groups": [{"lr": 0.1, "params": [0], "betas": (0.9, 0.999)}]}}
+    with distributed("cpu") as env:
+        got = broadcast_state_from_main(state if env.is_main else None, env)
+    same = got["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    for key, want in state["model"].items():
+        same &= torch.equal(got["model"][key], want) and got["model"][key].dtype == want.dtype
+    ours = got["optimizer"]["state"][0]
+    return same and torch.equal(ours["exp_avg"], state["optimizer"]["state"][0]["exp_avg"]) and ours["step"].item() == 3
+
+
+def test_resume_state_is_broadcast_tensor_by_tensor_whole(pools):
+    """Nested dicts, lists, tuples, plain values, and tensors of every dtype (a transposed one too) arrive whole."""
+    assert pools(2).run(_broadcast_state) == [True, True]
 
 
 # --------------------------------------------------------------------------- device choice
