@@ -22,7 +22,7 @@ from disttrain.observe.metrics import MetricsLogger, StepMetrics
 from disttrain.observe.runlog import read_metrics
 from disttrain.run.train import run
 
-TINY = ["--set", "model.hidden=4", "--set", "train.global_batch_size=8", "--set", "data.num_samples=16"]
+TINY = ["--set", "train.device=cpu", "--set", "model.hidden=4", "--set", "train.global_batch_size=8", "--set", "data.num_samples=16"]
 
 
 def _bench_json(pools, capsys, *argv: str) -> dict:
@@ -92,7 +92,7 @@ def test_every_benchmark_runs_tiny_and_reports_its_fields(pools, capsys):
 def test_bench_step_takes_an_mse_data_factory(pools, capsys):
     """The benchmark builds its data and model with the trainer's builder: float targets and train.loss=mse
     reach both loops (the hand-written one uses F.mse_loss)."""
-    mse = ["--set", "data.name=tests.factories:regression", "--set", "model.name=tests.factories:regressor",
+    mse = ["--set", "train.device=cpu", "--set", "data.name=tests.factories:regression", "--set", "model.name=tests.factories:regressor",
            "--set", "train.loss=mse", "--set", "data.num_samples=16", "--set", "train.global_batch_size=8"]
     step = _bench_json(pools, capsys, "step", "--world-sizes", "1", "--steps", "2", "--warmup", "0", "--rounds", "1",
                        *mse)

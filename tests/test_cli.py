@@ -80,11 +80,13 @@ def test_torchrun_run_checked_with_verify_against(tmp_path, capsys):
     run_dir = tmp_path / "torchrun"
     trained = subprocess.run(
         [*TORCHRUN, "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-         "-m", "disttrain", "train", str(DEMO), "--set", f"train.out_dir={run_dir}", "--set", "train.steps=8"],
+         "-m", "disttrain", "train", str(DEMO), "--set", f"train.out_dir={run_dir}", "--set", "train.steps=8",
+         "--set", "train.device=cpu"],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert trained.returncode == 0, trained.stderr
     checked = disttrain_here(capsys, "verify", str(DEMO), "--against", str(run_dir), "--json",
-                        "--set", f"train.out_dir={tmp_path / 'check'}", "--set", "train.steps=8")
+                        "--set", f"train.out_dir={tmp_path / 'check'}", "--set", "train.steps=8",
+                             "--set", "train.device=cpu")
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["world_size"] == 2
 

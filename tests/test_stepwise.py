@@ -111,7 +111,8 @@ def test_resized_run_verifies_stepwise(pools, tmp_path):
 
 def test_torchrun_float32_run_verifies_stepwise_against_float64_in_2_jobs(tmp_path, capsys):
     run_dir = tmp_path / "torchrun"
-    sets = ["--set", f"train.out_dir={run_dir}", "--set", "train.steps=6", "--set", "train.dtype=float32",
+    sets = ["--set", f"train.out_dir={run_dir}", "--set", "train.device=cpu", "--set", "train.steps=6",
+            "--set", "train.dtype=float32",
             "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=0", "--set", "model.hidden=8"]
     trained = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",

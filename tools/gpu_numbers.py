@@ -1,6 +1,7 @@
-"""The numbers of tools/gpu_check.sh that need a script (prints them; exits non-zero only on an error).
+"""The numbers of tools/gpu_check.sh that need a script (prints them; exits non-zero on an error or a failed check).
 
     python tools/gpu_numbers.py trainer   the trainer on cuda (W=1) in fp32/bf16/fp16 against the CPU float64 run
+                                          (exit 1 when cuda and cpu part by more than verify's tolerance)
     python tools/gpu_numbers.py syncbn    disttrain's SyncBatchNorm against torch.nn.SyncBatchNorm on CUDA tensors
                                           in an NCCL group of one, and a float64 CPU reference
 """
@@ -33,7 +34,10 @@ def _train(device: str, dtype: str, precision: str, out: str) -> tuple[dict, lis
     return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}, result.losses
 
 
-def trainer() -> None:
+def trainer() -> int:
+    """Exit status 1 when the cuda run of a precision is farther from the CPU run of the same precision than verify's
+    tolerance for its 10 steps (fp32: TF32 off, as train.tf32=false sets it)."""
+    summary, failed = [], False
     with tempfile.TemporaryDirectory() as tmp:
         ref_state, ref_losses = _train("cpu", "float64", "fp32", f"{tmp}/ref")
         print(f"{'precision':<10} {'device':<6} {'param diff':>11} {'loss diff':>10}  (10 steps, vs the CPU "
@@ -49,8 +53,14 @@ def trainer() -> None:
                 print(f"{precision:<10} {device:<6} {max(diffs.values()):>11.2e} {loss:>10.2e}  "
                       f"({time.perf_counter() - start:.1f} s)")
             apart = max(state_difference(runs["cuda"][0], runs["cpu"][0]).values())
+            limit = tolerance("float32", 10, precision)
+            failed |= not apart <= limit  # (a NaN fails too)
             print(f"{precision:<10} cuda vs cpu in {precision}: {apart:.2e} (verify's per-step tolerance "
                   f"{tolerance('float32', 1, precision):.0e})")
+            summary.append(f"{precision} {apart:.1e} (<= {limit:.0e})")
+        print(f"cuda vs cpu after 10 steps, TF32 off (matmul {torch.backends.cuda.matmul.fp32_precision}, cuDNN conv "
+              f"{torch.backends.cudnn.conv.fp32_precision}): {', '.join(summary)}")
+    return 1 if failed else 0
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,7 +93,7 @@ def _one(impl: str, x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, dy: tor
     return {"y": y.detach(), "dx": xi.grad, "dw": w.grad, "db": b.grad, "mean": rm, "var": rv}
 
 
-def syncbn() -> None:
+def syncbn() -> int:
     store = dist.HashStore()
     dist.init_process_group("nccl", store=store, rank=0, world_size=1)
     group = dist.group.WORLD
@@ -114,7 +124,8 @@ def syncbn() -> None:
                 print(" | ".join(row), flush=True)
     finally:
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    {"trainer": trainer, "syncbn": syncbn}[sys.argv[1]]()
+    sys.exit({"trainer": trainer, "syncbn": syncbn}[sys.argv[1]]())

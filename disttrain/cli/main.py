@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 def _preflight(nproc: int | None, cfg: Config) -> None:
     """User errors that would otherwise surface inside workers: worker count, device, output directory, import
     paths and what the factories return."""
-    from ..parallel.env import launched_by_torchrun, resolve_device
+    from ..parallel.env import choose_device, launched_by_torchrun, local_world_size
 
     if nproc is not None:
         if launched_by_torchrun():
@@ -86,11 +86,8 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
         if nproc < 1:
             raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
         check_world_size(cfg, nproc)
-    if cfg.train.device == "cuda":
-        try:
-            resolve_device("cuda", 0)
-        except RuntimeError as exc:
-            raise ConfigError(str(exc)) from None
+    if cfg.train.device == "cuda":  # one GPU per local rank, or a one-line error before any worker starts
+        choose_device("cuda", 0, nproc if nproc is not None else local_world_size(1))
     out_dir = Path(cfg.train.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from .schema import Config
 EXECUTION_KEYS = frozenset({"train.out_dir", "train.log_every", "train.device", "comm.timeout_s", "comm.impl",
                             "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints", "data.workers",
                             "data.prefetch", "train.tensorboard", "comm.reshard_after_forward",
-                            "model.recompute"})
+                            "model.recompute", "train.deterministic", "comm.force_collectives"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

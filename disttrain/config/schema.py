@@ -105,6 +105,9 @@ class CommConfig:
         default=None, metadata=_doc("fsdp only: free each block's gathered parameters after forward and gather them "
                                     "again in backward (true, the default: ZeRO-3-like), or keep them (false: "
                                     "ZeRO-2-like)"))
+    force_collectives: bool = field(
+        default=False, metadata=_doc("a check of the collective path on one device (tools/gpu_check.sh): build "
+                                     "comm.impl and SyncBatchNorm's collectives even when W=1 (same result, slower)"))
 
 
 @dataclass
@@ -154,7 +157,14 @@ class TrainConfig:
     loss_scale_growth_interval: int = field(default=2000, metadata=_doc(
         "precision=fp16: the loss scale doubles after this many finite steps in a row, >= 1"))
     device: Literal["auto", "cpu", "cuda"] = field(
-        default="auto", metadata=_doc("auto: cuda:LOCAL_RANK when CUDA is available, else cpu"))
+        default="auto", metadata=_doc("auto: cuda:LOCAL_RANK when every rank on the node has a GPU, else cpu (with "
+                                      "one line saying so); cuda: an error unless every rank has its own GPU"))
+    tf32: bool = field(default=False, metadata=_doc(
+        "CUDA: let float32 matmuls and convolutions run in TF32 (~1e-3 relative; verify's tolerance widens to "
+        "fp16's); false: IEEE float32"))
+    deterministic: bool = field(default=False, metadata=_doc(
+        "torch.use_deterministic_algorithms(True), CUBLAS_WORKSPACE_CONFIG=:4096:8 and deterministic cuDNN: bitwise "
+        "repeatable runs on one CUDA device (slower)"))
     out_dir: str = field(default="runs/demo", metadata=_doc("run directory: config.yaml, metrics.jsonl, final.pt"))
     log_every: int = field(default=1, metadata=_doc("print a log line every N steps (metrics.jsonl has every step)"))
     checkpoint_every: int = field(

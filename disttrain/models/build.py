@@ -24,12 +24,15 @@ from .registry import MODELS
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int,
                 dtype: torch.dtype, device: torch.device, example: torch.Tensor | None = None) -> nn.Module:
-    """Build under a private RNG seeded with ``seed``: identical weights on every rank, global RNG untouched.
+    """Build under a private RNG seeded with ``seed``: identical weights on every rank, every generator untouched.
 
     ``example``: a few inputs to check a factory model's output shape with (default: zeros of ``input_shape``).
     """
+    # Models are built on the CPU and moved afterwards, so only the CPU generator is seeded, and fork_rng restores it.
+    # (torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[]) does not restore; forking
+    # every CUDA device instead would create a context on each GPU in every rank.)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         if is_import_path(cfg.name):
             model = _from_factory(cfg, input_shape, num_classes, dtype, example)
         else:  # a name from the table (validate.py checked it)

@@ -6,7 +6,8 @@ Three situations, one entry point (:func:`distributed`):
 - no launcher at all: world size 1, no process group, nothing to communicate.
 
 The device comes from LOCAL_RANK (the index of this process on its node), never from RANK (its index
-in the whole job): on node 2 of a 2-node job RANK is 8..15 but the GPUs are still cuda:0..7.
+in the whole job): on node 2 of a 2-node job RANK is 8..15 but the GPUs are still cuda:0..7. Each rank needs a GPU
+of its own (:func:`choose_device`); on CUDA the group is ``cpu:gloo,cuda:nccl`` (:func:`backend_for`).
 """
 
 from __future__ import annotations
@@ -50,14 +51,47 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+
+def choose_device(requested: str, local_rank: int, local_world_size: int) -> tuple[torch.device, str | None]:
+    """This rank's device for ``train.device=requested``, and a line to print when ``auto`` fell back to the CPU.
+
+    ``local_world_size`` ranks run on this node, each on its own GPU (NCCL cannot put two ranks on one GPU). ``auto``
+    takes cuda:LOCAL_RANK when every local rank has a GPU and the CPU (with gloo) otherwise, saying so in one line;
+    ``cuda`` with too few GPUs is a :class:`ConfigError` (the CLI raises it before any worker starts).
+    """
+    available = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if available else 0
+    if requested == "cuda":
+        if not available:
+            raise ConfigError("train.device=cuda but CUDA is not available on this machine")
+        if local_world_size > gpus or local_rank >= gpus:
+            raise ConfigError(f"train.device=cuda: {local_world_size} ranks on this node but {gpus} CUDA "
+                              f"device{'s' if gpus != 1 else ''} visible (one GPU per rank; NCCL cannot share one)")
+        return torch.device("cuda", local_rank), None
+    if requested == "auto" and available:
+        if local_world_size <= gpus and local_rank < gpus:
+            return torch.device("cuda", local_rank), None
+        return torch.device("cpu"), (f"train.device=auto: W={local_world_size} ranks on this node, {gpus} CUDA "
+                                     f"device{'s' if gpus != 1 else ''} visible: running on the CPU with gloo "
+                                     "(one GPU per rank; train.device=cuda makes this an error)")
+    return torch.device("cpu"), None
+
+
+def resolve_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+    """:func:`choose_device` without its line."""
+    return choose_device(requested, local_rank, local_world_size)[0]
+
+
+def local_world_size(default: int) -> int:
+    """Ranks on this node: LOCAL_WORLD_SIZE (torchrun and ``--nproc`` set it), else ``default``."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(value) if value.isdigit() else default
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backend: NCCL for CUDA tensors with gloo beside it for CPU tensors, so a value left on
+    the host by mistake still travels (slowly, through gloo) instead of failing the step; gloo alone on the CPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def _env_int(name: str) -> int:
@@ -136,31 +170,40 @@ def _elastic_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
     return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
 
 
-def _setup(device: str, timeout_s: float) -> tuple[DistEnv, bool]:
+
+def _setup(requested: str, timeout_s: float) -> tuple[DistEnv, bool]:
     created = False
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         backend = dist.get_backend()
+        if requested == "auto" and "nccl" not in backend:
+            requested = "cpu"  # a group without NCCL (the test harness's gloo group) carries CPU tensors
+        # Without LOCAL_WORLD_SIZE (a user's own launcher), assume no more ranks on this node than this one needs.
+        device, note = choose_device(requested, local_rank, local_world_size(local_rank + 1))
     elif launched_by_torchrun():
         missing = [v for v in TORCHRUN_VARS if v not in os.environ]
         if missing:
             raise ConfigError(f"incomplete torchrun environment: {', '.join(missing)} not set")
         rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
-        dev = resolve_device(device, local_rank)
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
+        device, note = choose_device(requested, local_rank, local_world_size(world))
+        backend = backend_for(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         # The timeout bounds every collective: a peer that died makes the others fail after at most
         # timeout_s instead of waiting forever (gloo usually notices a closed socket much sooner).
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None,
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
                                 **_elastic_store(rank, world, timeout))
         created = True
     else:
         rank, world, local_rank, backend = 0, 1, 0, None
-    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world,
-                  device=resolve_device(device, local_rank), backend=backend)
+        device, note = choose_device(requested, local_rank, 1)
+    if device.type == "cuda":  # every path: the current device is this rank's (pin threads, meshes, NCCL)
+        torch.cuda.set_device(device)
+    if note and local_rank == 0:  # one line per node
+        print(note, flush=True)
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
     return env, created
 
 

@@ -18,6 +18,7 @@ from ..config.schema import CommConfig
 from .env import DistEnv
 from .registry import STRATEGIES
 from .sync import GradSync, LocalSync, ReduceSpec
+from .syncbn import SyncBatchNorm
 
 
 def strategy_class(name: str) -> type[GradSync]:
@@ -30,10 +31,15 @@ def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_coun
                     global_count: int, force_collectives: bool = False) -> GradSync:
     """Wrap ``module`` for gradient reduction per ``cfg``; this rank holds ``local_count`` of ``global_count``.
 
-    ``force_collectives``: build the configured strategy even for one rank (a check of the collective path on a
-    single device, such as tools/gpu_check.sh; the result is the same, at a cost)."""
+    ``force_collectives``: build the configured strategy, and SyncBatchNorm's collectives, even for one rank (a
+    check of the collective path on a single device, such as tools/gpu_check.sh; the result is the same, at a
+    cost)."""
     if not env.is_distributed or (env.world_size == 1 and not force_collectives):
         return LocalSync(module, loss_divisor=local_count)
+    if force_collectives:
+        for m in module.modules():
+            if isinstance(m, SyncBatchNorm):
+                m.force_collectives = True
     divisor = global_count if cfg.reduce == "mean" else local_count
     spec = ReduceSpec(mode=cfg.reduce, world_size=env.world_size)  # the default process group
     return strategy_class(cfg.impl)(module, spec, env, cfg, divisor)

@@ -42,7 +42,7 @@ from ..checkpoint.files import cpu_copy
 from ..optim.clip import clip_gradients, gradient_norm
 from ..config.schema import ClipConfig
 from .env import DistEnv
-from .collectives import broadcast_from_main
+from .collectives import broadcast_state_from_main
 from ..errors import ConfigError
 
 
@@ -148,9 +148,10 @@ class GradSync:
 
     def load_state_dict(self, state: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> None:
         """Load ``state`` (from :meth:`state_dict`, read by rank 0; None on the other ranks) on every rank.
-        Replicated: rank 0's state is broadcast whole, so every rank resumes from the file rank 0 read."""
+        Replicated: rank 0's state is broadcast (its structure once, then tensor by tensor on the compute device),
+        so every rank resumes from the file rank 0 read."""
         if self.env is not None:
-            state = broadcast_from_main(state, self.env)
+            state = broadcast_state_from_main(state, self.env)
         error = check_model_state(self.model, state["model"])
         if error:  # the same state on every rank: every rank stops here
             raise ConfigError(error)

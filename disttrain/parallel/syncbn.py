@@ -193,6 +193,7 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
         self.collective: str | None = None  # None: default_collective(group), chosen per backend
+        self.force_collectives = False  # True: the collectives even in a group of one (comm.force_collectives)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not 2 <= input.dim() <= 5:
@@ -203,7 +204,7 @@ class SyncBatchNorm(_BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
+        return group if dist.get_world_size(group) > 1 or self.force_collectives else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         group = self._sync_group()

@@ -24,7 +24,7 @@ from ..parallel.env import DistEnv
 from ..errors import ConfigError
 from ..factory import is_import_path, resolve
 from ..models.build import build_model
-from .precision import LossScaler
+from .precision import LossScaler, configure_numerics
 from ..optim.schedule import base_lr, build_scheduler
 from ..data.formats import ON_DISK
 
@@ -66,12 +66,14 @@ class Parts:
 def build(cfg: Config, env: DistEnv) -> Parts:
     """This rank's parts of a run of ``cfg``, freshly initialised (a resumed run then loads its state)."""
     t = cfg.train
+    configure_numerics(env.device, t.tf32, t.deterministic)  # before the model's first matmul on the device
     data, model = build_data_and_model(cfg, env.device)
     if cfg.model.recompute:
         enable_recompute(model)
     batches = GlobalBatches(data, t.global_batch_size, cfg.seed, env.rank, env.world_size, cfg.data.workers,
                             cfg.data.prefetch)
-    sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size)
+    sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size,
+                           force_collectives=cfg.comm.force_collectives)
     optimizer = build_optimizer(sync.model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, base_lr(cfg.optim.lr, t.global_batch_size, cfg.schedule), t.steps,
                                 cfg.schedule)

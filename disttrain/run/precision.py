@@ -36,11 +36,20 @@ as overflowed when a reduced, still scaled, gradient entry of such a layer reach
 the global batch's sum, so this is the test one device's matmul makes, whatever the world size or the number of
 micro-batches. (Not covered: a rank's partial sum overflowing while the global sum, with other ranks' entries of the
 opposite sign, would not; and half-precision matmuls outside nn.Linear / nn.Conv*.)
+
+**TF32 and determinism on CUDA** (:func:`configure_numerics`). Ampere and later GPUs can run float32 matmuls and
+convolutions in TF32 (10 mantissa bits, about 1e-3 relative, like fp16); torch leaves cuDNN convolutions in TF32
+by default. disttrain sets both from ``train.tf32`` (default false: IEEE float32), a trajectory key whose verify
+tolerance is fp16's (verify/whole.py). ``train.deterministic`` asks for bitwise repeatability on the same device:
+``torch.use_deterministic_algorithms(True)``, cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, read
+when cuBLAS starts) and cuDNN's deterministic, non-benchmarked kernels. Neither makes W ranks bitwise equal to one
+device: their sums are grouped differently; verify judges that by its tolerance.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,6 +61,21 @@ FP16_OVERFLOW = 65520.0  # the smallest magnitude that rounds to inf in fp16 (la
 # Layers whose parameter gradients autocast computes in half precision, each a sum over the batch.
 HALF_GRADIENT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                         nn.ConvTranspose3d)
+
+
+def configure_numerics(device: torch.device, tf32: bool, deterministic: bool) -> None:
+    """Set this process's float32 arithmetic for ``device`` (see the module docstring): TF32 on CUDA only as
+    ``tf32`` allows it, and with ``deterministic`` torch's deterministic algorithms (on any device)."""
+    if device.type == "cuda":
+        mode = "tf32" if tf32 else "ieee"  # torch's fp32_precision API (not the legacy allow_tf32 flags)
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+        torch.backends.cudnn.rnn.fp32_precision = mode
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call of the run
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:

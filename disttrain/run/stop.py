@@ -28,7 +28,7 @@ from types import FrameType
 
 import torch
 
-from ..parallel.collectives import sum_over_ranks
+from ..parallel.collectives import control_buffer, sum_over_ranks
 from .train import Hook, Trainer
 
 
@@ -40,13 +40,16 @@ class GracefulStop(Hook):
     """Installs the signal handlers for the run (main thread only) and stops the loop where the ranks agree."""
 
     def __init__(self) -> None:
-        self.request = torch.zeros(2)  # [asked, signal number] of this rank, set by the signal handler
+        # [asked, signal number] of this rank, set by the signal handler; made on the compute device in on_start,
+        # so that the values travel on the device's own collective (NCCL on CUDA) with the gradients or alone.
+        self.request: torch.Tensor | None = None
         self.signum: int | None = None  # the signal the run stopped for (agreed on every rank)
         self._received: tuple[int, float] | None = None
         self._previous: dict[int, object] = {}
 
     def on_start(self, trainer: Trainer) -> None:
         self._sync = sync = trainer.parts.sync
+        self.request = control_buffer(2, trainer.env.device)
         sync.control = self.request  # read when the step's last bucket is packed
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
@@ -56,9 +59,10 @@ class GracefulStop(Hook):
         now = time.monotonic()
         if self._received is None:
             self._received = (signum, now)
-            # The number first: a reader on another thread (CUDA backward) sees [0, s] at worst, never [1, 0].
-            self.request[1] = float(signum)
-            self.request[0] = 1.0
+            if self.request is not None:  # (the handlers are installed by on_start, which makes it)
+                # The number first: a reader on another thread (CUDA backward) sees [0, s] at worst, never [1, 0].
+                self.request[1] = float(signum)
+                self.request[0] = 1.0
             return
         first, when = self._received
         if signum == first and now - when < REPEAT_WINDOW_S:

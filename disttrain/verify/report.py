@@ -13,7 +13,8 @@ from .whole import tolerance_key, unclaimed_reason
 # The longest segments for which correct and broken runs stayed separated in every regime measured, and what
 # rounding alone reached in a chaotic phase beyond them.
 SEPARATED_UP_TO = {"float32": (10, "0.2 in 50 steps"), "float64": (50, "6e-9 in 100 steps"),
-                   "bf16": (1, "5.3e-2 in 10 steps"), "fp16": (1, "3.9e-2 in 10 steps")}
+                   "bf16": (1, "5.3e-2 in 10 steps"), "fp16": (1, "3.9e-2 in 10 steps"),
+                   "tf32": (1, "not measured; fp16's row, the same 10 mantissa bits")}
 
 
 @dataclass
@@ -100,7 +101,7 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
     worst = min(segments, key=margin) if segments else None
     first = next((s for s in segments if not s.passed), None)
     reason = unclaimed_reason(cfg)
-    kind = tolerance_key(cfg.train.dtype, cfg.train.precision)
+    kind = tolerance_key(cfg.train.dtype, cfg.train.precision, cfg.train.tf32)
     limit, measured = SEPARATED_UP_TO[kind]
     longest = max((s.stop - s.start for s in segments), default=0)
     note = (f"segments of up to {longest} {kind} steps: in a chaotic phase of training, rounding alone can "

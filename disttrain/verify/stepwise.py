@@ -158,7 +158,7 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
     worst = max(diffs, key=diffs.get)
     loss = max(abs(losses[start + i] - ours) for i, ours in enumerate(result.losses)) / loss_scale
     optim = _optimizer_difference(_cpu_state(result.optimizer.state_dict()), target["optimizer"])
-    tol = tolerance(cfg.train.dtype, stop - start, cfg.train.precision)
+    tol = tolerance(cfg.train.dtype, stop - start, cfg.train.precision, cfg.train.tf32)
     return Segment(start=start, stop=stop, world_size=int(target["world_size"]), param_rel_diff=diffs[worst],
                    worst_param=worst, loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=tol,
                    passed=diffs[worst] <= tol and loss <= tol)
@@ -220,7 +220,7 @@ def verify_stepwise(cfg: Config, run_dir: Path, reference_dtype: str | None = No
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
     try:
         resolve_device(device, 0)
-    except RuntimeError as exc:
+    except (RuntimeError, ConfigError) as exc:
         raise ConfigError(f"reference device: {exc}") from None
     run_dir = Path(run_dir)
     reference_dtype = reference_dtype or cfg.train.dtype

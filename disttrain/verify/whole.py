@@ -32,7 +32,7 @@ import torch
 
 from ..checkpoint.format import CheckpointError, load_final
 from ..config.schema import Config
-from ..parallel.env import distributed
+from ..parallel.env import choose_device, distributed
 from ..errors import ConfigError
 from ..config.identity import trajectory_differences
 from ..run.tasks import launch_local
@@ -43,27 +43,31 @@ from ..run.train import run
 # step-wise verify: BASE * k for a segment of k steps, stepwise.py). Measurements: the module docstrings.
 # Mixed precision (train.precision bf16 / fp16, float32 weights): keyed by the precision; measured the same way
 # (tests/measure_precision.py, README "Mixed precision").
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bf16": 3e-3, "fp16": 1e-3}
+# float32 with train.tf32 on a CUDA device (matmuls and convolutions with 10 mantissa bits, as fp16's): fp16's rows,
+# not measured (no GPU has run them; on the CPU train.tf32 changes nothing but the tolerance).
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bf16": 3e-3, "fp16": 1e-3, "tf32": 1e-3}
 # Whole-run verify (a run of tens of steps): the per-step tolerance for float32/float64, as measured above; bf16 and
 # fp16 runs carry their rounding of every step's gradient (~2^-9, ~2^-12) through the run, so their whole-run
 # tolerances are wider (measured: README "Mixed precision"; a bf16 W=3 run of 12 steps: 2.4e-3, clipping before
 # averaging 0.15, reduce=sum 1.2).
-RUN_TOLERANCE = {**TOLERANCE, "bf16": 1e-2, "fp16": 3e-3}
+RUN_TOLERANCE = {**TOLERANCE, "bf16": 1e-2, "fp16": 3e-3, "tf32": 3e-3}
 
 
-def tolerance_key(dtype: str, precision: str = "fp32") -> str:
-    """The row of TOLERANCE for a run: its dtype, or its autocast precision."""
-    return dtype if precision == "fp32" else precision
+def tolerance_key(dtype: str, precision: str = "fp32", tf32: bool = False) -> str:
+    """The row of TOLERANCE for a run: its dtype, its autocast precision, or tf32 (float32 with train.tf32)."""
+    if precision != "fp32":
+        return precision
+    return "tf32" if tf32 and dtype == "float32" else dtype
 
 
-def tolerance(dtype: str, steps: int = 1, precision: str = "fp32") -> float:
+def tolerance(dtype: str, steps: int = 1, precision: str = "fp32", tf32: bool = False) -> float:
     """The tolerance of ``steps`` steps in ``dtype`` (under autocast to ``precision``): TOLERANCE[key] * steps."""
-    return TOLERANCE[tolerance_key(dtype, precision)] * steps
+    return TOLERANCE[tolerance_key(dtype, precision, tf32)] * steps
 
 
-def run_tolerance(dtype: str, precision: str = "fp32") -> float:
+def run_tolerance(dtype: str, precision: str = "fp32", tf32: bool = False) -> float:
     """Whole-run verify's tolerance (RUN_TOLERANCE)."""
-    return RUN_TOLERANCE[tolerance_key(dtype, precision)]
+    return RUN_TOLERANCE[tolerance_key(dtype, precision, tf32)]
 
 
 def precision_name(dtype: str, precision: str) -> str:
@@ -128,7 +132,8 @@ def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
     dist_losses = [m["loss"] for m in read_metrics(dist_dir)]
     ref_losses = [m["loss"] for m in read_metrics(ref_dir)]
     return compare_states(dist_ckpt["world_size"], dist_ckpt["model"], ref_ckpt["model"], dist_losses, ref_losses,
-                          dtype=cfg.train.dtype, precision=cfg.train.precision, reason=unclaimed_reason(cfg))
+                          dtype=cfg.train.dtype, precision=cfg.train.precision, tf32=cfg.train.tf32,
+                          reason=unclaimed_reason(cfg))
 
 
 _DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -136,7 +141,8 @@ _DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat1
 
 def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor],
                    dist_losses: list[float], ref_losses: list[float], *, dtype: str | None = None,
-                   precision: str = "fp32", rtol: float | None = None, reason: str = "") -> VerifyReport:
+                   precision: str = "fp32", tf32: bool = False, rtol: float | None = None,
+                   reason: str = "") -> VerifyReport:
     """The verdict on two final states and their loss curves (``disttrain verify``, and disttrain.testing's
     assert_equivalent). ``dtype``: the row of the tolerance table (default: the dtype of the state's first floating
     tensor); ``rtol`` replaces the tolerance; ``reason``: why equivalence is not claimed at all."""
@@ -153,7 +159,7 @@ def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_sta
     worst = max(diffs, key=diffs.get)
     if dtype is None:
         dtype = _DTYPE_KEYS.get(next(v.dtype for v in ref_state.values() if v.is_floating_point()), "float32")
-    tol = run_tolerance(dtype, precision) if rtol is None else rtol
+    tol = run_tolerance(dtype, precision, tf32) if rtol is None else rtol
     max_loss = max((s["rel_diff"] for s in steps), default=0.0)
     return VerifyReport(world_size=world_size, dtype=precision_name(dtype, precision),
                         tolerance=tol, steps=steps,
@@ -192,7 +198,11 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> Verif
         dist_dir = Path(against)
         _check_comparable(cfg, dist_dir)
     ref_cfg = _with_out_dir(cfg, ref_dir)
-    with distributed(ref_cfg.train.device, ref_cfg.comm.timeout_s) as env:
+    # The reference runs where the ranks did: device auto with more local ranks than GPUs put them on the CPU.
+    device = ref_cfg.train.device
+    if against is None and choose_device(device, 0, nproc)[0].type == "cpu":
+        device = "cpu"
+    with distributed(device, ref_cfg.comm.timeout_s) as env:
         if env.world_size != 1:
             raise RuntimeError("the reference run must be a single process")
         run(ref_cfg, env, console=False)
