@@ -170,14 +170,14 @@ def no_parameters(input_shape, num_classes):
 def padded_tokens(num_samples, seed, seq_len=8, vocab=13, empty=(), inputs="int64"):
     """Token sequences of random length 0..seq_len, right-padded: x (N, T) ids (0 after the end), y (N, T) the next
     ids, -100 at padding. ``empty``: (global_batch_size, world_size, rank, steps): every sample that rank holds in
-    those steps has no target, so that rank holds none. ``inputs="float32"``: float inputs (a user error)."""
+    those steps (a number: the first steps; or a list) has no target, so that rank holds none. ``inputs="float32"``: float inputs (a user error)."""
     rng = np.random.default_rng(seed + 1)
     tokens = rng.integers(0, vocab, (num_samples, seq_len + 1))
     lengths = rng.integers(0, seq_len + 1, num_samples)  # targets per sample, 0 included
     if empty:
         from disttrain.data.batching import global_batch_indices, local_slice
         batch, world_size, rank, steps = empty
-        for step in range(steps):
+        for step in (range(steps) if isinstance(steps, int) else steps):
             lengths[global_batch_indices(step, batch, num_samples, seed)[local_slice(batch, world_size, rank)]] = 0
     position = np.arange(seq_len)[None, :]
     x = np.where(position < np.maximum(lengths, 1)[:, None], tokens[:, :-1], 0)

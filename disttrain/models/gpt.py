@@ -29,7 +29,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
+        # No bias: a key bias adds q.b to every score of a query alike, which softmax cancels, so its gradient is
+        # rounding noise, and Adam would turn that noise into full-size, run-dependent steps.
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
