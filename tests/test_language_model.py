@@ -118,7 +118,7 @@ ERRORS = [
     ([*TOKENS, "model.name=gpt", "data.kwargs={inputs: float32}"],
      r"returned x of dtype torch\.float32 and shape \(16, 8\); train\.loss=token_cross_entropy needs integer token"),
     ([*TOKENS, "model.name=gpt", "model.kwargs={context: 4}"],
-     r"data\.seq_len=8 exceeds the gpt's context \(model\.kwargs\.context=4\)"),
+     r"data\.seq_len: sequences of 8 tokens exceed the gpt's context \(model\.kwargs\.context=4\)"),
     ([*TOKENS, "model.name=gpt", "model.kwargs={heads: 3}"], r"model\.kwargs\.heads=3 does not divide model\.hidden=8"),
     ([*TOKENS, "model.name=gpt", "model.kwargs={depth: 3}"], r"model\.kwargs: unknown option depth of model\.name=gpt"),
     ([*TOKENS, "model.name=mlp"], r"train\.loss=token_cross_entropy needs a language model \(model\.name=gpt"),

@@ -123,9 +123,9 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> n
         raise ConfigError(f"model.name=gpt takes token ids (N, T); the data's inputs have shape (N, "
                           f"{', '.join(map(str, input_shape))})")
     if opts["context"] and input_shape[0] > opts["context"]:
-        raise ConfigError(f"data.seq_len={input_shape[0]} exceeds the gpt's context (model.kwargs.context="
-                          f"{opts['context']}): it has no position embedding beyond it (raise the context, or set it "
-                          "to 0 to follow the data)")
+        raise ConfigError(f"data.seq_len: sequences of {input_shape[0]} tokens exceed the gpt's context "
+                          f"(model.kwargs.context={opts['context']}): it has no position embedding beyond it (raise the "
+                          "context, or set it to 0 to follow the data)")
     return GPT(num_classes, opts["context"] or input_shape[0], cfg.hidden, opts["layers"], opts["heads"],
                opts["tie_head"], cfg.dropout)
 
