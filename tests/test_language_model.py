@@ -43,15 +43,16 @@ def _train(pools, world_size: int, tmp_path, *overrides: str, name: str = "dist"
     return state, losses, ref_losses, compare_runs(cfg, tmp_path / name, tmp_path / "ref")
 
 
-def test_gpt_is_equivalent_and_ddp_average_of_token_means_is_not(pools, tmp_path):
+def test_gpt_is_equivalent_and_per_rank_token_means_are_not(pools, tmp_path):
     _, losses, ref_losses, report = _train(pools, W, tmp_path)
     assert report.equivalent and report.max_param_rel_diff <= 1e-10, report.table()
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
     records = [json.loads(line) for line in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and "samples" not in r for r in records)
     # DDP's plain average of per-rank token means (the 2024 bug across devices): not the global objective.
-    *_, avg = _train(pools, W, tmp_path, "comm.reduce=avg", name="avg")
-    assert not avg.equivalent and avg.max_param_rel_diff > 1e-4, avg.table()
+    for mode in ("avg", "sum", "max"):  # per-rank token means, averaged, summed or maxed: the contrasts
+        *_, contrast = _train(pools, W, tmp_path, f"comm.reduce={mode}", name=mode)
+        assert not contrast.equivalent and contrast.max_param_rel_diff > 1e-4, (mode, contrast.table())
 
 
 def test_users_language_model_with_a_rank_without_targets(pools, tmp_path):
