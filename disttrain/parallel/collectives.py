@@ -14,6 +14,7 @@ explicit device as a host tensor and refusing it at every collective.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,24 +46,33 @@ def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, in
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """Where a tensor must live for a collective of ``group``: the CPU whenever the group has gloo (also
-    ``cpu:gloo,cuda:nccl``), else the current accelerator (a group of NCCL alone has no CPU tensors)."""
+def collective_device(group: dist.ProcessGroup | None = None, prefer: torch.device | None = None) -> torch.device:
+    """Where a tensor must live for a collective of ``group``: ``prefer`` (the value's own device) when the group's
+    backend takes it, so a count made on the GPU stays there and travels through NCCL; else the CPU when the group
+    has gloo (also ``cpu:gloo,cuda:nccl``), else the current accelerator (NCCL alone has no CPU tensors)."""
     backend = str(dist.get_backend(group))
+    if prefer is not None and (prefer.type == "cuda" and "nccl" in backend or prefer.type == "cpu" and "gloo" in backend):
+        return prefer
     if "gloo" in backend or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
 
 def global_count(local_count: int | torch.Tensor, *, device: torch.device | str | None = None,
-                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                 group: dist.ProcessGroup | None = None,
+                 async_op: bool = False) -> torch.Tensor | Callable[[], torch.Tensor]:
     """The number of samples (or tokens, or non-ignored targets) over all ranks: one all_reduce of an int64.
 
     Divide this rank's *summed* loss by it and sum the gradients (:func:`~disttrain.parallel.ddp.register_sum_hook`):
     the exact gradient of the global mean, whatever each rank holds (padding, uneven slices). Returned as a tensor
     on ``device`` (default: ``local_count``'s device when it is a tensor, else the CPU), so dividing a loss by it
-    needs no host sync; the collective itself runs on a device the group's backend accepts (NCCL alone has no CPU
-    tensors) and the result is moved. Without a process group: ``local_count`` itself, as a tensor.
+    needs no host sync; the collective runs on the count's own device where the group's backend takes it (a count
+    on the GPU goes through NCCL), else on one it accepts, and the result is moved. Without a process group:
+    ``local_count`` itself, as a tensor.
+
+    ``async_op=True`` returns a function instead, which waits for the collective and returns the count: start it
+    early, and the collective's latency hides behind the work done before the wait (the trainer starts a step's
+    token count before the first forward and waits in the first backward: run/loss.py).
     """
     if device is None:
         device = local_count.device if isinstance(local_count, torch.Tensor) else torch.device("cpu")
@@ -70,10 +80,18 @@ def global_count(local_count: int | torch.Tensor, *, device: torch.device | str 
     if count.is_floating_point() or count.numel() != 1:
         raise ValueError(f"global_count: a count is one integer, got {count.dtype} of shape {tuple(count.shape)}")
     if not (dist.is_available() and dist.is_initialized()):
-        return count.to(device=device, dtype=torch.int64).reshape(())
-    wire = count.to(device=collective_device(group), dtype=torch.int64).reshape(1).clone()
-    dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)
-    return wire.reshape(()).to(device)
+        result = count.to(device=device, dtype=torch.int64).reshape(())
+        return (lambda: result) if async_op else result
+    wire = count.to(device=collective_device(group, count.device), dtype=torch.int64).reshape(1).clone()
+    work = dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+    if not async_op:
+        return wire.reshape(()).to(device)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return wire.reshape(()).to(device)
+
+    return wait
 
 
 def broadcast_from_main(obj: object, env: DistEnv) -> object:
@@ -89,7 +107,6 @@ def broadcast_from_main(obj: object, env: DistEnv) -> object:
     # The pickled bytes travel as a byte tensor on the compute device (NCCL on CUDA, gloo on the CPU).
     dist.broadcast_object_list(box, src=0, device=env.device)
     return box[0]
-
 
 
 class _Slot:
