@@ -182,3 +182,76 @@ class MemmapRows:
 
 def memmap_rows(num_samples, seed, path):
     return MemmapRows(path)
+
+def padded_tokens(num_samples, seed, seq_len=8, vocab=13, empty=(), inputs="int64"):
+    """Token sequences of random length 0..seq_len, right-padded: x (N, T) ids (0 after the end), y (N, T) the next
+    ids, -100 at padding. ``empty``: (global_batch_size, world_size, rank, steps): every sample that rank holds in
+    those steps (a number: the first steps; or a list) has no target, so that rank holds none. ``inputs="float32"``: float inputs (a user error)."""
+    rng = np.random.default_rng(seed + 1)
+    tokens = rng.integers(0, vocab, (num_samples, seq_len + 1))
+    lengths = rng.integers(0, seq_len + 1, num_samples)  # targets per sample, 0 included
+    if empty:
+        from disttrain.data.batching import global_batch_indices, local_slice
+        batch, world_size, rank, steps = empty
+        for step in (range(steps) if isinstance(steps, int) else steps):
+            lengths[global_batch_indices(step, batch, num_samples, seed)[local_slice(batch, world_size, rank)]] = 0
+    position = np.arange(seq_len)[None, :]
+    x = np.where(position < np.maximum(lengths, 1)[:, None], tokens[:, :-1], 0)
+    y = np.where(position < lengths[:, None], tokens[:, 1:], -100)
+    return x.astype(inputs), y
+
+
+def targets_out_of_range(num_samples, seed):
+    x, y = padded_tokens(num_samples, seed)
+    y[0, 0] = 13
+    return x, y
+
+
+class TinyLM(nn.Module):
+    """A user's language model: embedding, a GRU, a head: logits (N, T, V)."""
+
+    def __init__(self, vocab: int, width: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.rnn = nn.GRU(width, width, batch_first=True)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(x))[0])
+
+
+def tiny_lm(input_shape, num_classes, width=8):
+    return TinyLM(num_classes, width)
+
+
+class _LastPosition(nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)[:, -1]
+
+
+def last_position_lm(input_shape, num_classes):
+    """Logits (N, V): one row per sequence, not per token (a user error under token_cross_entropy)."""
+    return _LastPosition(num_classes)
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face causal LM wrapped to return its ``.logits``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x).logits
+
+
+def hf_gpt2(input_shape, num_classes, width=16, layers=2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=num_classes, n_positions=input_shape[0], n_embd=width, n_layer=layers, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return HFLogits(GPT2LMHeadModel(cfg))

@@ -31,7 +31,7 @@ SMALL = ["data.num_samples=40", "train.global_batch_size=20"]
 
 ERRORS = [
     # the path itself
-    (["model.name=resnet"], r"model\.name: 'resnet' is neither one of mlp, cnn nor an import path "
+    (["model.name=resnet"], r"model\.name: 'resnet' is neither one of mlp, cnn, gpt nor an import path "
                             r"'package\.module:function'"),
     (["data.name=tests/factories.py:images"], r"data\.name: 'tests/factories\.py:images' is neither one of "
                                               r"synthetic, digits, imagefolder, arrays nor an import path"),
@@ -75,14 +75,14 @@ ERRORS = [
                                                            r"images\(\) got an unexpected keyword argument 'colour'"),
     # keys that go with (or without) an import path
     ([f"model.name={F}:tiny_resnet", "model.dropout=0.1"], r"model\.dropout: applies to the built-in mlp and cnn"),
-    (["model.kwargs={width: 4}"], r"model\.kwargs: only for a model factory, not model\.name=cnn"),
+    (["model.kwargs={width: 4}"], r"model\.kwargs: only for a model factory or the gpt, not model\.name=cnn"),
     (["data.kwargs={size: 4}"], r"data\.kwargs: only for a data factory, not data\.name=synthetic"),
     (["model.kwargs=3"], r"model\.kwargs: expected a mapping of names to values, got 3"),
     (["model.dropout=1.0"], r"model\.dropout: must be in \[0, 1\), got 1\.0"),
     (["train.loss=mse"], r"train\.loss=mse needs float targets from a data factory; data\.name=synthetic has class"),
     (["model.name=mlp", "data.augment=crop"], r"data\.augment=crop needs images: data\.name=synthetic gives the mlp"),
     (["data.augment=crop", "data.crop_padding=0"], r"data\.crop_padding: must be >= 1, got 0"),
-    (["train.loss=l1"], r"train\.loss: 'l1' is not one of cross_entropy, mse"),
+    (["train.loss=l1"], r"train\.loss: 'l1' is not one of cross_entropy, mse, token_cross_entropy"),
 ]
 
 

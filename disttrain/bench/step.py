@@ -53,11 +53,18 @@ HAND = "hand-written DDP"
 # Fault tolerance section).
 DEFAULTS = ["model.name=cnn", "model.hidden=64", "model.norm=none", "train.dtype=float32",
             "train.global_batch_size=256", "train.device=cpu", "train.checkpoint_every=0"]
+# --model gpt: the built-in gpt on padded sequences of 1 to 64 tokens (bench/sequences.py), 32 per step.
+GPT_DEFAULTS = [*DEFAULTS, "model.name=gpt", "model.kwargs={layers: 2, heads: 2}", "train.loss=token_cross_entropy",
+                "data.name=disttrain.bench.sequences:padded_sequences", "data.num_classes=256",
+                "data.kwargs={seq_len: 64}", "data.num_samples=4096", "train.global_batch_size=32"]
+# Token losses: the trainer once more with the target count known locally (comm.reduce=sum divides by this rank's
+# own count: the same computation and gradient all_reduce, without the count's all_reduce): that collective's cost.
+LOCAL_COUNT = "disttrain, token count not all-reduced"
 
 
-def bench_config(overrides: list[str], out_dir: str) -> dict[str, Any]:
-    """The benchmarked config as a dict: DEFAULTS < ``overrides`` (section.key=value); ConfigError if invalid."""
-    return load_config(None, [*DEFAULTS, *overrides, f"train.out_dir={out_dir}"]).to_dict()
+def bench_config(overrides: list[str], out_dir: str, defaults: list[str] = DEFAULTS) -> dict[str, Any]:
+    """The benchmarked config as a dict: ``defaults`` < ``overrides`` (section.key=value); ConfigError if invalid."""
+    return load_config(None, [*defaults, *overrides, f"train.out_dir={out_dir}"]).to_dict()
 
 
 def trainer_steps(cfg_dict: dict[str, Any], steps: int, warmup: int, reduce_loss_every_step: bool = False) -> StepClock:
@@ -97,7 +104,10 @@ def hand_written_steps(cfg_dict: dict[str, Any], steps: int, warmup: int) -> Ste
             with autocast(cfg.train.precision, env.device.type):
                 with sample_keys(keys):  # a model with dropout draws its masks per sample (randomness.py)
                     output = ddp(x)
-                loss = (F.mse_loss if cfg.train.loss == "mse" else F.cross_entropy)(output, y)
+                if cfg.train.loss == "token_cross_entropy":  # the tutorial's per-rank mean over its tokens
+                    loss = F.cross_entropy(output.flatten(0, 1), y.flatten(), ignore_index=-100)
+                else:
+                    loss = (F.mse_loss if cfg.train.loss == "mse" else F.cross_entropy)(output, y)
             optimizer.zero_grad()
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -115,21 +125,28 @@ def _rank_step(cfg_dict: dict[str, Any], steps: int, warmup: int, rounds: int) -
             return clock.periods(warmup)
         return once
 
-    times = interleaved({"disttrain": timed("disttrain", lambda: trainer_steps(cfg_dict, steps, warmup)),
-                         EVERY_STEP: timed(EVERY_STEP, lambda: trainer_steps(cfg_dict, steps, warmup, True)),
-                         HAND: timed(HAND, lambda: hand_written_steps(cfg_dict, steps, warmup))}, rounds)
+    loops = {"disttrain": timed("disttrain", lambda: trainer_steps(cfg_dict, steps, warmup)),
+             EVERY_STEP: timed(EVERY_STEP, lambda: trainer_steps(cfg_dict, steps, warmup, True)),
+             HAND: timed(HAND, lambda: hand_written_steps(cfg_dict, steps, warmup))}
+    if cfg_dict["train"]["loss"] == "token_cross_entropy":
+        local = {**cfg_dict, "comm": {**cfg_dict["comm"], "reduce": "sum"}}
+        loops[LOCAL_COUNT] = timed(LOCAL_COUNT, lambda: trainer_steps(local, steps, warmup))
+    times = interleaved(loops, rounds)
     return {"times": times, "faults": {name: statistics.median(f) for name, f in faults.items()}}
 
 
 def bench_step(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2), steps: int = 20, warmup: int = 5,
-               rounds: int = 10, run_world: RunWorld = spawn_world) -> list[dict[str, Any]]:
+               rounds: int = 10, run_world: RunWorld = spawn_world, defaults: list[str] = DEFAULTS
+               ) -> list[dict[str, Any]]:
     """One row per world size: median ms per step of each loop, and the ratios to the hand-written loop.
 
-    A ratio is the median over rounds of the round's ratio (the loops ran back to back in each round).
+    A ratio is the median over rounds of the round's ratio (the loops ran back to back in each round). Token losses
+    add ``count_ratio`` (the trainer against itself without the count's all_reduce) and ``tokens_per_step``
+    (targets per global batch, the mean over the timed steps).
     """
     rows = []
     with tempfile.TemporaryDirectory(prefix="disttrain-bench-") as out_dir:
-        cfg_dict = bench_config(overrides, out_dir)
+        cfg_dict = bench_config(overrides, out_dir, defaults)
         for world_size in world_sizes:
             check_world_size(config_from_dict(cfg_dict), world_size)
         for world_size in world_sizes:
@@ -139,9 +156,20 @@ def bench_step(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2), step
             every_step = paired_ratios(per_rank, EVERY_STEP, HAND)
             rows.append({"world_size": world_size, "ms": slowest_median_ms(per_rank),
                          "ratio": statistics.median(ratios), "every_step_ratio": statistics.median(every_step),
-                         "round_ratios": ratios,
+                         "round_ratios": ratios, **_token_columns(cfg_dict, per_rank, warmup, steps),
                          "page_faults_per_step": {k: max(r["faults"][k] for r in results) for k in per_rank[0]}})
     return rows
+
+
+def _token_columns(cfg_dict: dict[str, Any], per_rank: list[dict], warmup: int, steps: int) -> dict[str, Any]:
+    if cfg_dict["train"]["loss"] != "token_cross_entropy":
+        return {}
+    cfg = config_from_dict(cfg_dict)
+    batches = GlobalBatches(build_data_and_model(cfg, torch.device("cpu"))[0], cfg.train.global_batch_size, cfg.seed,
+                            0, 1)
+    tokens = [int((batches.batch(s, torch.device("cpu"))[1] != -100).sum()) for s in range(warmup, warmup + steps)]
+    return {"count_ratio": statistics.median(paired_ratios(per_rank, "disttrain", LOCAL_COUNT)),
+            "tokens_per_step": statistics.mean(tokens)}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, world_sizes: tuple[int, ...], world_help: str, rounds: int,
@@ -165,11 +193,17 @@ def run_result(name: str, args: argparse.Namespace, rows: list[dict]) -> dict[st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, (1, 2), "comma-separated process counts (default 1,2)", 10,
                       "runs of each loop, alternating: short runs, many rounds (default 10)")
+    parser.add_argument("--model", choices=("cnn", "gpt"), default="cnn",
+                        help="cnn (the defaults above) or gpt: the built-in gpt with train.loss=token_cross_entropy "
+                             f"({' '.join(GPT_DEFAULTS[len(DEFAULTS):])})")
 
 
 def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str, Any]:
-    return run_result("step", args, bench_step(args.overrides, args.world_sizes, args.steps, args.warmup,
-                                               args.rounds, run_world))
+    defaults = GPT_DEFAULTS if getattr(args, "model", "cnn") == "gpt" else DEFAULTS
+    result = run_result("step", args, bench_step(args.overrides, args.world_sizes, args.steps, args.warmup,
+                                                 args.rounds, run_world, defaults))
+    result["setting"]["config"] = [*defaults, *args.overrides]
+    return result
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -179,4 +213,16 @@ def format_table(result: dict[str, Any]) -> str:
         [str(r["world_size"]), f"{r['ms'][HAND]:.2f}", f"{r['ms']['disttrain']:.2f}", f"{r['ratio']:.3f}",
          f"{r['ms'][EVERY_STEP]:.2f}", f"{r['every_step_ratio']:.3f}",
          f"{r['page_faults_per_step']['disttrain']:.0f}, {r['page_faults_per_step'][HAND]:.0f}"]
-        for r in result["rows"]])
+        for r in result["rows"]]) + _token_table(result["rows"])
+
+
+def _token_table(rows: list[dict[str, Any]]) -> str:
+    if "count_ratio" not in rows[0]:
+        return ""
+    return "\n\n" + markdown_table(
+        ["W", "tokens/step", "disttrain tokens/s", "hand-written tokens/s", "disttrain / hand-written (time)",
+         "count not all-reduced ms/step", "disttrain / count not all-reduced (time)"], [
+            [str(r["world_size"]), f"{r['tokens_per_step']:.0f}",
+             f"{1000 * r['tokens_per_step'] / r['ms']['disttrain']:.0f}",
+             f"{1000 * r['tokens_per_step'] / r['ms'][HAND]:.0f}", f"{r['ratio']:.3f}",
+             f"{r['ms'][LOCAL_COUNT]:.2f}", f"{r['count_ratio']:.3f}"] for r in rows])

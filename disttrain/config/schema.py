@@ -77,13 +77,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = field(default="mlp", metadata=_doc(
-        "mlp on vectors, a small cnn on images, or 'package.module:function' returning an nn.Module"))
+        "mlp on vectors, a small cnn on images, gpt (a causal transformer on token ids, for "
+        "train.loss=token_cross_entropy), or 'package.module:function' returning an nn.Module"))
     norm: Literal["none", "bn", "syncbn"] = field(
         default="none", metadata=_doc("norm layer slot: none, per-rank BatchNorm (bn), or SyncBatchNorm (syncbn)"))
-    hidden: int = field(default=64, metadata=_doc("hidden width (mlp) / channels of the last conv (cnn)"))
+    hidden: int = field(default=64, metadata=_doc(
+        "hidden width (mlp) / channels of the last conv (cnn) / embedding width (gpt)"))
     kwargs: dict[str, Any] = field(default_factory=dict, metadata=_doc(
         "keyword arguments of a model factory: function(input_shape, num_classes, **kwargs)"))
-    dropout: float = field(default=0.0, metadata=_doc("per-sample dropout in the mlp / cnn, in [0, 1)"))
+    dropout: float = field(default=0.0, metadata=_doc("per-sample dropout in the mlp / cnn / gpt, in [0, 1)"))
     recompute: bool = field(default=False, metadata=_doc(
         "activation recomputation: keep only each block's input for backward and run the block again there "
         "(less memory, about one more forward; the same result bitwise)"))
@@ -158,8 +160,10 @@ class TrainConfig:
     steps: int = field(default=20, metadata=_doc("optimizer steps"))
     accumulation_steps: int = field(
         default=1, metadata=_doc("micro-batches per optimizer step on each rank; gradients communicated once"))
-    loss: Literal["cross_entropy", "mse"] = field(
-        default="cross_entropy", metadata=_doc("per-sample loss: cross entropy on labels, or mse on float targets"))
+    loss: Literal["cross_entropy", "mse", "token_cross_entropy"] = field(
+        default="cross_entropy", metadata=_doc(
+            "per-sample loss: cross entropy on labels, or mse on float targets; or token_cross_entropy: logits "
+            "(N, T, V), integer targets (N, T) with -100 ignored, the mean over the global batch's target tokens"))
     dtype: Literal["float32", "float64"] = field(default="float32", metadata=_doc("parameter and data dtype"))
     precision: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32", metadata=_doc("compute precision of forward and loss: fp32, or autocast to bf16 / fp16 with "

@@ -121,7 +121,8 @@ def _check_own_code(cfg: Config) -> None:
     check_name("model.name", m.name, BUILTIN_MODELS)
     own_data, own_model = is_import_path(d.name), is_import_path(m.name)
     _require(own_data or not d.kwargs, f"data.kwargs: only for a data factory, not data.name={d.name}")
-    _require(own_model or not m.kwargs, f"model.kwargs: only for a model factory, not model.name={m.name}")
+    _require(own_model or m.name == "gpt" or not m.kwargs,
+             f"model.kwargs: only for a model factory or the gpt, not model.name={m.name}")
     _require(0 <= m.dropout < 1, f"model.dropout: must be in [0, 1), got {m.dropout}")
     _require(not own_model or m.dropout == 0,
              f"model.dropout: applies to the built-in mlp and cnn; a model from {m.name} keeps its own dropout "
@@ -129,9 +130,27 @@ def _check_own_code(cfg: Config) -> None:
     _require(d.crop_padding >= 1, f"data.crop_padding: must be >= 1, got {d.crop_padding}")
     _require(d.augment == "none" or own_data or d.name in ON_DISK or m.name != "mlp",
              f"data.augment={d.augment} needs images: data.name={d.name} gives the mlp vectors")
+    _check_language_model(cfg)
     _require(cfg.train.loss != "mse" or own_data or d.name == "arrays",
              f"train.loss=mse needs float targets from a data factory; data.name={d.name} has class labels (or "
              "data.name=arrays with a float y.npy)")
+
+
+def _check_language_model(cfg: Config) -> None:
+    """train.loss=token_cross_entropy and model.name=gpt go together (or with users' code); the gpt's own options
+    (model.kwargs) are checked where it is built (models/gpt.py), before any worker starts."""
+    d, m, loss = cfg.data, cfg.model, cfg.train.loss
+    tokens = loss == "token_cross_entropy"
+    _require(not tokens or is_import_path(d.name) or d.name == "tokens",
+             f"train.loss=token_cross_entropy needs token sequences: data.name=tokens or a data factory, not "
+             f"data.name={d.name}")
+    _require(not tokens or is_import_path(m.name) or m.name == "gpt",
+             f"train.loss=token_cross_entropy needs a language model (model.name=gpt or a model factory); "
+             f"model.name={m.name} outputs one row per sample")
+    _require(m.name != "gpt" or tokens, f"model.name=gpt outputs logits per token: it needs "
+             f"train.loss=token_cross_entropy, not train.loss={loss}")
+    _require(m.name != "gpt" or m.norm == "none",
+             f"model.norm={m.norm}: the gpt has its own LayerNorms (no batch statistics); use model.norm=none")
 
 
 def _check_data_files(cfg: Config) -> None:

@@ -40,6 +40,8 @@ def from_factory(cfg: DataConfig, seed: int, dtype: torch.dtype, loss: str) -> S
 def _checked(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, dtype: torch.dtype, loss: str, where: str
              ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(x, y) in the run's types, checked against train.loss and data.num_classes; the model's output width."""
+    if loss == "token_cross_entropy":
+        return (*check_tokens(x, y, cfg.num_classes, where), cfg.num_classes)
     if x.is_floating_point():
         x = x.to(dtype)  # integer inputs (token ids, say) are kept as they are
     if loss == "mse":
@@ -56,6 +58,27 @@ def _checked(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, dtype: torch.dty
         raise ConfigError(f"{where} returned labels in [{low}, {high}]; data.num_classes={cfg.num_classes} allows "
                           f"0 to {cfg.num_classes - 1}")
     return x, y.long(), cfg.num_classes
+
+
+def check_tokens(x: torch.Tensor, y: torch.Tensor, vocab_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``x`` and targets ``y``, both integer (N, T), as int64: every input in [0, V), every target in
+    [0, V) or -100 (ignored). Each violation is a one-line ConfigError naming ``where``."""
+    for name, t in (("x", x), ("y", y)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() != 2:
+            raise ConfigError(f"{where} returned {name} of dtype {t.dtype} and shape {tuple(t.shape)}; "
+                              "train.loss=token_cross_entropy needs integer token ids of shape (N, T)")
+    if x.shape != y.shape:
+        raise ConfigError(f"{where} returned x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}; "
+                          "train.loss=token_cross_entropy needs one target per input token")
+    bad_x = (x < 0) | (x >= vocab_size)
+    if bad_x.any():
+        raise ConfigError(f"{where} returned an input token {int(x[bad_x][0])} outside [0, {vocab_size}) (the "
+                          f"vocabulary size V={vocab_size})")
+    bad_y = ((y < 0) | (y >= vocab_size)) & (y != -100)
+    if bad_y.any():
+        raise ConfigError(f"{where} returned a target {int(y[bad_y][0])} outside [0, {vocab_size}); a target is a "
+                          f"token id below the vocabulary size V={vocab_size}, or -100 (ignored)")
+    return x.long(), y.long()
 
 
 class MapSource(Source):
@@ -106,4 +129,4 @@ class MapSource(Source):
         return x, y
 
 
-__all__ = ["from_factory", "MapSource"]
+__all__ = ["from_factory", "check_tokens", "MapSource"]

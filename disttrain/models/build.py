@@ -23,22 +23,24 @@ from .registry import MODELS
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int,
-                dtype: torch.dtype, device: torch.device, example: torch.Tensor | None = None) -> nn.Module:
+                dtype: torch.dtype, device: torch.device, example: torch.Tensor | None = None,
+                loss: str = "cross_entropy") -> nn.Module:
     """Build under a private RNG seeded with ``seed``: identical weights on every rank, global RNG untouched.
 
-    ``example``: a few inputs to check a factory model's output shape with (default: zeros of ``input_shape``).
+    ``example``: a few inputs to check a factory model's output shape with (default: zeros of ``input_shape``);
+    ``loss``: train.loss, which decides that shape ((N, num_classes), or (N, T, V) for token_cross_entropy).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if is_import_path(cfg.name):
-            model = _from_factory(cfg, input_shape, num_classes, dtype, example)
+            model = _from_factory(cfg, input_shape, num_classes, dtype, example, loss)
         else:  # a name from the table (validate.py checked it)
             model = importlib.import_module(f"{__package__}.{MODELS[cfg.name]}").build(cfg, input_shape, num_classes)
     return assign_streams(model).to(device=device, dtype=dtype)
 
 
 def _from_factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, dtype: torch.dtype,
-                  example: torch.Tensor | None) -> nn.Module:
+                  example: torch.Tensor | None, loss: str) -> nn.Module:
     path = cfg.name
     model = call_factory("model.name", path, input_shape, num_classes, **cfg.kwargs)
     if not isinstance(model, nn.Module):  # the factory's return value
@@ -47,7 +49,8 @@ def _from_factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: i
     # Before any conversion, in eval mode (no statistics updated, no collectives, dropout off): a forward on
     # two inputs, which also initialises lazy layers, here under the seeded RNG.
     x = example if example is not None else torch.zeros((2, *input_shape), dtype=dtype)
-    expected = (len(x), num_classes)
+    tokens = loss == "token_cross_entropy"  # logits per position: (N, T, V)
+    expected = (len(x), x.shape[1], num_classes) if tokens and x.dim() == 2 else (len(x), num_classes)
     was_training = model.training
     model.eval()
     try:
@@ -59,7 +62,9 @@ def _from_factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: i
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"model.name: {path!r} outputs {got} for inputs of shape {tuple(x.shape)}; expected "
-                          f"{expected} (one output per sample and class/target, num_classes={num_classes})")
+                          f"{expected} (" + (f"logits per token under train.loss=token_cross_entropy, vocabulary "
+                          f"{num_classes})" if tokens else f"one output per sample and class/target, num_classes="
+                          f"{num_classes})"))
     if cfg.norm == "syncbn":
         model = convert_sync_batchnorm(model)
     return convert_dropout(model)

@@ -7,6 +7,7 @@ line in :data:`MODELS`. This module imports nothing, so the validator reads the 
 MODELS = {
     "mlp": "mlp",  # name -> module in disttrain.models, imported when the model is built
     "cnn": "cnn",
+    "gpt": "gpt",
 }
 
 __all__ = ["MODELS"]

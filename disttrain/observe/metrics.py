@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..checkpoint.format import writing
+from ..errors import RunFailure
+from ..parallel.collectives import sum_over_ranks
 from ..parallel.env import DistEnv
 from .progress import Progress
 from .runlog import read_records
@@ -52,13 +53,17 @@ class StepMetrics:
         self.interval = 1
         self.flushes = 0
         self._loss_sums: list[torch.Tensor] = []
-        self._pending: list[tuple[int, int, dict[str, Any]]] = []  # (step, local count, other fields)
+        self._counts: list[int | torch.Tensor] = []  # this rank's samples, or target tokens (a device tensor)
+        self._pending: list[tuple[int, dict[str, Any]]] = []  # (step, other fields)
         self._since = time.perf_counter()
 
-    def record(self, step: int, loss_sum: torch.Tensor, count: int, **fields: Any) -> None:
-        """Step ``step``: this rank's summed loss over its ``count`` samples; ``fields`` go to the record as is."""
+    def record(self, step: int, loss_sum: torch.Tensor, count: int | torch.Tensor, **fields: Any) -> None:
+        """Step ``step``: this rank's summed loss over its ``count`` samples, or over ``count`` target tokens when
+        it is a tensor (a token loss's count, run/loss.py: left on the device); ``fields`` go to the record as is.
+        A token run's records hold ``tokens`` (the global count of the step) and ``tokens_per_s``."""
         self._loss_sums.append(loss_sum.detach().reshape(()).to(torch.float64))
-        self._pending.append((step, count, fields))
+        self._counts.append(count)
+        self._pending.append((step, fields))
         if len(self._pending) >= self.interval:
             self.flush()
 
@@ -70,20 +75,30 @@ class StepMetrics:
         sums = torch.stack(self._loss_sums)
         # Counts and rank 0's next interval ride in the same buffer: one collective per flush. Others add 0
         # to the interval slot, so every rank reads rank 0's choice.
-        host = [float(c) for _, c, _ in self._pending] + [float(self._next_interval(n)) if self.env.is_main else 0.0]
-        buf = torch.cat([sums, torch.tensor(host, dtype=torch.float64, device=sums.device)])
-        if self.env.is_distributed:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        tokens = isinstance(self._counts[0], torch.Tensor)
+        if tokens:
+            counts = torch.stack([c.reshape(()).to(torch.float64) for c in self._counts])
+        else:
+            counts = torch.tensor([float(c) for c in self._counts], dtype=torch.float64, device=sums.device)
+        interval = float(self._next_interval(n)) if self.env.is_main else 0.0
+        buf = torch.cat([sums, counts, torch.tensor([interval], dtype=torch.float64, device=sums.device)])
+        sum_over_ranks(buf, self.env)
         values = buf.tolist()  # the one read back to the host
         records = []
-        for i, (step, _, fields) in enumerate(self._pending):
-            total_loss, samples = values[i], values[n + i]
-            self.losses.append(total_loss / samples)
-            records.append({"step": step, "loss": total_loss / samples, "samples": int(samples), **fields})
+        for i, (step, fields) in enumerate(self._pending):
+            total_loss, count = values[i], values[n + i]
+            if count == 0:  # only a token loss can count nothing; the same on every rank: all stop here
+                raise RunFailure(f"step {step}: the global batch has no target token (every target is -100), so "
+                                 "it has no per-token mean loss")
+            self.losses.append(total_loss / count)
+            record = {"step": step, "loss": total_loss / count, ("tokens" if tokens else "samples"): int(count)}
+            if tokens and fields.get("ms"):
+                record["tokens_per_s"] = round(1000.0 * count / fields["ms"], 1)
+            records.append({**record, **fields})
         self.logger.log(*records)
         self.interval = int(values[2 * n])
         self.flushes += 1
-        self._loss_sums, self._pending = [], []
+        self._loss_sums, self._counts, self._pending = [], [], []
         self._since = time.perf_counter()
 
     def _next_interval(self, steps: int) -> int:

@@ -32,7 +32,12 @@ class TensorBoardLog:
                     self.writer.add_scalar(f"train/{key}", r[key], step)
             if r.get("ms"):
                 self.writer.add_scalar("train/step_ms", r["ms"], step)
-                self.writer.add_scalar("train/samples_per_s", 1000.0 * r["samples"] / r["ms"], step)
+                if "samples" in r:
+                    self.writer.add_scalar("train/samples_per_s", 1000.0 * r["samples"] / r["ms"], step)
+            if "tokens" in r:  # token losses (run/loss.py): the step's target tokens over all ranks, and per second
+                self.writer.add_scalar("train/tokens", r["tokens"], step)
+                if r.get("tokens_per_s") is not None:
+                    self.writer.add_scalar("train/tokens_per_s", r["tokens_per_s"], step)
         self.writer.flush()
 
     def close(self) -> None:

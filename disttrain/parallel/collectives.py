@@ -6,6 +6,7 @@ so one all_reduce carries both and the weighting is exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,24 @@ def sum_over_ranks(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+
+def sum_over_ranks_async(tensor: torch.Tensor, env: DistEnv) -> Callable[[], torch.Tensor]:
+    """Start summing ``tensor`` over all ranks, in place; the returned function waits and returns it.
+
+    For a small value needed a little later (a step's token count, run/loss.py): the collective's latency hides
+    behind the work done before the wait. ``tensor`` must be on the compute device (NCCL has no CPU tensors).
+    """
+    if not env.is_distributed:
+        return lambda: tensor
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return tensor
+
+    return wait
 
 
 

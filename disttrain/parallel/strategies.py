@@ -36,7 +36,9 @@ def build_grad_sync(module: nn.Module, cfg: CommConfig, env: DistEnv, local_coun
         return LocalSync(module, loss_divisor=local_count)
     divisor = global_count if cfg.reduce == "mean" else local_count
     spec = ReduceSpec(mode=cfg.reduce, world_size=env.world_size)  # the default process group
-    return strategy_class(cfg.impl)(module, spec, env, cfg, divisor)
+    sync = strategy_class(cfg.impl)(module, spec, env, cfg, divisor)
+    sync.global_loss_divisor = cfg.reduce == "mean"
+    return sync
 
 
 __all__ = ["strategy_class", "build_grad_sync"]

@@ -99,6 +99,9 @@ class GradSync:
 
     module: nn.Module  # call forward on this
     loss_divisor: int  # divide this rank's *summed* loss by this before backward: B (mean) or b_r
+    # True (comm.reduce: mean over ranks): a count known only at run time (target tokens, run/loss.py) is summed
+    # over ranks before it divides the loss; False: this rank's own count (contrast modes, or one process).
+    global_loss_divisor: bool = False
     env: DistEnv | None = None  # None: no process group
     # A few small non-negative values of this rank (a stop request, see stop.py) that travel in the step's gradient
     # reduction, with its op, read when the step's last bucket is packed: after the step ``reduced_control`` holds

@@ -51,7 +51,8 @@ def build_data_and_model(cfg: Config, device: torch.device) -> tuple[Source, nn.
     """The dataset and the seeded model (the same weights on every rank), on ``device``."""
     data = build_data(cfg)
     model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, torch_dtype(cfg.train.dtype),
-                        device, example=data.example() if is_import_path(cfg.model.name) else None)
+                        device, example=data.example() if is_import_path(cfg.model.name) else None,
+                        loss=cfg.train.loss)
     return data, model
 
 

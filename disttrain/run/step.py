@@ -13,26 +13,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..optim.clip import should_step
 from ..parallel.sync import GradSync
 from ..config.schema import ClipConfig
+from .loss import LossDivisor, summed_loss
 from .precision import LossScaler, autocast
 from ..randomness import sample_keys
-
-
-def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The sum over the batch of per-sample losses (a sample is a row of ``target``).
-
-    mse: a sample's loss is the mean squared error over its outputs, so the logged global mean loss
-    (sum over samples / samples) is torch's ``mse_loss`` on the global batch.
-    """
-    if output.dtype in (torch.float16, torch.bfloat16):  # autocast's output: the loss is summed in float32
-        output = output.float()
-    if kind == "mse":
-        return F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()
-    return F.cross_entropy(output, target, reduction="sum")
 
 
 @dataclass
@@ -41,6 +28,7 @@ class StepResult:
     grad_norm: float  # global gradient norm before clipping
     stepped: bool  # False: non-finite gradient, optimizer step skipped on every rank
     loss_scale: float = 1.0  # the fp16 loss scale this step's backward used (1 without loss scaling)
+    count: torch.Tensor | None = None  # token losses: this rank's number of targets (a device tensor)
 
 
 def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
@@ -53,6 +41,7 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
     scale = scaler.scale
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0][1].device)
+    divisor = LossDivisor(loss, sync, micro_batches)  # tokens: their global count, summed during the first forward
     for j, (x, y, *keys) in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
@@ -61,10 +50,10 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
                 with sample_keys(keys[0]) if keys else contextlib.nullcontext():
                     output = sync.module(x)
                 micro_loss = summed_loss(loss, output, y)
-            # Summed loss over a fixed divisor (the global batch size B for the mean), not a per-micro-batch
-            # mean divided by k: exact for micro-batches and rank slices of any size. Why B, and why before
+            # Summed loss over the step's count (the global batch size B, or its target tokens: loss.py), not a
+            # per-micro-batch mean divided by k: exact for micro-batches and rank slices of any size. Why before
             # backward rather than in the reduction: see parallel/sync.py. fp16: times the loss scale.
-            scaler.scale_loss(micro_loss / sync.loss_divisor).backward()
+            scaler.scale_loss(micro_loss / divisor.value()).backward()
         loss_sum += micro_loss.detach().double()
     overflow = False
     if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient, then reduce
@@ -83,7 +72,7 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
     if stepped:
         optimizer.step()
     scaler.update(not overflow and math.isfinite(grad_norm))  # the same decision everywhere: the same scale
-    return StepResult(loss_sum, grad_norm, stepped, scale)
+    return StepResult(loss_sum, grad_norm, stepped, scale, divisor.local_count)
 
 
 __all__ = ["summed_loss", "StepResult", "train_step"]

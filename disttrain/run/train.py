@@ -151,7 +151,8 @@ class Trainer:
             # The global mean loss, (sum of per-sample losses) / (sum of counts), is reduced over ranks for many
             # steps at once when metrics flush (metrics.py), not with a blocking collective every step.
             extra = {"loss_scale": out.loss_scale} if parts.scaler.enabled else {}
-            metrics.record(step, out.loss_sum, parts.batches.local_batch_size, lr=lr, grad_norm=out.grad_norm,
+            count = parts.batches.local_batch_size if out.count is None else out.count  # samples, or tokens
+            metrics.record(step, out.loss_sum, count, lr=lr, grad_norm=out.grad_norm,
                            skipped=result.skipped_steps, ms=round(1000 * (time.perf_counter() - start_time), 3),
                            **extra)
             self._call("on_step_end", step, out)

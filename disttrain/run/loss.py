@@ -1,0 +1,95 @@
+"""The losses of ``train.loss``, and what a step's summed loss is divided by before backward.
+
+Every loss is *summed* over what it counts (samples, or target tokens) and divided by one count, the same on every
+rank for ``comm.reduce: mean``; the strategy then sums gradients (parallel/sync.py). The count is:
+
+- samples (``cross_entropy``, ``mse``): known before the run, the global batch size B (``GradSync.loss_divisor``);
+- target tokens (``token_cross_entropy``): the logits are (N, T, V), the targets (N, T) integers, -100 ignored. The
+  step's objective is sum of per-token cross entropies over every non-ignored target of the global batch / their
+  number over the whole global batch (all ranks, all micro-batches). That number is known only once every rank
+  has its batch: sequences differ in length, and a rank or a micro-batch may hold no target at all.
+
+**How the token count reaches every rank: one small all_reduce before backward, overlapped with the first
+forward.** All micro-batches of the step are in memory when the step starts, so each rank counts its targets at
+once and starts an asynchronous all_reduce of that one integer (a tensor on the compute device: NCCL has no CPU
+tensors), then runs the first micro-batch's forward; the first backward waits for it. Why not the alternatives:
+
+- counting from the data would make every rank read the targets of the whole global batch (W times the I/O);
+- summing unscaled losses and dividing the gradients after the reduction (the count riding in the last bucket,
+  as the stop request does) saves the collective but needs every strategy to carry it (FSDP's reduce-scatter
+  cannot), multiplies fp16 gradients by the token count before loss scaling can react, and adds a pass over
+  every gradient. With the count first, every rank backpropagates the exact global objective from the start:
+  layers that couple ranks in backward (SyncBatchNorm's global sums of dy) see one consistent scale, clipping
+  sees the correctly scaled gradient, and fp16 loss scaling, fsdp and accumulation need nothing new.
+
+The contrast modes (``comm.reduce`` sum / max / avg) divide by this rank's own count, as with samples: ``avg`` is
+then DDP's average of per-rank token means, the normalisation Hugging Face fixed in 2024 (transformers #34242).
+
+A global batch without any target token has no mean: its gradient is zero here (the count is clamped to 1, no
+NaN), and the step is named when the metrics are reduced (observe/metrics.py), which ends the run with exit 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..parallel.collectives import sum_over_ranks_async
+from ..parallel.sync import GradSync
+
+IGNORE_INDEX = -100  # torch's and Hugging Face's ignore_index: a padded position, no target
+TOKEN_LOSSES = ("token_cross_entropy",)
+
+
+def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum over the batch of per-sample losses (``cross_entropy``, ``mse``: a sample is a row of ``target``)
+    or of per-token losses (``token_cross_entropy``: every target that is not -100).
+
+    mse: a sample's loss is the mean squared error over its outputs, so the logged global mean loss
+    (sum over samples / samples) is torch's ``mse_loss`` on the global batch.
+    """
+    if output.dtype in (torch.float16, torch.bfloat16):  # autocast's output: the loss is summed in float32
+        output = output.float()
+    if kind == "mse":
+        return F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()
+    if kind in TOKEN_LOSSES:  # (N, T, V) logits, (N, T) targets; no target at all sums to 0
+        return F.cross_entropy(output.flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(output, target, reduction="sum")
+
+
+def target_count(targets: list[torch.Tensor]) -> torch.Tensor:
+    """The number of non-ignored targets in ``targets`` (an int64 tensor on their device: no host sync)."""
+    return sum((y != IGNORE_INDEX).sum() for y in targets)
+
+
+class LossDivisor:
+    """What this rank divides each micro-batch's summed loss by, for one step.
+
+    Samples: ``sync.loss_divisor`` (B, or b_r in the contrast modes). Tokens: the step's global target count
+    (``comm.reduce: mean``, summed over ranks asynchronously from construction until :meth:`value` is first
+    called), or this rank's own (contrast modes); ``local_count`` is this rank's, for the metrics.
+    """
+
+    def __init__(self, kind: str, sync: GradSync, micro_batches: list[tuple]):
+        self.local_count: torch.Tensor | None = None
+        if kind not in TOKEN_LOSSES:
+            self._value: torch.Tensor | int = sync.loss_divisor
+            self._wait: Callable[[], torch.Tensor] | None = None
+            return
+        self.local_count = target_count([y for _, y, *_ in micro_batches])
+        if sync.global_loss_divisor:  # started now, so it travels while the first micro-batch runs forward
+            self._wait = sum_over_ranks_async(self.local_count.clone(), sync.env)
+        else:
+            self._wait = lambda: self.local_count
+
+    def value(self) -> torch.Tensor | int:
+        """The divisor (the first call waits for the count's all_reduce)."""
+        if self._wait is not None:
+            # Clamped: a step without targets has a zero summed loss, so a zero gradient rather than 0/0.
+            self._value, self._wait = self._wait().clamp_min(1), None
+        return self._value
+
+
+__all__ = ["IGNORE_INDEX", "TOKEN_LOSSES", "summed_loss", "target_count", "LossDivisor"]
