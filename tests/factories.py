@@ -183,6 +183,7 @@ class MemmapRows:
 def memmap_rows(num_samples, seed, path):
     return MemmapRows(path)
 
+
 def padded_tokens(num_samples, seed, seq_len=8, vocab=13, empty=(), inputs="int64"):
     """Token sequences of random length 0..seq_len, right-padded: x (N, T) ids (0 after the end), y (N, T) the next
     ids, -100 at padding. ``empty``: (global_batch_size, world_size, rank, steps): every sample that rank holds in

@@ -164,6 +164,11 @@ class TrainConfig:
         default="cross_entropy", metadata=_doc(
             "per-sample loss: cross entropy on labels, or mse on float targets; or token_cross_entropy: logits "
             "(N, T, V), integer targets (N, T) with -100 ignored, the mean over the global batch's target tokens"))
+    token_weighting: Literal["tokens", "micro_batch_mean", "sequence_mean"] = field(
+        default="tokens", metadata=_doc(
+            "token_cross_entropy: tokens (each target token weighs alike: exact); for contrast micro_batch_mean (each "
+            "micro-batch's token mean, averaged: transformers' accumulation before PR #34191; needs comm.reduce=avg), "
+            "or sequence_mean (each sequence's token mean, averaged over sequences: another objective)"))
     dtype: Literal["float32", "float64"] = field(default="float32", metadata=_doc("parameter and data dtype"))
     precision: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32", metadata=_doc("compute precision of forward and loss: fp32, or autocast to bf16 / fp16 with "

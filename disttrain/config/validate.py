@@ -141,6 +141,12 @@ def _check_language_model(cfg: Config) -> None:
     (model.kwargs) are checked where it is built (models/gpt.py), before any worker starts."""
     d, m, loss = cfg.data, cfg.model, cfg.train.loss
     tokens = loss == "token_cross_entropy"
+    weighting = cfg.train.token_weighting
+    _require(tokens or weighting == "tokens",
+             f"train.token_weighting={weighting}: only for train.loss=token_cross_entropy, not {loss}")
+    _require(weighting != "micro_batch_mean" or cfg.comm.reduce == "avg",
+             "train.token_weighting=micro_batch_mean averages per-micro-batch token means, as DDP averages per-rank "
+             f"ones: it needs comm.reduce=avg, not {cfg.comm.reduce}")
     _require(not tokens or is_import_path(d.name) or d.name == "tokens",
              f"train.loss=token_cross_entropy needs token sequences: data.name=tokens or a data factory, not "
              f"data.name={d.name}")
