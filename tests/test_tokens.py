@@ -243,3 +243,11 @@ def test_gpt_on_token_data_at_w3_equals_one_process_and_resumes_at_w2(pools, cor
 def test_token_weighting_contrasts_are_validated(overrides, error):
     with pytest.raises(ConfigError, match=error):
         load_config(None, overrides)
+
+
+def test_train_on_a_missing_token_directory_is_one_line_exit_2(tmp_path, capsys):
+    argv = ["train", str(Path(__file__).parents[1] / "configs" / "gpt.yaml"), "--set",
+            f"data.path={tmp_path / 'nothing'}", "--set", f"train.out_dir={tmp_path / 'out'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(r"data.path: .*nothing does not exist", err), err
