@@ -246,7 +246,7 @@ def test_token_weighting_contrasts_are_validated(overrides, error):
 
 
 def test_train_on_a_missing_token_directory_is_one_line_exit_2(tmp_path, capsys):
-    argv = ["train", str(Path(__file__).parents[1] / "configs" / "gpt.yaml"), "--set",
+    argv = ["train", str(Path(__file__).parents[1] / "configs" / "gpt_stdlib.yaml"), "--set",
             f"data.path={tmp_path / 'nothing'}", "--set", f"train.out_dir={tmp_path / 'out'}"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
