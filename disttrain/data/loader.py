@@ -157,8 +157,11 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     only the forking thread, and a worker never touches what those threads own. It runs :func:`read_step`
     (numpy and CPU tensors) and returns CPU tensors; it never calls torch.distributed or CUDA (pinning happens
     in the rank), and it runs one intra-op thread (:func:`_one_thread`), so no OpenMP pool is resumed after
-    fork. This is torch's own default on Linux, CUDA jobs included. macOS forks unsafely (system frameworks
-    abort after fork), so elsewhere the default stays and the dataset is pickled as before.
+    fork. This is torch's own default on Linux, CUDA jobs included. A worker does inherit the rank's gloo
+    sockets: if the rank dies, its peers see the connection close once the worker has noticed (DataLoader's
+    watchdog, within seconds) or the launcher has ended the group, and comm.timeout_s bounds the wait anyway.
+    macOS forks unsafely (system frameworks abort after fork), so elsewhere the default stays and the dataset is
+    pickled as before.
     """
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
