@@ -205,7 +205,7 @@ BAD = [
                                                   r"train\.loss=cross_entropy needs integer class labels"),
     (["data.workers=-1"], r"data\.workers: must be >= 0, got -1"),
     (["data.prefetch=0"], r"data\.prefetch: must be >= 1, got 0"),
-    (["data.path=/tmp"], r"data\.path: only for imagefolder and arrays, not data\.name=synthetic"),
+    (["data.path=/tmp"], r"data\.path: only for imagefolder, arrays, tokens, not data\.name=synthetic"),
     (["data.name=imagefolder", "data.path={mixed}", "data.image_size=[4]"], r"data\.image_size: must be \[H, W\]"),
 ]
 
