@@ -251,3 +251,22 @@ def test_train_on_a_missing_token_directory_is_one_line_exit_2(tmp_path, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(r"data.path: .*nothing does not exist", err), err
+
+
+def test_contrast_weightings_divide_by_micro_batch_counts_or_average_sequences():
+    """micro_batch_mean: each micro-batch over its own count times k; sequence_mean: the sum of row means over
+    samples (a row without targets adds 0)."""
+    from disttrain.parallel.sync import LocalSync
+    from disttrain.run.loss import LossDivisor, summed_loss
+
+    y1, y2 = torch.tensor([[1, 2, -100], [0, -100, -100]]), torch.tensor([[2, -100, -100]])
+    sync = LocalSync(torch.nn.Identity(), loss_divisor=3)
+    micro = LossDivisor("token_cross_entropy", sync, [(None, y1), (None, y2)], "micro_batch_mean")
+    assert [int(micro.value(j)) for j in (0, 1)] == [6, 2] and int(micro.local_count) == 4
+    seq = LossDivisor("token_cross_entropy", sync, [(None, y1), (None, y2)], "sequence_mean")
+    assert seq.value() == 3 and seq.local_count is None  # counted in samples
+    logits = torch.randn(3, 3, 4, dtype=torch.float64)
+    y = torch.tensor([[1, 2, -100], [-100, -100, -100], [3, 0, 1]])
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.clamp_min(0), reduction="none")
+    expected = per_token[0, :2].mean() + per_token[2].mean()
+    torch.testing.assert_close(summed_loss("token_cross_entropy", logits, y, "sequence_mean"), expected)
