@@ -64,8 +64,11 @@ def test_users_language_model_with_a_rank_without_targets(pools, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("strategy", [("comm.impl=fsdp", "model.recompute=true"), ("comm.impl=allreduce",)])
+@pytest.mark.parametrize("strategy", [("comm.impl=fsdp", "model.recompute=true", "model.dropout=0.2"),
+                                      ("comm.impl=allreduce",)])
 def test_gpt_fsdp_recompute_and_allreduce(pools, tmp_path, strategy):
+    """FSDP shards each block, recomputation replays each block, and per-sample dropout draws the same masks in
+    the replay and on any rank."""
     *_, report = _train(pools, W, tmp_path, *strategy)
     assert report.equivalent and report.max_param_rel_diff <= 1e-10, report.table()
 
@@ -95,6 +98,7 @@ def test_divisor_counts_targets_globally_only_for_the_mean():
     local = LocalSync(torch.nn.Identity(), loss_divisor=2)
     divisor = LossDivisor("token_cross_entropy", local, [(None, y), (None, y[:1, :1])])
     assert int(divisor.value()) == 3 and int(divisor.local_count) == 3
+    assert divisor.local_count.device == y.device  # a tensor where the targets are: NCCL has no CPU tensors
     assert LossDivisor("cross_entropy", local, [(None, y)]).value() == 2
     empty = LossDivisor("token_cross_entropy", local, [(None, y[1:])])
     assert int(empty.value()) == 1 and int(empty.local_count) == 0  # a zero gradient, not 0/0
@@ -161,3 +165,18 @@ def test_bench_step_on_the_gpt_reports_the_token_count_cost(pools, capsys):
                        "--rounds", "1", *tiny)
     row = step["rows"][0]
     assert row["count_ratio"] > 0 and 8 <= row["tokens_per_step"] <= 64 and len(row["ms"]) == 4
+
+
+def test_tensorboard_logs_tokens_and_tokens_per_second(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from disttrain.observe.tensorboard import TensorBoardLog
+
+    log = TensorBoardLog(tmp_path)
+    log.log([{"step": 0, "loss": 2.5, "tokens": 128, "tokens_per_s": 1600.0, "lr": 0.1, "grad_norm": 1.0, "ms": 80.0}])
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {f"train/{k}" for k in ("loss", "lr", "grad_norm", "step_ms", "tokens",
+                                                                   "tokens_per_s")}
+    assert events.Scalars("train/tokens_per_s")[0].value == 1600.0
