@@ -63,7 +63,7 @@ def resolve(key: str, path: str) -> Callable[..., Any]:
     return obj
 
 
-def call_factory(key: str, path: str, *args: Any, **kwargs: Any) -> Any:
+def call_factory(key: str, path: str, /, *args: Any, **kwargs: Any) -> Any:
     """``resolve(key, path)(*args, **kwargs)``; an exception inside the factory becomes a one-line ConfigError."""
     factory = resolve(key, path)
     try:

@@ -167,6 +167,23 @@ def no_parameters(input_shape, num_classes):
     return _FirstColumns(num_classes)
 
 
+class MemmapRows:
+    """The "Your data" pattern: a numpy memmap opened in ``__init__``, one row per ``__getitem__``."""
+
+    def __init__(self, path: str):
+        self.x = np.load(path, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i].astype(np.float64), i % 3
+
+
+def memmap_rows(num_samples, seed, path):
+    return MemmapRows(path)
+
+
 def padded_tokens(num_samples, seed, seq_len=8, vocab=13, empty=(), inputs="int64"):
     """Token sequences of random length 0..seq_len, right-padded: x (N, T) ids (0 after the end), y (N, T) the next
     ids, -100 at padding. ``empty``: (global_batch_size, world_size, rank, steps): every sample that rank holds in

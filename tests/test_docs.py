@@ -126,6 +126,11 @@ def check_disttrain(argv: list[str], synopsis: bool) -> None:
                 assert args.name == "all" or args.name in demos.DEMOS, f"disttrain demo: no demo {args.name!r}"
         return
     parser = _subparser(command)
+    while rest and not rest[0].startswith("-"):  # a nested command (disttrain data export ...) has its own options
+        nested = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if nested is None or rest[0] not in nested.choices:
+            break
+        parser, rest = nested.choices[rest[0]], rest[1:]
     _options(parser, rest)
     if synopsis:
         return

@@ -205,7 +205,7 @@ BAD = [
                                                   r"train\.loss=cross_entropy needs integer class labels"),
     (["data.workers=-1"], r"data\.workers: must be >= 0, got -1"),
     (["data.prefetch=0"], r"data\.prefetch: must be >= 1, got 0"),
-    (["data.path=/tmp"], r"data\.path: only for imagefolder and arrays, not data\.name=synthetic"),
+    (["data.path=/tmp"], r"data\.path: only for imagefolder, arrays, tokens, not data\.name=synthetic"),
     (["data.name=imagefolder", "data.path={mixed}", "data.image_size=[4]"], r"data\.image_size: must be \[H, W\]"),
 ]
 
@@ -247,3 +247,35 @@ def test_unreadable_images_stop_every_rank_with_the_file_named(tmp_path, capsys)
         # torch's agent logged the failure with its traceback in the run directory, not on the console
         log = tmp_path / f"{kind}_out" / "launcher.log"
         assert f"(full log: {log})" in err and "Traceback" in log.read_text()
+
+
+def _peak_rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
+def test_loader_workers_of_a_spawned_rank_do_not_copy_a_memmap_dataset(tmp_path):
+    """Ranks are spawned (--nproc), and a DataLoader inherits its process's start method: under spawn a user's
+    dataset is pickled into each worker, and a numpy memmap pickles as its whole file. Here the process's
+    default is spawn, as in a rank, and the dataset maps a 200 MB file (sparse: free to write): reading steps
+    with a worker raises this process's peak RSS by far less than the file."""
+    path = tmp_path / "x.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(200_000, 1000)).flush()
+    cfg = DataConfig(name=f"{F}:memmap_rows", num_samples=200_000, num_classes=3, kwargs={"path": str(path)})
+    source = build_dataset(cfg, "mlp", 0, torch.float64)
+    batches = GlobalBatches(source, 8, seed=0, rank=0, world_size=1, workers=1)
+    import multiprocessing
+    default = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _peak_rss_mb()
+        steps = [(x, y) for _, [(x, y, _)] in batches.steps(0, 3, torch.device("cpu"), 1)]
+        grew = _peak_rss_mb() - before
+    finally:
+        batches.close()
+        multiprocessing.set_start_method(default, force=True)
+    for step, (x, y) in enumerate(steps):
+        assert torch.equal(x, source.fetch(batches.indices(step))[0]) and x.shape == (8, 1000)
+    assert grew < 50, f"peak RSS grew {grew:.0f} MB while a worker read 3 steps of a 200 MB memmap dataset"

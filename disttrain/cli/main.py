@@ -8,6 +8,7 @@
     disttrain demo NAME|all [--out DIR] [--nproc N] [--json] [--quick]
     disttrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
     disttrain data export digits DIR               scikit-learn's digits as an image folder (DIR/CLASS/*.png)
+    disttrain data export text DIR SOURCE...       text files as byte-level tokens (data.name: tokens)
 
 Exit codes: 0 success; 1 verify found no equivalence, or a worker failed; 2 a user error (bad config,
 impossible batch split, missing file, wrong usage), reported in one line without a traceback.
@@ -69,9 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     p = sub.add_parser("data", help="data tools: `disttrain data export digits DIR`")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{export}")
-    p = data_sub.add_parser("export", help="write a bundled dataset as an image folder (DIR/CLASS_NAME/*.png)")
-    p.add_argument("dataset", help="digits (scikit-learn's 1,797 8x8 handwritten digits)")
+    p = data_sub.add_parser("export", help="write a dataset: digits as an image folder (DIR/CLASS_NAME/*.png), or "
+                                           "text files as byte-level tokens")
+    p.add_argument("dataset", help="digits (scikit-learn's 1,797 8x8 handwritten digits) or text (SOURCE files, "
+                                   "one document each)")
     p.add_argument("out_dir", type=Path, metavar="DIR", help="the folder to write (created if missing)")
+    p.add_argument("sources", type=Path, nargs="*", metavar="SOURCE", help="text: text files or folders of them")
+    p.add_argument("--eos", action="store_true", help="text: end every document with token 256 (vocabulary 257)")
+    p.add_argument("--pattern", default="*", metavar="GLOB", help="text: the files taken from a folder (default *)")
     return parser
 
 
@@ -204,8 +210,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "data":
         from ..data.export import export
 
-        count = export(args.dataset, args.out_dir)
-        print(f"wrote {count} images to {args.out_dir} (one folder per class)")
+        print(export(args.dataset, args.out_dir, args.sources, args.eos, args.pattern))
         return EXIT_OK
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":

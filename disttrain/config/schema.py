@@ -33,14 +33,14 @@ def _doc(text: str) -> dict[str, str]:
 class DataConfig:
     name: str = field(
         default="synthetic", metadata=_doc("synthetic (seeded prototypes plus noise), digits (scikit-learn's 8x8), "
-                                           "imagefolder or arrays (on disk, data.path), or 'package.module:function' "
+                                           "imagefolder, arrays or tokens (on disk, data.path), or 'package.module:function' "
                                            "returning (x, y) or a map-style dataset"))
     num_samples: int | None = field(
         default=None, metadata=_doc("samples in the dataset; unset: 512 (in memory) or 0 (on disk); on disk, 0 is "
                                     "every sample and N a seeded subset (digits: at most 1797, a seeded subset)"))
     path: str = field(default="", metadata=_doc(
         "imagefolder: DIR/CLASS_NAME/*.png|jpg|jpeg (labels from the sorted class names); arrays: DIR/x.npy (N, ...) "
-        "and DIR/y.npy (N,), memory-mapped"))
+        "and DIR/y.npy (N,), memory-mapped; tokens: a token directory (disttrain data export text) or nanoGPT's train.bin"))
     image_size: list[int] = field(default_factory=list, metadata=_doc(
         "imagefolder: resize every image to [H, W]; empty: every image must have the same size"))
     mean: list[float] = field(default_factory=list, metadata=_doc(
@@ -58,6 +58,14 @@ class DataConfig:
     augment: Literal["none", "flip", "crop", "flip_crop"] = field(
         default="none", metadata=_doc("per-sample image augmentation: horizontal flip, padded random crop, or both"))
     crop_padding: int = field(default=1, metadata=_doc("crop: zero padding on each side before cropping, >= 1"))
+    seq_len: int = field(default=0, metadata=_doc(
+        "tokens: T, the input length of a sample (at most T targets each), >= 1; the gpt's context follows it"))
+    vocab_size: int = field(default=0, metadata=_doc(
+        "tokens: the vocabulary size (the model's output width); 0: what the directory records (required for a "
+        "bare train.bin)"))
+    pack: bool = field(default=False, metadata=_doc(
+        "tokens: fixed windows of seq_len targets across document boundaries (every sample full), instead of each "
+        "document cut into its own chunks (the last one shorter); a bare train.bin is packed only"))
 
     def __post_init__(self) -> None:
         if self.num_samples is None:  # resolved at once, so config.yaml and checkpoints hold the number
@@ -152,6 +160,11 @@ class TrainConfig:
         default="cross_entropy", metadata=_doc(
             "per-sample loss: cross entropy on labels, or mse on float targets; or token_cross_entropy: logits "
             "(N, T, V), integer targets (N, T) with -100 ignored, the mean over the global batch's target tokens"))
+    token_weighting: Literal["tokens", "micro_batch_mean", "sequence_mean"] = field(
+        default="tokens", metadata=_doc(
+            "token_cross_entropy: tokens (each target token weighs alike: exact); for contrast micro_batch_mean (each "
+            "micro-batch's token mean, averaged: transformers' accumulation before PR #34191; needs comm.reduce=avg), "
+            "or sequence_mean (each sequence's token mean, averaged over sequences: another objective)"))
     dtype: Literal["float32", "float64"] = field(default="float32", metadata=_doc("parameter and data dtype"))
     precision: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32", metadata=_doc("compute precision of forward and loss: fp32, or autocast to bf16 / fp16 with "

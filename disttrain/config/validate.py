@@ -16,7 +16,7 @@ from ..factory import check_name, is_import_path
 from ..models.registry import MODELS
 
 if TYPE_CHECKING:
-    from .schema import Config
+    from .schema import Config, DataConfig
 
 BUILTIN_DATA = tuple(FORMATS)
 BUILTIN_MODELS = tuple(MODELS)
@@ -133,6 +133,12 @@ def _check_language_model(cfg: Config) -> None:
     (model.kwargs) are checked where it is built (models/gpt.py), before any worker starts."""
     d, m, loss = cfg.data, cfg.model, cfg.train.loss
     tokens = loss == "token_cross_entropy"
+    weighting = cfg.train.token_weighting
+    _require(tokens or weighting == "tokens",
+             f"train.token_weighting={weighting}: only for train.loss=token_cross_entropy, not {loss}")
+    _require(weighting != "micro_batch_mean" or cfg.comm.reduce == "avg",
+             "train.token_weighting=micro_batch_mean averages per-micro-batch token means, as DDP averages per-rank "
+             f"ones: it needs comm.reduce=avg, not {cfg.comm.reduce}")
     _require(not tokens or is_import_path(d.name) or d.name == "tokens",
              f"train.loss=token_cross_entropy needs token sequences: data.name=tokens or a data factory, not "
              f"data.name={d.name}")
@@ -150,16 +156,28 @@ def _check_data_files(cfg: Config) -> None:
     d = cfg.data
     on_disk = d.name in ON_DISK
     _require(not on_disk or bool(d.path.strip()), f"data.path: data.name={d.name} reads a directory; set data.path")
-    _require(on_disk or not d.path, f"data.path: only for imagefolder and arrays, not data.name={d.name}")
+    _require(on_disk or not d.path, f"data.path: only for {', '.join(ON_DISK)}, not data.name={d.name}")
     _require(not d.image_size or (d.name == "imagefolder" and len(d.image_size) == 2 and min(d.image_size) >= 1),
              f"data.image_size: must be [H, W] with H, W >= 1, for data.name=imagefolder; got {d.image_size}")
     for key, values in (("mean", d.mean), ("std", d.std)):
-        _require(not values or on_disk, f"data.{key}: only for imagefolder and arrays, not data.name={d.name}")
+        _require(not values or (on_disk and d.name != "tokens"),
+                 f"data.{key}: only for imagefolder and arrays, not data.name={d.name}")
+    _check_tokens(d)
     _require(len(d.mean) == len(d.std), f"data.mean and data.std: one value per channel each, got {len(d.mean)} "
              f"and {len(d.std)}")
     _require(all(s > 0 for s in d.std), f"data.std: every value must be > 0, got {d.std}")
     _require(d.workers >= 0, f"data.workers: must be >= 0, got {d.workers}")
     _require(d.prefetch >= 1, f"data.prefetch: must be >= 1, got {d.prefetch}")
+
+
+def _check_tokens(d: DataConfig) -> None:
+    """data.name=tokens' own keys (whether the directory holds tokens, and ids below the vocabulary: tokens.py)."""
+    tokens = d.name == "tokens"
+    _require(not tokens or d.seq_len >= 1, f"data.seq_len: data.name=tokens needs the sequence length T >= 1, got "
+             f"{d.seq_len}")
+    _require(d.vocab_size >= 0, f"data.vocab_size: must be >= 0 (0: what the directory records), got {d.vocab_size}")
+    for key, value in (("seq_len", d.seq_len), ("vocab_size", d.vocab_size), ("pack", d.pack)):
+        _require(tokens or not value, f"data.{key}: only for data.name=tokens, not data.name={d.name}")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

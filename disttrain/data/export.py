@@ -1,4 +1,4 @@
-"""``disttrain data export digits DIR``: scikit-learn's 1,797 8x8 handwritten digits as PNG files in class
+"""``disttrain data export NAME DIR``: ``text`` (files as byte-level tokens: text.py), or ``digits``: scikit-learn's 1,797 8x8 handwritten digits as PNG files in class
 folders (DIR/0/0000.png ... DIR/9/1796.png), a real image folder to train ``data.name: imagefolder`` on.
 
 Pixel values 0..16 become grey levels 0..255 (x * 255 // 16); files are named by the sample's index in
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "text")
 
 
 def export_digits(out_dir: Path) -> int:
@@ -35,10 +35,17 @@ def export_digits(out_dir: Path) -> int:
     return len(images)
 
 
-def export(name: str, out_dir: Path) -> int:
+def export(name: str, out_dir: Path, sources: list[Path] | None = None, eos: bool = False, pattern: str = "*") -> str:
+    """Write dataset ``name`` under ``out_dir``; a one-line summary. ``sources``, ``eos``, ``pattern``: text's."""
     if name not in DATASETS:
         raise ConfigError(f"data export: unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
-    return export_digits(out_dir)
+    if name == "text":
+        from .text import export_text
+
+        return export_text(out_dir, sources or [], eos, pattern)
+    if sources:
+        raise ConfigError(f"data export digits: takes no SOURCE, got {' '.join(map(str, sources))}")
+    return f"wrote {export_digits(out_dir)} images to {out_dir} (one folder per class)"
 
 
 __all__ = ["export", "export_digits", "DATASETS"]

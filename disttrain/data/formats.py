@@ -22,6 +22,7 @@ FORMATS = {
     "digits": Format("builtin", on_disk=False),
     "imagefolder": Format("imagefolder", on_disk=True),
     "arrays": Format("arrays", on_disk=True),
+    "tokens": Format("tokens", on_disk=True),
 }
 
 ON_DISK = tuple(name for name, fmt in FORMATS.items() if fmt.on_disk)

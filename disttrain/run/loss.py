@@ -25,6 +25,11 @@ tensors), then runs the first micro-batch's forward; the first backward waits fo
 The contrast modes (``comm.reduce`` sum / max / avg) divide by this rank's own count, as with samples: ``avg`` is
 then DDP's average of per-rank token means, the normalisation Hugging Face fixed in 2024 (transformers #34242).
 
+``train.token_weighting`` adds two contrasts: ``micro_batch_mean`` divides each micro-batch by its own count times
+the accumulation steps k (with ``comm.reduce: avg``: the mean of per-micro-batch token means, what transformers
+did before PR #34191); ``sequence_mean`` sums each sequence's token mean and divides by the samples, like a
+per-sample loss (exact across ranks, but another objective: a short sequence's tokens weigh more).
+
 A global batch without any target token has no mean: its gradient is zero here (the count is clamped to 1, no
 NaN), and the step is named when the metrics are reduced (observe/metrics.py), which ends the run with exit 1.
 """
@@ -43,7 +48,7 @@ IGNORE_INDEX = -100  # torch's and Hugging Face's ignore_index: a padded positio
 TOKEN_LOSSES = ("token_cross_entropy",)
 
 
-def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor, weighting: str = "tokens") -> torch.Tensor:
     """The sum over the batch of per-sample losses (``cross_entropy``, ``mse``: a sample is a row of ``target``)
     or of per-token losses (``token_cross_entropy``: every target that is not -100).
 
@@ -54,6 +59,10 @@ def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.
         output = output.float()
     if kind == "mse":
         return F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()
+    if kind in TOKEN_LOSSES and weighting == "sequence_mean":  # each sequence's token mean (0 without targets)
+        per_token = F.cross_entropy(output.flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="none").view(target.shape)
+        return (per_token.sum(1) / (target != IGNORE_INDEX).sum(1).clamp_min(1)).sum()
     if kind in TOKEN_LOSSES:  # (N, T, V) logits, (N, T) targets; no target at all sums to 0
         return F.cross_entropy(output.flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return F.cross_entropy(output, target, reduction="sum")
@@ -72,20 +81,26 @@ class LossDivisor:
     called), or this rank's own (contrast modes); ``local_count`` is this rank's, for the metrics.
     """
 
-    def __init__(self, kind: str, sync: GradSync, micro_batches: list[tuple]):
+    def __init__(self, kind: str, sync: GradSync, micro_batches: list[tuple], weighting: str = "tokens"):
         self.local_count: torch.Tensor | None = None
-        if kind not in TOKEN_LOSSES:
+        self._per_micro_batch: list[torch.Tensor] | None = None
+        if kind not in TOKEN_LOSSES or weighting == "sequence_mean":  # counted in samples
             self._value: torch.Tensor | int = sync.loss_divisor
             self._wait: Callable[[], torch.Tensor] | None = None
             return
         self.local_count = target_count([y for _, y, *_ in micro_batches])
+        if weighting == "micro_batch_mean":  # the contrast: each micro-batch's own mean, / k
+            k = len(micro_batches)
+            self._per_micro_batch = [target_count([y]).clamp_min(1) * k for _, y, *_ in micro_batches]
         if sync.global_loss_divisor:  # started now, so it travels while the first micro-batch runs forward
             self._wait = global_count(self.local_count, async_op=True)
         else:
             self._wait = lambda: self.local_count
 
-    def value(self) -> torch.Tensor | int:
-        """The divisor (the first call waits for the count's all_reduce)."""
+    def value(self, micro_batch: int = 0) -> torch.Tensor | int:
+        """The divisor of micro-batch ``micro_batch`` (the first call waits for the count's all_reduce)."""
+        if self._per_micro_batch is not None:
+            return self._per_micro_batch[micro_batch]
         if self._wait is not None:
             # Clamped: a step without targets has a zero summed loss, so a zero gradient rather than 0/0.
             self._value, self._wait = self._wait().clamp_min(1), None

@@ -33,7 +33,7 @@ class StepResult:
 
 def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
                clip: ClipConfig, step: int, loss: str = "cross_entropy", precision: str = "fp32",
-               scaler: LossScaler | None = None) -> StepResult:
+               scaler: LossScaler | None = None, token_weighting: str = "tokens") -> StepResult:
     """One optimizer step. A micro-batch is (x, y), or (x, y, keys) with the samples' keys for per-sample
     randomness (randomness.py). ``precision``: autocast of forward and loss; ``scaler``: fp16 loss scaling (its
     state moves on here, identically on every rank)."""
@@ -41,7 +41,7 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
     scale = scaler.scale
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0][1].device)
-    divisor = LossDivisor(loss, sync, micro_batches)  # tokens: their global count, summed during the first forward
+    divisor = LossDivisor(loss, sync, micro_batches, token_weighting)  # tokens: their global count, summed during the first forward
     for j, (x, y, *keys) in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         # DDP would all-reduce at the end of every backward; no_sync keeps the first k-1 local.
@@ -49,11 +49,11 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
             with autocast(precision, x.device.type):
                 with sample_keys(keys[0]) if keys else contextlib.nullcontext():
                     output = sync.module(x)
-                micro_loss = summed_loss(loss, output, y)
+                micro_loss = summed_loss(loss, output, y, token_weighting)
             # Summed loss over the step's count (the global batch size B, or its target tokens: loss.py), not a
             # per-micro-batch mean divided by k: exact for micro-batches and rank slices of any size. Why before
             # backward rather than in the reduction: see parallel/sync.py. fp16: times the loss scale.
-            scaler.scale_loss(micro_loss / divisor.value()).backward()
+            scaler.scale_loss(micro_loss / divisor.value(j)).backward()
         loss_sum += micro_loss.detach().double()
     overflow = False
     if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient, then reduce

@@ -140,7 +140,7 @@ class Trainer:
             self._call("on_step_start", step)
             lr = parts.optimizer.param_groups[0]["lr"]
             out = train_step(parts.sync, parts.optimizer, micro_batches, cfg.clip, step, loss=t.loss,
-                             precision=t.precision, scaler=parts.scaler)
+                             precision=t.precision, scaler=parts.scaler, token_weighting=t.token_weighting)
             if out.stepped:
                 parts.scheduler.step()  # one schedule step per optimizer step
             else:  # skipped (non-finite, fp16 overflow): the schedule still moves on; torch warns if step 0 was
