@@ -32,8 +32,11 @@ def gradient_norm(params: Iterable[nn.Parameter], norm_type: float) -> torch.Ten
     return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
 
 
-def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig, norm: torch.Tensor | None = None) -> float:
-    """Clip per ``cfg.mode``; return the gradient norm *before* clipping (inf/nan if non-finite).
+def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig, norm: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Clip per ``cfg.mode``; return the gradient norm *before* clipping (inf/nan if non-finite), a 0-dim tensor
+    on the gradients' device: reading it is a host sync, which the step makes once for everything it reads
+    (run/step.py), not here.
 
     ``norm``: the global norm when the caller computed it (sharded gradients need a collective for it)."""
     params = [p for p in params if p.grad is not None]
@@ -42,7 +45,7 @@ def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig, norm: torch.
         torch.nn.utils.clip_grads_with_norm_(params, cfg.max_norm, norm)
     elif cfg.mode == "value":
         torch.nn.utils.clip_grad_value_(params, cfg.value)
-    return float(norm)
+    return norm
 
 
 def should_step(grad_norm: float, cfg: ClipConfig, step: int) -> bool:

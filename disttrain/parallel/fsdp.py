@@ -46,7 +46,7 @@ from ..optim.clip import clip_gradients
 from .sync import GradSync, ReduceSpec, check_model_state
 from ..config.schema import ClipConfig, CommConfig
 from .env import DistEnv
-from .collectives import broadcast_from_main
+from .collectives import broadcast_from_main, sum_over_ranks
 from ..errors import ConfigError
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, kept on rank 0 only
@@ -61,7 +61,8 @@ def _whole(norm: torch.Tensor) -> torch.Tensor:
 class FSDPSync(GradSync):
     """FSDP2 ``fully_shard`` per block and on the root, reducing with a SUM (see the module docstring)."""
 
-    # The reduce-scatters belong to FSDP: a stop request (stop.py) is reduced by a small all_reduce of its own.
+    # The reduce-scatters belong to FSDP: a stop request (stop.py) is reduced by a small all_reduce of its own, in
+    # sync(), on the device; the step reads it back with the gradient norm (no host sync of its own).
     carries_control = False
 
     def __init__(self, module: nn.Module, spec: ReduceSpec, env: DistEnv, cfg: CommConfig, loss_divisor: int):
@@ -87,6 +88,12 @@ class FSDPSync(GradSync):
                 m.set_force_sum_reduction_for_comms(True)
         self.module = module
 
+    def sync(self) -> None:
+        """The reduce-scatters ran in backward; the step's control values take one small all_reduce here."""
+        if self.control is not None:
+            self.reduced_control = sum_over_ranks(self.control.to(self.env.device, torch.float64, copy=True),
+                                                  self.env)
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         # Gradients of these micro-batches accumulate unsharded on each rank; the last backward reduce-scatters
@@ -101,15 +108,15 @@ class FSDPSync(GradSync):
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         return _whole(torch.nn.utils.get_total_norm(grads, norm_type=norm_type)) if grads else torch.zeros(())
 
-    def clip(self, cfg: ClipConfig) -> float:
+    def clip(self, cfg: ClipConfig) -> torch.Tensor:
         """The global norm needs one all_reduce (the shards' parts); each rank then clips its own shards."""
         return clip_gradients(self.module.parameters(), cfg, self._norm(cfg.norm_type))
 
     def clip_local(self, cfg: ClipConfig) -> None:
         raise ConfigError("clip.before_average: no rank of comm.impl=fsdp holds a whole local gradient to clip")
 
-    def gradient_norm(self, norm_type: float) -> float:
-        return float(self._norm(norm_type))
+    def gradient_norm(self, norm_type: float) -> torch.Tensor:
+        return self._norm(norm_type)
 
     def _names(self) -> list[str]:
         return [name for name, _ in self.module.named_parameters()]
