@@ -152,6 +152,11 @@ def count_syncs(cfg_dict: dict[str, Any], steps: int) -> dict[str, list[int]]:
     return {"reads": counter.reads, "cuda_syncs": counter.cuda_syncs}
 
 
+def _count_all(cfg_dicts: list[dict[str, Any]], steps: int) -> list[dict[str, list[int]]]:
+    """On every rank: :func:`count_syncs` of each config in turn (one launch of the ranks for all of them)."""
+    return [count_syncs(cfg_dict, steps) for cfg_dict in cfg_dicts]
+
+
 def _on_this_process(world_size: int, fn: Any, *args: Any) -> list[Any]:
     return [fn(*args)]
 
@@ -170,14 +175,15 @@ def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str
     world_size = 1 if args.device == "cuda" else args.world_size
     run_world = _on_this_process if args.device == "cuda" else run_world
     with tempfile.TemporaryDirectory(prefix="disttrain-syncs-") as out_dir:
-        for name, settings in SETTINGS.items():
-            cfg = load_config(None, [*BASE, f"train.device={args.device}", *settings, *args.overrides,
-                                     f"train.out_dir={out_dir}/{name.split(',')[0].replace(' ', '_')}"])
-            per_rank = run_world(world_size, count_syncs, cfg.to_dict(), args.steps)
+        cfgs = [load_config(None, [*BASE, f"train.device={args.device}", *settings, *args.overrides,
+                                   f"train.out_dir={out_dir}/{i}"]).to_dict()
+                for i, settings in enumerate(SETTINGS.values())]
+        per_rank = run_world(world_size, _count_all, cfgs, args.steps)
+        for i, (name, settings) in enumerate(SETTINGS.items()):
+            counts = [r[i] for r in per_rank]
             rows.append({"setting": name, "config": settings,
-                         "reads_per_step": [max(r["reads"][i] for r in per_rank) for i in range(args.steps)],
-                         "cuda_syncs_per_step": [max(r["cuda_syncs"][i] for r in per_rank)
-                                                 for i in range(args.steps)]})
+                         "reads_per_step": [max(c["reads"][k] for c in counts) for k in range(args.steps)],
+                         "cuda_syncs_per_step": [max(c["cuda_syncs"][k] for c in counts) for k in range(args.steps)]})
     return {"benchmark": "syncs", "machine": {**machine(), "device": args.device},
             "setting": {"config": BASE, "world_size": world_size, "steps": args.steps}, "rows": rows,
             "max_reads_per_step": max(max(r["reads_per_step"]) for r in rows),

@@ -115,4 +115,5 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-__all__ = ["cpp_compiler", "backend", "compiled", "compiled_per_layer", "check_compile", "prepare_compile", "graph_breaks"]
+__all__ = ["cpp_compiler", "backend", "compiled", "compiled_per_layer", "check_compile", "prepare_compile",
+           "graph_breaks"]
