@@ -192,9 +192,6 @@ class SampleDropout(nn.Module):
             return x
         return x * self._mask(x)
 
-    # Eager even inside a compiled forward (train.compile): the keys come from a context variable and the call count
-    # moves on in Python, which a compiled graph would freeze. The graph breaks here, and resumes after the mask.
-    @torch.compiler.disable
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
         current = _CURRENT.get()
         if current is None:

@@ -8,15 +8,21 @@ wrapped by the strategy (DDP, fsdp). Two choices differ from torchtitan's:
 - **Compiled inside the recomputed segment**, not around it: the segment's checkpoint carries context functions
   in Python (per-sample dropout replays its call counts, batch norm gets its running statistics back), which
   dynamo does not trace. The replay runs the same compiled code, so recomputation stays bitwise.
-- **Each block's forward is compiled, not the module's call**, so the hooks that fsdp and DDP put on the modules
-  run eagerly around it.
+- **Beneath the strategy's hooks.** Each block's forward is compiled, not the module's call, so DDP's hooks run
+  eagerly around it. Under fsdp each layer's forward is compiled on its own (:func:`compiled_per_layer`): FSDP2
+  puts its all_gather hooks on every layer of a block and marks them not to be traced, so inside a compiled
+  segment they broke its graph and dynamo ran the whole segment eagerly (0 graphs compiled, measured).
 
-Where a block cannot be compiled whole, dynamo breaks the graph and runs that part eagerly: SyncBatchNorm's
-forward all_reduce (a custom autograd Function around a collective) and per-sample dropout's mask (drawn from a
-context variable, run eagerly by design: randomness.py). The result is the same computation, rounded differently
-where inductor fuses operations: float64 runs with compile match one device to the same 1e-10
-(tests/test_compile.py). ``torch._dynamo.config.optimize_ddp`` is set to "ddp_optimizer", torch's recommendation for a
-compiled model under DDP (it splits a graph at DDP's bucket boundaries, so communication still overlaps backward).
+Layers marked ``compile_eagerly`` run eagerly between the compiled parts of their block (:func:`compiled`):
+SyncBatchNorm (compiled inside a segment at W=2 it broke the graph: 2 graphs, 1 break, at the host read of its
+sample count on the CPU; its collective on CUDA) and per-sample dropout (its mask is drawn from a context
+variable, randomness.py). A graph break inside a segment's loop would make dynamo run the whole segment eagerly
+and, with recomputation, the forward and its replay save different tensors (a CheckpointError).
+
+The result is the same computation, rounded differently where inductor fuses operations: float64 runs with
+compile match one device to 1e-10 (tests/test_compile.py). ``torch._dynamo.config.optimize_ddp`` is set to
+"ddp_optimizer", torch's recommendation for a compiled model under DDP (it splits a graph at DDP's bucket
+boundaries, so communication still overlaps backward; it acts where dynamo traces the DDP module itself).
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ def cpp_compiler() -> str | None:
 
 
 def backend() -> str:
-    """torch.compile's backend: inductor, unless DISTTRAIN_COMPILE_BACKEND names another (tests use aot_eager, which
-    traces and partitions forward and backward as inductor does, without generating code: seconds, not minutes)."""
+    """torch.compile's backend: inductor, unless DISTTRAIN_COMPILE_BACKEND names another (aot_eager traces and
+    partitions forward and backward as inductor does, without generating code: a quick check of a model)."""
     return os.environ.get("DISTTRAIN_COMPILE_BACKEND", "inductor")
 
 
@@ -55,11 +61,19 @@ def compiled_per_layer(run: Callable[..., torch.Tensor], modules: list[nn.Module
     a layer runs) are marked not to be traced: called inside compiled code they break its graph, and a break in a
     segment's loop runs the whole segment eagerly. Per layer, they run eagerly around compiled code."""
     layers = getattr(run, "layers", None)
-    if layers is None:
-        return torch.compile(run, backend=backend())
+    if layers is None:  # a block's own module: fsdp's hooks are on it, around its forward
+        return compiled(run, modules)
+    return _per_layer(run, layers)
+
+
+def _per_layer(run: Callable[..., torch.Tensor], layers: list[nn.Module]) -> Callable[..., torch.Tensor]:
+    """``run`` unchanged, with the forward of each of ``layers`` that is not marked ``compile_eagerly`` compiled
+    (a layer that holds a marked one: each of its own layers, recursively)."""
     for layer in layers:
         if not _eager(layer):
             layer.forward = torch.compile(layer.forward, backend=backend())
+        elif not getattr(layer, "compile_eagerly", False):
+            _per_layer(run, list(layer.children()))
     return run
 
 
@@ -71,8 +85,10 @@ def compiled(run: Callable[..., torch.Tensor], modules: list[nn.Module]) -> Call
     segment's loop would make dynamo run the whole segment eagerly, its recomputation too, and the forward and its
     replay would then save different tensors."""
     layers = getattr(run, "layers", None)
-    if layers is None or not any(_eager(layer) for layer in layers):
+    if not any(_eager(m) for m in modules):
         return torch.compile(run, backend=backend())
+    if layers is None:  # a block's own forward, which cannot be cut: its layers are compiled one by one
+        return _per_layer(run, modules)
     parts: list[Callable[..., torch.Tensor]] = []
     pending: list[nn.Module] = []
     for layer in [*layers, None]:
