@@ -72,6 +72,8 @@ def bench_launch(overrides: list[str], nproc: int, steps: int, warmup: int, roun
     wall_ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs[NPROC], runs[TORCHRUN])]
     return {"runs": runs, "step_ratios": step_ratios, "wall_ratios": wall_ratios,
             "step_ratio": statistics.median(step_ratios), "wall_ratio": statistics.median(wall_ratios),
+            # A sign test: with no difference between the launchers, each round is slower either way at even odds.
+            "nproc_slower_rounds": sum(ratio > 1 for ratio in step_ratios),
             "best_step_ms": {k: min(run["step_ms"] for run in v) for k, v in runs.items()}}
 
 
@@ -96,6 +98,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [[str(i), f"{a['step_ms']:.2f}", f"{b['step_ms']:.2f}", f"{a['step_ms'] / b['step_ms']:.3f}",
              f"{a['wall_s']:.1f}", f"{b['wall_s']:.1f}"] for i, (a, b) in enumerate(zip(runs[NPROC], runs[TORCHRUN]))]
     rows.append(["median", "", "", f"{result['step_ratio']:.3f}", "", f"wall ratio {result['wall_ratio']:.3f}"])
+    rows.append(["--nproc slower", "", "", f"{result['nproc_slower_rounds']} of {len(runs[NPROC])} rounds", "", ""])
     return markdown_table(["round", "--nproc ms/step", "torchrun ms/step", "--nproc / torchrun", "--nproc wall s",
                            "torchrun wall s"], rows)
 
