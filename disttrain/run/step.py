@@ -80,7 +80,8 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
         overflow = scaler.overflows(sync.model)
         scaler.unscale_(sync.model.parameters())
         grad_norm = sync.clip(clip)
-    grad_norm, overflow, control = read_back(grad_norm, overflow, sync.reduced_control)
+    grad_norm, overflow, control = read_back(grad_norm, overflow,
+                                             None if sync.control is None else sync.reduced_control)
     stepped = not overflow and should_step(grad_norm, clip, step)
     if stepped:
         optimizer.step()
