@@ -174,6 +174,8 @@ class SampleDropout(nn.Module):
     to a per-process generator, which would silently break equivalence.
     """
 
+    compile_eagerly = True  # train.compile leaves it out of the compiled parts of its block (parallel/compile.py)
+
     def __init__(self, p: float = 0.5, channelwise: bool = False):
         super().__init__()
         if not 0.0 <= p <= 1.0:
@@ -188,6 +190,9 @@ class SampleDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        return x * self._mask(x)
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
         current = _CURRENT.get()
         if current is None:
             raise RuntimeError("SampleDropout in training mode needs the keys of the batch's samples: run the "
@@ -203,8 +208,7 @@ class SampleDropout(nn.Module):
         bits = random_bits(current.keys, self.stream, count, x.device, call=current.next_call(self.stream))
         # Kept with probability 1 - p (bits / 2^32 >= p, exactly) and scaled by 1/(1 - p), as torch does.
         scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
-        mask = (bits >= math.ceil(self.p * 2.0**32)).to(x.dtype).mul_(scale).reshape(x.shape[0], *shape)
-        return x * mask
+        return (bits >= math.ceil(self.p * 2.0**32)).to(x.dtype).mul_(scale).reshape(x.shape[0], *shape)
 
 
 def assign_streams(module: nn.Module) -> nn.Module:

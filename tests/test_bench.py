@@ -110,7 +110,7 @@ def test_bench_lists_names_and_rejects_usage_errors(capsys):
 
     assert bench_main(["nope"]) == 2
     assert capsys.readouterr().err == ("disttrain: error: unknown benchmark 'nope' "
-                                       "(choose from step, scaling, allreduce, syncbn, randomness, data, memory)\n")
+                                       "(choose from step, scaling, allreduce, syncbn, randomness, data, memory, launch, syncs)\n")
     assert bench_main(["memory", "--models", "cnn,vgg"]) == 2
     assert capsys.readouterr().err == "disttrain: error: --models: unknown vgg (choose from cnn, resnet)\n"
     with pytest.raises(SystemExit) as done:

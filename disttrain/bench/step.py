@@ -10,7 +10,9 @@ On every rank of a W-process gloo group (one intra-op thread per rank), alternat
 - ``disttrain, loss reduced every step``: the same loop with the logged loss reduced over ranks by a
   blocking all_reduce every step, as a simple trainer does: the cost of that one small collective;
 - ``hand-written DDP``: the loop of torch's DDP tutorial on the same model and initial weights, optimizer
-  and batches: DistributedDataParallel, F.cross_entropy (mean), zero_grad, backward, optimizer.step.
+  and batches: DistributedDataParallel, F.cross_entropy (mean), zero_grad, backward, optimizer.step;
+- with ``--set train.compile=true`` also ``disttrain, eager``: the trainer without compiling, for the
+  compiled/eager ratio; the compile time is the compiled run's first step less an eager first step.
 
 Time per step is the time from the start of one step to the start of the next, so it holds everything
 the loop does; the median over steps and rounds on the slowest rank. The ratios are the median over rounds
@@ -49,6 +51,7 @@ from .common import RunWorld, StepClock, interleaved, machine, markdown_table, n
 
 EVERY_STEP = "disttrain, loss reduced every step"
 HAND = "hand-written DDP"
+EAGER = "disttrain, eager"  # with --set train.compile=true: the same loop without compiling, side by side
 # No checkpoints: the hand-written loop writes none either (their cost is measured in the README's
 # Fault tolerance section).
 DEFAULTS = ["model.name=cnn", "model.hidden=64", "model.norm=none", "train.dtype=float32",
@@ -117,22 +120,27 @@ def hand_written_steps(cfg_dict: dict[str, Any], steps: int, warmup: int) -> Ste
 
 def _rank_step(cfg_dict: dict[str, Any], steps: int, warmup: int, rounds: int) -> dict[str, Any]:
     faults: dict[str, list[int]] = {}
+    first: dict[str, list[float]] = {}  # seconds of each run's step 0 (compile happens there)
 
     def timed(name: str, run: Callable[[], StepClock]) -> Callable[[], list[float]]:
         def once() -> list[float]:
             clock = run()
             faults.setdefault(name, []).extend(clock.faults_per_step(warmup))
+            first.setdefault(name, []).append(clock.periods(0)[0])
             return clock.periods(warmup)
         return once
 
-    loops = {"disttrain": timed("disttrain", lambda: trainer_steps(cfg_dict, steps, warmup)),
-             EVERY_STEP: timed(EVERY_STEP, lambda: trainer_steps(cfg_dict, steps, warmup, True)),
-             HAND: timed(HAND, lambda: hand_written_steps(cfg_dict, steps, warmup))}
-    if cfg_dict["train"]["loss"] == "token_cross_entropy":
+    variants = {"disttrain": timed("disttrain", lambda: trainer_steps(cfg_dict, steps, warmup)),
+                EVERY_STEP: timed(EVERY_STEP, lambda: trainer_steps(cfg_dict, steps, warmup, True)),
+                HAND: timed(HAND, lambda: hand_written_steps(cfg_dict, steps, warmup))}
+    if cfg_dict["train"]["loss"] == "token_cross_entropy":  # the same trainer with a count known in advance
         local = {**cfg_dict, "comm": {**cfg_dict["comm"], "reduce": "sum"}}
-        loops[LOCAL_COUNT] = timed(LOCAL_COUNT, lambda: trainer_steps(local, steps, warmup))
-    times = interleaved(loops, rounds)
-    return {"times": times, "faults": {name: statistics.median(f) for name, f in faults.items()}}
+        variants[LOCAL_COUNT] = timed(LOCAL_COUNT, lambda: trainer_steps(local, steps, warmup))
+    if cfg_dict["train"]["compile"]:
+        eager = {**cfg_dict, "train": {**cfg_dict["train"], "compile": False}}
+        variants[EAGER] = timed(EAGER, lambda: trainer_steps(eager, steps, warmup))
+    times = interleaved(variants, rounds)
+    return {"times": times, "faults": {name: statistics.median(f) for name, f in faults.items()}, "first": first}
 
 
 def bench_step(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2), steps: int = 20, warmup: int = 5,
@@ -154,10 +162,13 @@ def bench_step(overrides: list[str], world_sizes: tuple[int, ...] = (1, 2), step
             per_rank = [r["times"] for r in results]
             ratios = paired_ratios(per_rank, "disttrain", HAND)
             every_step = paired_ratios(per_rank, EVERY_STEP, HAND)
-            rows.append({"world_size": world_size, "ms": slowest_median_ms(per_rank),
-                         "ratio": statistics.median(ratios), "every_step_ratio": statistics.median(every_step),
-                         "round_ratios": ratios, **_token_columns(cfg_dict, per_rank, warmup, steps),
-                         "page_faults_per_step": {k: max(r["faults"][k] for r in results) for k in per_rank[0]}})
+            row = {"world_size": world_size, "ms": slowest_median_ms(per_rank),
+                   "ratio": statistics.median(ratios), "every_step_ratio": statistics.median(every_step),
+                   "round_ratios": ratios, **_token_columns(cfg_dict, per_rank, warmup, steps),
+                   "page_faults_per_step": {k: max(r["faults"][k] for r in results) for k in per_rank[0]}}
+            if EAGER in per_rank[0]:
+                row.update(compile_result(per_rank, [r["first"] for r in results]))
+            rows.append(row)
     return rows
 
 
@@ -170,6 +181,16 @@ def _token_columns(cfg_dict: dict[str, Any], per_rank: list[dict], warmup: int, 
     tokens = [int((batches.batch(s, torch.device("cpu"))[1] != -100).sum()) for s in range(warmup, warmup + steps)]
     return {"count_ratio": statistics.median(paired_ratios(per_rank, "disttrain", LOCAL_COUNT)),
             "tokens_per_step": statistics.mean(tokens)}
+
+
+def compile_result(per_rank: list[dict[str, list[list[float]]]], first: list[dict[str, list[float]]]
+                   ) -> dict[str, Any]:
+    """train.compile=true: the compiled/eager step ratio (paired per round) and the compile time: the compiled
+    run's first step in the first round (later rounds reuse dynamo's compilations) less an eager first step."""
+    ratios = paired_ratios(per_rank, "disttrain", EAGER)
+    compile_s = max(f["disttrain"][0] - statistics.median(f[EAGER]) for f in first)
+    return {"compiled_over_eager": statistics.median(ratios), "compiled_round_ratios": ratios,
+            "compile_s": compile_s}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, world_sizes: tuple[int, ...], world_help: str, rounds: int,
@@ -207,6 +228,17 @@ def run(args: argparse.Namespace, run_world: RunWorld = spawn_world) -> dict[str
 
 
 def format_table(result: dict[str, Any]) -> str:
+    table = _table(result)
+    compiled = [r for r in result["rows"] if "compiled_over_eager" in r]
+    if compiled:
+        table += "\n\n" + markdown_table(["W", "eager ms/step", "compiled ms/step", "compiled / eager",
+                                           "compile time s (first step)"], [
+            [str(r["world_size"]), f"{r['ms'][EAGER]:.2f}", f"{r['ms']['disttrain']:.2f}",
+             f"{r['compiled_over_eager']:.3f}", f"{r['compile_s']:.1f}"] for r in compiled])
+    return table
+
+
+def _table(result: dict[str, Any]) -> str:
     return markdown_table(["W", "hand-written DDP ms/step", "disttrain ms/step", "disttrain / hand-written",
                            "loss reduced every step ms/step", "every step / hand-written",
                            "page faults/step (disttrain, hand-written)"], [

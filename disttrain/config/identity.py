@@ -15,11 +15,12 @@ from .schema import Config
 # (comm.impl and comm.bucket_mb regroup the same sums; the device changes rounding, not the mathematics.)
 # data.workers and data.prefetch change who reads a batch and when, never which samples or how they are augmented.
 # comm.reshard_after_forward changes when parameters are gathered; model.recompute computes the same activations
-# twice (bitwise the same result, tests/test_fsdp.py).
+# twice (bitwise the same result, tests/test_fsdp.py). train.compile fuses the same operations (a rounding change,
+# as the device; float64 matches to 1e-10, tests/test_compile.py).
 EXECUTION_KEYS = frozenset({"train.out_dir", "train.log_every", "train.device", "comm.timeout_s", "comm.impl",
                             "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints", "data.workers",
                             "data.prefetch", "train.tensorboard", "comm.reshard_after_forward",
-                            "model.recompute", "train.deterministic", "comm.force_collectives"})
+                            "model.recompute", "train.deterministic", "comm.force_collectives", "train.compile"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

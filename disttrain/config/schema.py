@@ -190,6 +190,9 @@ class TrainConfig:
         default=2, metadata=_doc("keep the newest K checkpoints in out_dir/checkpoints; 0: keep all"))
     tensorboard: bool = field(
         default=True, metadata=_doc("rank 0 writes TensorBoard events of every step to out_dir/tensorboard"))
+    compile: bool = field(default=False, metadata=_doc(
+        "torch.compile each block of the model (inside recomputation, before the strategy wraps it); on the CPU "
+        "needs a C++ compiler"))
 
 
 @dataclass

@@ -10,7 +10,7 @@ one at a time, and a worker turns step k into this rank's (x, y, positions) by t
 augmentation as the training process would (:func:`read_step`). Workers are persistent, take steps in turn,
 and each has ``data.prefetch`` steps in flight; the DataLoader returns them in step order. What a step holds
 therefore does not depend on the number of workers either. On CUDA the batches are pinned and copied without
-blocking.
+blocking, read by workers or not, and the samples' positions are made on the device.
 
 Workers are forked on Linux, whatever start method started the rank (:func:`worker_context`): a dataset is
 inherited, never pickled, so a user's dataset over a numpy memmap costs its pages read, not its whole file. A
@@ -60,16 +60,17 @@ class GlobalBatches:
     def indices(self, step: int) -> np.ndarray:
         return global_batch_indices(step, self.global_batch_size, len(self.dataset), self.seed)[self.slice]
 
-    def keys(self, step: int) -> SampleKeys:
-        """The samples this rank holds at ``step``: their positions in the global batch."""
-        return SampleKeys(self.seed, step, torch.arange(self.slice.start, self.slice.stop))
+    def keys(self, step: int, device: torch.device | str = "cpu") -> SampleKeys:
+        """The samples this rank holds at ``step``: their positions in the global batch, made on ``device`` (the
+        model's dropout hashes them there: made on the host, they would be copied there on every call)."""
+        return SampleKeys(self.seed, step, torch.arange(self.slice.start, self.slice.stop, device=device))
 
     def keyed_batch(self, step: int, device: torch.device) -> MicroBatch:
-        """This rank's (x, y) of ``step``, augmented per sample, and the samples' keys."""
-        keys = self.keys(step)
-        x, y = self.dataset.fetch(self.indices(step), keys)
-        x = augment_images(x.to(device), keys, self.dataset.augment, self.dataset.crop_padding)
-        return x, y.to(device), keys
+        """This rank's (x, y) of ``step``, augmented per sample, and the samples' keys (on ``device``)."""
+        x, y = self.dataset.fetch(self.indices(step), self.keys(step))  # a source's own transforms run on the host
+        keys = self.keys(step, device)
+        x = augment_images(to_device(x, device), keys, self.dataset.augment, self.dataset.crop_padding)
+        return x, to_device(y, device), keys
 
     def batch(self, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, _ = self.keyed_batch(step, device)
@@ -100,7 +101,7 @@ class GlobalBatches:
             if isinstance(read, _Failed):
                 raise read.error  # a worker's one-line error, as the training process would have raised it
             x, y, positions = read
-            keys = SampleKeys(self.seed, step, positions)
+            keys = SampleKeys(self.seed, step, positions.to(device, non_blocking=cuda))  # pinned by the loader
             yield step, split((x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda), keys), k)
 
     def close(self) -> None:
@@ -177,10 +178,18 @@ def _one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers share the cores with the ranks
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. To a GPU: pinned first and copied without blocking, so the host goes on queueing
+    work while the copy runs (a copy from pageable memory waits for it: a stall of the stream every step)."""
+    if device.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def split(batch: MicroBatch, k: int) -> list[MicroBatch]:
     """``batch`` cut into ``k`` contiguous micro-batches, sized like rank slices (b//k, +1 for the first b%k)."""
     x, y, keys = batch
     return [(x[s], y[s], keys.select(s)) for s in (local_slice(len(y), k, j) for j in range(k))]
 
 
-__all__ = ["GlobalBatches", "MicroBatch", "split"]
+__all__ = ["GlobalBatches", "MicroBatch", "split", "to_device"]

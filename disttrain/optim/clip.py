@@ -62,16 +62,17 @@ def clip_grad_norm_(parameters: nn.Module | Iterable[nn.Parameter] | torch.Tenso
     return norm
 
 
-def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig) -> float:
+def clip_gradients(params: Iterable[nn.Parameter], cfg: ClipConfig) -> torch.Tensor:
     """Clip the reduced gradient per ``cfg.mode``; return the global gradient norm *before* clipping (inf/nan if
-    non-finite). ``norm`` is the public :func:`clip_grad_norm_`."""
+    non-finite), a 0-dim tensor on the gradients' device: reading it is a host sync, which the step makes once for
+    everything it reads (run/step.py), not here. ``norm`` is the public :func:`clip_grad_norm_`."""
     params = [p for p in params if p.grad is not None]
     if cfg.mode == "norm":
-        return float(clip_grad_norm_(params, cfg.max_norm, cfg.norm_type))
+        return clip_grad_norm_(params, cfg.max_norm, cfg.norm_type)
     norm = gradient_norm(params, cfg.norm_type)
     if cfg.mode == "value":
         torch.nn.utils.clip_grad_value_(params, cfg.value)
-    return float(norm)
+    return norm
 
 
 def should_step(grad_norm: float, cfg: ClipConfig, step: int) -> bool:

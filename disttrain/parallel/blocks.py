@@ -104,8 +104,9 @@ def _restored_norm_statistics(modules: list[nn.Module]) -> Iterator[None]:
                     getattr(m, name).copy_(value)
 
 
-def _recomputed(run: Callable[..., torch.Tensor], modules: list[nn.Module]) -> Callable[..., torch.Tensor]:
-    """``run`` (the forward of ``modules``) under non-reentrant checkpointing."""
+def recomputed(run: Callable[..., torch.Tensor], modules: list[nn.Module]) -> Callable[..., torch.Tensor]:
+    """A :data:`BlockWrap`: ``run`` (the forward of ``modules``) under non-reentrant checkpointing, recomputed in
+    backward instead of keeping its activations."""
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         # Called at forward time: replay_context snapshots the per-sample dropout call counts so far.
         forward_ctx, replay_ctx = replay_context()
@@ -124,8 +125,13 @@ def _entered(*managers: contextlib.AbstractContextManager) -> Iterator[None]:
         yield
 
 
-def _sequential_forward(seq: nn.Sequential, blocks: list[Block]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``seq``'s forward with each of ``blocks`` (segments of it) recomputed in backward."""
+# A change of a block's forward: (its forward, its modules) -> the new forward (recomputation, compilation).
+BlockWrap = Callable[[Callable[..., torch.Tensor], list[nn.Module]], Callable[..., torch.Tensor]]
+
+
+def _sequential_forward(seq: nn.Sequential, blocks: list[Block], wraps: tuple[BlockWrap, ...]
+                        ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``seq``'s forward with each of ``blocks`` (segments of it) run through ``wraps``, innermost first."""
     layers = list(seq)
     runs = []
     for block in sorted(blocks, key=lambda b: b.start):
@@ -133,7 +139,8 @@ def _sequential_forward(seq: nn.Sequential, blocks: list[Block]) -> Callable[[to
             for layer in _layers:
                 x = layer(x)
             return x
-        runs.append((block.start, block.stop, _recomputed(run, block.modules)))
+        run.layers = layers[block.start:block.stop]  # a segment's run says what it runs (compile.py splits it)
+        runs.append((block.start, block.stop, _wrapped(run, block.modules, wraps)))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         i = 0
@@ -148,23 +155,36 @@ def _sequential_forward(seq: nn.Sequential, blocks: list[Block]) -> Callable[[to
     return forward
 
 
-def enable_recompute(model: nn.Module) -> list[Block]:
-    """Recompute every block of ``model`` in backward instead of keeping its activations; returns the blocks.
+def _wrapped(run: Callable[..., torch.Tensor], modules: list[nn.Module], wraps: tuple[BlockWrap, ...]
+             ) -> Callable[..., torch.Tensor]:
+    for wrap in wraps:
+        run = wrap(run, modules)
+    return run
+
+
+def wrap_blocks(model: nn.Module, *wraps: BlockWrap) -> list[Block]:
+    """Run the forward of every block of ``model`` through ``wraps`` (the first innermost); returns the blocks.
 
     The forward of a block's module (or of the nn.Sequential holding a segment) is replaced on the instance, so
-    parameter names, state_dict keys and checkpoints are the same as without recomputation.
+    parameter names, state_dict keys and checkpoints are the same as without it. Call once per model, with
+    every wrap (a second call would wrap a block's module twice, or drop the first wraps of a segment).
     """
     blocks = model_blocks(model)
     by_container: dict[int, list[Block]] = {}
     for block in blocks:
         if block.container is None:
             module = block.modules[0]
-            module.forward = _recomputed(module.forward, block.modules)
+            module.forward = _wrapped(module.forward, block.modules, wraps)
         else:
             by_container.setdefault(id(block.container), []).append(block)
     for group in by_container.values():
-        group[0].container.forward = _sequential_forward(group[0].container, group)
+        group[0].container.forward = _sequential_forward(group[0].container, group, wraps)
     return blocks
 
 
-__all__ = ["Block", "model_blocks", "enable_recompute"]
+def enable_recompute(model: nn.Module) -> list[Block]:
+    """Recompute every block of ``model`` in backward instead of keeping its activations; returns the blocks."""
+    return wrap_blocks(model, recomputed)
+
+
+__all__ = ["Block", "BlockWrap", "model_blocks", "wrap_blocks", "recomputed", "enable_recompute"]

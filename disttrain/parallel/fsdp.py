@@ -45,7 +45,7 @@ from .blocks import model_blocks
 from .sync import GradSync, ReduceSpec, check_model_state
 from ..config.schema import ClipConfig, CommConfig
 from .env import DistEnv
-from .collectives import broadcast_from_main
+from .collectives import broadcast_from_main, sum_over_ranks
 from ..errors import ConfigError
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, kept on rank 0 only
@@ -55,7 +55,8 @@ _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # 
 class FSDPSync(GradSync):
     """FSDP2 ``fully_shard`` per block and on the root, reducing with a SUM (see the module docstring)."""
 
-    # The reduce-scatters belong to FSDP: a stop request (stop.py) is reduced by a small all_reduce of its own.
+    # The reduce-scatters belong to FSDP: a stop request (stop.py) is reduced by a small all_reduce of its own, in
+    # sync(), on the device; the step reads it back with the gradient norm (no host sync of its own).
     carries_control = False
 
     def __init__(self, module: nn.Module, spec: ReduceSpec, env: DistEnv, cfg: CommConfig, loss_divisor: int):
@@ -80,6 +81,12 @@ class FSDPSync(GradSync):
                 m.set_gradient_divide_factor(float(spec.divisor))  # 1: a SUM (mean, sum); W: avg
                 m.set_force_sum_reduction_for_comms(True)
         self.module = module
+
+    def sync(self) -> None:
+        """The reduce-scatters ran in backward; the step's control values take one small all_reduce here."""
+        if self.control is not None:
+            self.reduced_control = sum_over_ranks(self.control.to(self.env.device, torch.float64, copy=True),
+                                                  self.env)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

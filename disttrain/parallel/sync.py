@@ -103,7 +103,7 @@ class GradSync:
     # the same values on every rank, > 0 exactly where some rank's were. None: nothing to carry.
     control: torch.Tensor | None = None
     reduced_control: torch.Tensor | None = None
-    carries_control = True  # False: a strategy whose reduction cannot carry them (stop.py then reduces them itself)
+    carries_control = True  # False: a strategy whose reduction cannot carry them reduces them in sync() by itself
 
     @property
     def model(self) -> nn.Module:
@@ -120,8 +120,9 @@ class GradSync:
         """Backward passes inside accumulate locally, without communication."""
         yield
 
-    def clip(self, cfg: ClipConfig) -> float:
-        """Clip the reduced gradient per ``cfg``; return the global gradient norm before clipping.
+    def clip(self, cfg: ClipConfig) -> torch.Tensor:
+        """Clip the reduced gradient per ``cfg``; return the global gradient norm before clipping (a 0-dim tensor,
+        not read back here: the step reads it with the rest of what it needs, once).
 
         Every rank holds the whole reduced gradient (the same on all ranks), so the local norm *is* the global
         one and every rank takes the same decision, with no collective; sharded gradients (fsdp) need one
@@ -134,9 +135,9 @@ class GradSync:
         (``clip.before_average``)."""
         clip_gradients(self.model.parameters(), cfg)
 
-    def gradient_norm(self, norm_type: float) -> float:
-        """The global gradient norm, without clipping."""
-        return float(gradient_norm(self.model.parameters(), norm_type))
+    def gradient_norm(self, norm_type: float) -> torch.Tensor:
+        """The global gradient norm, without clipping (a 0-dim tensor)."""
+        return gradient_norm(self.model.parameters(), norm_type)
 
     def state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any] | None:
         """{"model": ..., "optimizer": ...} (the optimizer's only when given) as CPU tensors on rank 0, None on the

@@ -187,6 +187,8 @@ class SyncBatchNorm(_BatchNorm):
     Parameters and buffers carry torch's names, so state_dicts load both ways.
     """
 
+    compile_eagerly = True  # train.compile leaves it out of the compiled parts of its block (compile.py)
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None):

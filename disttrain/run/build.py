@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..parallel.blocks import enable_recompute
+from ..parallel.blocks import recomputed, wrap_blocks
+from ..parallel.compile import check_compile, compiled, compiled_per_layer, prepare_compile
 from ..parallel.sync import GradSync
 from ..parallel.strategies import build_grad_sync
 from ..config.schema import Config
@@ -69,8 +70,15 @@ def build(cfg: Config, env: DistEnv) -> Parts:
     t = cfg.train
     configure_numerics(env.device, t.tf32, t.deterministic)  # before the model's first matmul on the device
     data, model = build_data_and_model(cfg, env.device)
-    if cfg.model.recompute:
-        enable_recompute(model)
+    # Per block: compiled (train.compile) inside recomputation (model.recompute), before the strategy wraps the
+    # model (parallel/compile.py says why in that order).
+    sharded = cfg.comm.impl == "fsdp" and env.world_size > 1  # fsdp hooks each layer: compiled beneath them
+    wraps = ([compiled_per_layer if sharded else compiled] if t.compile else []) + (
+        [recomputed] if cfg.model.recompute else [])
+    if t.compile:
+        prepare_compile(env.device)
+    if wraps:
+        wrap_blocks(model, *wraps)
     batches = GlobalBatches(data, t.global_batch_size, cfg.seed, env.rank, env.world_size, cfg.data.workers,
                             cfg.data.prefetch)
     sync = build_grad_sync(model, cfg.comm, env, batches.local_batch_size, t.global_batch_size,
@@ -89,6 +97,8 @@ def preflight(cfg: Config, build_parts: bool) -> None:
     paths = [(k, n) for k, n in (("data.name", cfg.data.name), ("model.name", cfg.model.name)) if is_import_path(n)]
     for key, name in paths:
         resolve(key, name)
+    if cfg.train.compile and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
+        check_compile(torch.device("cpu"))
     if build_parts and (paths or cfg.data.name in ON_DISK):  # on-disk data: its directory and first sample
         data, model = build_data_and_model(cfg, torch.device("cpu"))
         if cfg.comm.impl == "fsdp" and not any(p.requires_grad for p in model.parameters()):

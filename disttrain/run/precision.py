@@ -104,17 +104,19 @@ class LossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale if self.enabled else loss
 
-    def overflows(self, model: nn.Module) -> bool:
+    def overflows(self, model: nn.Module) -> torch.Tensor | None:
         """Whether the reduced, still scaled, gradient of a half-precision layer would overflow fp16 as one device's
-        matmul over the global batch does (see the module docstring). Call after the reduction, before unscaling."""
+        matmul over the global batch does (see the module docstring), as a 0-dim bool tensor on the gradients'
+        device (None: nothing can overflow). Not read back here: the step reads it with the gradient norm, in its
+        one host sync. Call after the reduction, before unscaling."""
         if not self.enabled:
-            return False
+            return None
         grads = [p.grad for m in model.modules() if isinstance(m, HALF_GRADIENT_LAYERS)
                  for p in m.parameters(recurse=False) if p.grad is not None]
         if not grads:
-            return False
+            return None
         largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
-        return bool(largest >= FP16_OVERFLOW)  # inf too; a nan is caught by the gradient norm
+        return largest >= FP16_OVERFLOW  # inf too; a nan is caught by the gradient norm
 
     def unscale_(self, params: Iterable[nn.Parameter]) -> None:
         """Divide every gradient by the scale (exact: a power of two). Call after the reduction."""

@@ -29,6 +29,7 @@ class StepResult:
     stepped: bool  # False: non-finite gradient, optimizer step skipped on every rank
     loss_scale: float = 1.0  # the fp16 loss scale this step's backward used (1 without loss scaling)
     count: torch.Tensor | None = None  # token losses: this rank's number of targets (a device tensor)
+    control: list[float] | None = None  # the step's reduced control values (GradSync.control), read back with the norm
 
 
 def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
@@ -55,7 +56,7 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
             # backward rather than in the reduction: see parallel/sync.py. fp16: times the loss scale.
             scaler.scale_loss(micro_loss / divisor.value(j)).backward()
         loss_sum += micro_loss.detach().double()
-    overflow = False
+    overflow = None
     if clip.before_average:  # demonstration of the wrong order: clip each rank's local gradient, then reduce
         scaler.unscale_(sync.model.parameters())
         sync.clip_local(clip)
@@ -68,11 +69,28 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
         overflow = scaler.overflows(sync.model)
         scaler.unscale_(sync.model.parameters())
         grad_norm = sync.clip(clip)
+    grad_norm, overflow, control = read_back(grad_norm, overflow,
+                                             None if sync.control is None else sync.reduced_control)
     stepped = not overflow and should_step(grad_norm, clip, step)
     if stepped:
         optimizer.step()
     scaler.update(not overflow and math.isfinite(grad_norm))  # the same decision everywhere: the same scale
-    return StepResult(loss_sum, grad_norm, stepped, scale, divisor.local_count)
+    return StepResult(loss_sum, grad_norm, stepped, scale, divisor.local_count, control)
 
 
-__all__ = ["summed_loss", "StepResult", "train_step"]
+def read_back(norm: torch.Tensor, overflow: torch.Tensor | None, control: torch.Tensor | None
+              ) -> tuple[float, bool, list[float] | None]:
+    """The step's one host sync: the gradient norm, fp16's overflow flag and the reduced control values (a stop
+    request, run/stop.py) are what the host decides on, so they come back together in one read. Each read on its
+    own would stall a GPU's stream once more; the loss sums stay on the device until metrics flush."""
+    parts = [norm.reshape(1).double()]
+    if overflow is not None:
+        parts.append(overflow.reshape(1).to(device=norm.device, dtype=torch.float64))
+    if control is not None:  # copied to the norm's device, never to the host on its own
+        parts.append(control.reshape(-1).to(device=norm.device, dtype=torch.float64))
+    values = torch.cat(parts).tolist()
+    flag = overflow is not None and values[1] > 0
+    return values[0], flag, None if control is None else values[len(values) - control.numel():]
+
+
+__all__ = ["summed_loss", "StepResult", "train_step", "read_back"]

@@ -28,7 +28,8 @@ from types import FrameType
 
 import torch
 
-from ..parallel.collectives import control_buffer, sum_over_ranks
+from ..parallel.collectives import control_buffer
+from .step import StepResult
 from .train import Hook, Trainer
 
 
@@ -70,16 +71,13 @@ class GracefulStop(Hook):
         signal.signal(signum, signal.SIG_DFL)  # a second request: exit at once, as that signal does
         signal.raise_signal(signum)
 
-    def on_step_start(self, trainer: Trainer, step: int) -> None:
-        if not self._sync.carries_control:  # what this step sends is fixed now; reduced in should_stop
-            self._sent = self.request.clone()
+    def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None:
+        # Reduced with the step's gradients (fsdp: by a small all_reduce of its own in sync) and read back with the
+        # gradient norm, in the step's one host sync: the same on every rank.
+        self._reduced = result.control
 
     def should_stop(self, trainer: Trainer, done: int) -> bool:
-        if self._sync.carries_control:
-            reduced = self._sync.reduced_control  # reduced with the step's gradients: the same on every rank
-        else:
-            reduced = sum_over_ranks(self._sent, trainer.env)
-        asked, total = reduced.tolist()
+        asked, total = self._reduced
         if asked > 0:
             self.signum = round(total / asked)
             return True
