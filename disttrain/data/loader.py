@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, RunFailure
 from ..randomness import SampleKeys
 from .augment import augment_images
-from .batching import global_batch_indices, local_slice
+from .batching import global_batch_indices, local_slice, within_batch_order
 from .source import Source
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, SampleKeys]
@@ -45,6 +45,9 @@ class GlobalBatches:
         self.seed = seed
         self.slice = local_slice(global_batch_size, world_size, rank)
         self.workers, self.prefetch = workers, prefetch
+        # None: the samples in their global-batch order. An int: each step's samples reordered by
+        # within_batch_order(order, step), each with its own keys (the rounding twin of verify/twin.py).
+        self.order: int | None = None
         self._loader: DataLoader | None = None
 
     @property
@@ -58,10 +61,18 @@ class GlobalBatches:
         """The samples this rank holds at ``step``: their positions in the global batch."""
         return SampleKeys(self.seed, step, torch.arange(self.slice.start, self.slice.stop))
 
+    def samples(self, step: int) -> tuple[np.ndarray, SampleKeys]:
+        """The dataset indices and keys of this rank's samples at ``step``, in the order they are read."""
+        indices, keys = self.indices(step), self.keys(step)
+        if self.order is None:
+            return indices, keys
+        order = within_batch_order(self.order, step, len(indices))
+        return indices[order], SampleKeys(keys.seed, step, keys.positions[torch.from_numpy(order)])
+
     def keyed_batch(self, step: int, device: torch.device) -> MicroBatch:
         """This rank's (x, y) of ``step``, augmented per sample, and the samples' keys."""
-        keys = self.keys(step)
-        x, y = self.dataset.fetch(self.indices(step), keys)
+        indices, keys = self.samples(step)
+        x, y = self.dataset.fetch(indices, keys)
         x = augment_images(x.to(device), keys, self.dataset.augment, self.dataset.crop_padding)
         return x, y.to(device), keys
 
@@ -108,8 +119,8 @@ class GlobalBatches:
 
 def read_step(batches: GlobalBatches, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In a loader worker: this rank's (x, y) of ``step``, augmented on the CPU, and the samples' positions."""
-    keys = batches.keys(step)
-    x, y = batches.dataset.fetch(batches.indices(step), keys)
+    indices, keys = batches.samples(step)
+    x, y = batches.dataset.fetch(indices, keys)
     x = augment_images(x, keys, batches.dataset.augment, batches.dataset.crop_padding)
     return x, y, keys.positions
 

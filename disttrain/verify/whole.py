@@ -28,7 +28,6 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-import torch
 
 from ..checkpoint.format import CheckpointError, load_final
 from ..config.schema import Config
@@ -38,6 +37,9 @@ from ..config.identity import trajectory_differences
 from ..run.tasks import launch_local
 from ..observe.runlog import read_metrics
 from ..run.train import run
+from .twin import train_twin
+from .verdict import (C, EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, compare, inconclusive_line, relative_difference,
+                      state_difference)
 
 # The largest relative difference accepted per step of training (whole-run verify: a run of tens of steps;
 # step-wise verify: BASE * k for a segment of k steps, stepwise.py). Measurements: the module docstrings.
@@ -71,35 +73,26 @@ def precision_name(dtype: str, precision: str) -> str:
     return dtype if precision == "fp32" else f"{precision}, {dtype} weights"
 
 
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b| in float64 (0 when both are all zero)."""
-    a, b = a.double(), b.double()
-    scale = b.abs().max().item() if b.numel() else 0.0
-    diff = (a - b).abs().max().item() if b.numel() else 0.0
-    if scale == 0.0:
-        return diff
-    return diff / scale
-
-
-def state_difference(dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Relative difference per floating-point entry of two state_dicts with the same keys."""
-    if dist_state.keys() != ref_state.keys():
-        raise ValueError(f"state_dicts differ in keys: {sorted(set(dist_state) ^ set(ref_state))}")
-    return {k: relative_difference(dist_state[k], ref_state[k]) for k in ref_state if ref_state[k].is_floating_point()}
-
-
 @dataclass
 class VerifyReport:
     world_size: int
     dtype: str
-    tolerance: float
+    tolerance: float  # the floor (kept under its old name for scripts reading --json)
     steps: list[dict[str, float]]  # step, loss_distributed, loss_reference, rel_diff
     max_loss_rel_diff: float
     max_param_rel_diff: float
     worst_param: str
-    equivalent: bool
+    equivalent: bool  # verdict == EQUIVALENT
     claimed: bool = True  # False: equivalence is not expected for this config (see `reason`)
     reason: str = ""
+    verdict: str = EQUIVALENT  # EQUIVALENT, NOT EQUIVALENT or INCONCLUSIVE (verdict.py)
+    calibrated: bool = True  # False: no rounding twin ran (--uncalibrated); the floor alone decided
+    loss_noise: float | None = None  # the twin's distance from the reference: loss curve
+    param_noise: float | None = None  # and parameters (the worst tensor)
+    floor: float = 0.0
+    loss_bound: float = 0.0  # max(C x noise, floor)
+    param_bound: float = 0.0
+    c: float = C
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -110,39 +103,53 @@ class VerifyReport:
         for s in self.steps:
             lines.append(f"{s['step']:>5}  {s['loss_distributed']:>20.15f}  {s['loss_reference']:>20.15f}"
                          f"  {s['rel_diff']:>9.2e}")
-        verdict = "EQUIVALENT" if self.equivalent else "NOT EQUIVALENT"
         if not self.claimed:
             lines.append(f"note: {self.reason}")
         lines += [
             f"max relative loss difference:      {self.max_loss_rel_diff:.3e}",
             f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
-            f"tolerance ({self.dtype}):           {self.tolerance:.0e}",
-            f"verdict: {verdict}: {w} processes {'match' if self.equivalent else 'do not match'} "
-            "one process on the global batch",
+            ("rounding noise (reference vs twin): " + (f"loss {self.loss_noise:.3e}, parameters {self.param_noise:.3e}"
+             if self.calibrated else "not measured (--uncalibrated: no rounding twin ran)")),
+            f"floor ({self.dtype}): {self.floor:.0e}",
+            f"bound, max({self.c:g} x noise, floor): loss {self.loss_bound:.3e}, parameters {self.param_bound:.3e}",
         ]
+        if self.verdict == INCONCLUSIVE:
+            lines.append(f"verdict: {inconclusive_line(max(self.loss_noise or 0.0, self.param_noise or 0.0))}")
+        else:
+            match = self.verdict == EQUIVALENT
+            lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} one process "
+                         "on the global batch" + ("" if self.calibrated else
+                                                  " (uncalibrated: the fixed floor only, no rounding twin)"))
         return "\n".join(lines)
 
 
-def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
+def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path, twin_dir: Path | None = None) -> VerifyReport:
+    """Compare the runs in ``dist_dir`` and ``ref_dir`` (each: final.pt, metrics.jsonl), calibrated by the twin
+    in ``twin_dir`` (None: the floor alone)."""
     dist_ckpt, ref_ckpt = load_final(dist_dir / "final.pt"), load_final(ref_dir / "final.pt")
     world_size = dist_ckpt["world_size"]
     dist_losses = [m["loss"] for m in read_metrics(dist_dir)]
     ref_losses = [m["loss"] for m in read_metrics(ref_dir)]
+    twin_state = twin_losses = None
+    if twin_dir is not None:
+        twin_state = load_final(twin_dir / "final.pt")["model"]
+        twin_losses = [m["loss"] for m in read_metrics(twin_dir)]
+    floor = run_tolerance(cfg.train.dtype, cfg.train.precision)
+    result = compare(dist_ckpt["model"], dist_losses, ref_ckpt["model"], ref_losses, floor, twin_state, twin_losses)
     # Like tensors, the loss curve is compared relative to its largest value: a per-step relative difference
     # is ill-conditioned where a converging loss approaches zero.
     scale = max(max(abs(r) for r in ref_losses), 1e-300)
     steps = [{"step": i, "loss_distributed": d, "loss_reference": r, "rel_diff": abs(d - r) / scale}
              for i, (d, r) in enumerate(zip(dist_losses, ref_losses, strict=True))]
-    diffs = state_difference(dist_ckpt["model"], ref_ckpt["model"])
-    worst = max(diffs, key=diffs.get)
-    tol = run_tolerance(cfg.train.dtype, cfg.train.precision)
-    max_loss = max(s["rel_diff"] for s in steps)
     reason = unclaimed_reason(cfg)
+    verdict = NOT_EQUIVALENT if reason else result.verdict
     return VerifyReport(world_size=world_size, dtype=precision_name(cfg.train.dtype, cfg.train.precision),
-                        tolerance=tol, steps=steps,
-                        max_loss_rel_diff=max_loss, max_param_rel_diff=diffs[worst], worst_param=worst,
-                        equivalent=not reason and max_loss <= tol and diffs[worst] <= tol,
-                        claimed=not reason, reason=reason)
+                        tolerance=floor, steps=steps, max_loss_rel_diff=result.loss.distance,
+                        max_param_rel_diff=result.params.distance, worst_param=result.worst_param,
+                        equivalent=verdict == EQUIVALENT, claimed=not reason, reason=reason, verdict=verdict,
+                        calibrated=twin_dir is not None, loss_noise=result.loss.noise,
+                        param_noise=result.params.noise, floor=floor, loss_bound=result.loss.bound,
+                        param_bound=result.params.bound)
 
 
 def unclaimed_reason(cfg: Config) -> str:
@@ -159,8 +166,9 @@ def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out_dir)))
 
 
-def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> VerifyReport:
-    """Train with ``nproc`` workers and with one process; compare. Runs go to {out_dir}/distributed, /reference.
+def verify(cfg: Config, nproc: int | None, against: Path | None = None, twin: bool = True) -> VerifyReport:
+    """Train with ``nproc`` workers and with one process, and the reference's rounding twin; compare. Runs go to
+    {out_dir}/distributed, /reference, /twin. ``twin`` False: no twin, the fixed floor alone (uncalibrated).
 
     ``against``: compare an existing run directory (e.g. written by torchrun on several nodes) instead of
     launching local workers; it must have been trained with the same config.
@@ -179,7 +187,11 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> Verif
         if env.world_size != 1:
             raise RuntimeError("the reference run must be a single process")
         run(ref_cfg, env, console=False)
-    return compare_runs(cfg, dist_dir, ref_dir)
+        twin_dir = root / "twin" if twin else None
+        if twin_dir is not None:  # its weight gradients in as many partial sums as the run's
+            chunks = nproc if against is None else int(load_final(dist_dir / "final.pt")["world_size"])
+            train_twin(_with_out_dir(cfg, twin_dir), env, chunks=chunks)
+    return compare_runs(cfg, dist_dir, ref_dir, twin_dir)
 
 
 def _check_comparable(cfg: Config, run_dir: Path) -> None:

@@ -1,0 +1,204 @@
+"""Measure the calibrated verdicts of disttrain.verify over a table of configs (a script that prints numbers).
+
+    python -m tests.measure_verdicts [--out runs/verdicts-measure] [--only NAME ...]
+    python -m tests.measure_verdicts --table [--out runs/verdicts-measure]     # re-print from the saved results
+
+Every case is trained by W processes, by one process (the reference) and by the reference's rounding twin
+(verify/twin.py), then judged as verify judges it (verify/verdict.py): distance (W vs 1), noise (twin vs
+reference), floor, verdict. Each case is run correct and with each known mistake that applies to it: comm.reduce=sum,
+comm.reduce=avg on an uneven split, clipping before averaging (max_norm 0.1, below every rank's gradient norm),
+per-rank BatchNorm (models with BatchNorm), rank 0 dropping one step's all_reduce. A broken run's reference is its
+own config on one process, where the mistake cannot act: what ``disttrain verify`` of that config would compare.
+Step-wise cases are trained with a checkpoint every k steps and retrained segment by segment, each against its twin.
+Results are appended to OUT/results.jsonl as they come (the table is printed from it), so an interrupted
+measurement keeps what it measured. Interrupted (Ctrl-C, SIGTERM), it closes its worker pools before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from disttrain.config import load_config
+from disttrain.parallel.env import distributed
+from disttrain.run.train import run
+from disttrain.verify import verdict as V
+from disttrain.verify.stepwise import check_segments
+from disttrain.verify.twin import train_twin
+from disttrain.verify.whole import compare_runs
+from tests.harness import WorkerPool
+from tests.stepwise_runs import train_run
+
+MLP = ["model.name=mlp", "model.hidden=16", "optim.lr=0.05", "optim.momentum=0.9"]
+# Clipped SGD at lr 0.3: chaotic until it fits the data (tests/measure_stepwise.py).
+CHAOTIC = ["model.name=mlp", "model.hidden=16", "optim.lr=0.3", "clip.mode=norm", "clip.max_norm=1.0"]
+SYNCBN = ["model.name=cnn", "model.norm=syncbn", "model.hidden=8", "optim.lr=0.05", "optim.momentum=0.9"]
+RESNET = ["model.name=examples.resnet:resnet", "model.norm=syncbn", "model.kwargs={width: 4, blocks: [1], dropout: 0.1}",
+          "optim.lr=0.05", "optim.momentum=0.9"]
+# The two configs of issue 27's "Why": false alarms of the fixed tolerances.
+WHY_BF16 = ["model.name=cnn", "model.norm=syncbn", "model.hidden=16", "seed=4", "optim.lr=0.05", "optim.momentum=0.9"]
+WHY_FP16 = ["model.name=mlp", "model.hidden=32", "optim.name=adamw", "optim.lr=0.01", "clip.mode=norm",
+            "clip.max_norm=1.0"]
+PRECISION = {"float64": ["train.dtype=float64"], "float32": ["train.dtype=float32"],
+             "bf16": ["train.dtype=float32", "train.precision=bf16"], "fp16": ["train.dtype=float32", "train.precision=fp16"]}
+
+# name: (model overrides, precision, W, B, steps, k) -- k None: whole-run verify; k: step-wise, a checkpoint every k.
+CASES = {
+    "mlp-f64-w2": (MLP, "float64", 2, 32, 20, None),
+    "syncbn-f64-w3": (SYNCBN, "float64", 3, 31, 20, None),
+    "chaotic-f64-w4-300": (CHAOTIC, "float64", 4, 30, 300, None),
+    "resnet-f64-w2": (RESNET, "float64", 2, 15, 20, None),
+    "mlp-f32-w3": (MLP, "float32", 3, 31, 20, None),
+    "syncbn-f32-w2": (SYNCBN, "float32", 2, 32, 20, None),
+    "syncbn-f32-w4-100": (SYNCBN, "float32", 4, 30, 100, None),
+    "chaotic-f32-w2-100": (CHAOTIC, "float32", 2, 32, 100, None),
+    "chaotic-f32-w3-300": (CHAOTIC, "float32", 3, 31, 300, None),
+    "resnet-f32-w3": (RESNET, "float32", 3, 16, 20, None),
+    "mlp-bf16-w2": (MLP, "bf16", 2, 31, 20, None),
+    "why-bf16-w3": (WHY_BF16, "bf16", 3, 31, 20, None),
+    "mlp-bf16-w4-100": (MLP, "bf16", 4, 32, 100, None),
+    "syncbn-bf16-w2-100": (SYNCBN, "bf16", 2, 30, 100, None),
+    "resnet-bf16-w4": (RESNET, "bf16", 4, 15, 20, None),
+    "chaotic-bf16-w2": (CHAOTIC, "bf16", 2, 32, 20, None),
+    "mlp-fp16-w3": (MLP, "fp16", 3, 30, 20, None),
+    "why-fp16-w4-40": (WHY_FP16, "fp16", 4, 30, 40, None),
+    "syncbn-fp16-w2": (SYNCBN, "fp16", 2, 31, 20, None),
+    "chaotic-fp16-w3-100": (CHAOTIC, "fp16", 3, 31, 100, None),
+    "stepwise-mlp-bf16-w3-200-k10": (MLP, "bf16", 3, 31, 200, 10),
+    "stepwise-chaotic-f32-w2-k1": (CHAOTIC, "float32", 2, 32, 20, 1),
+    "stepwise-chaotic-f32-w3-k10": (CHAOTIC, "float32", 3, 31, 50, 10),
+    "stepwise-chaotic-f32-w4-k50": (CHAOTIC, "float32", 4, 30, 100, 50),
+    "stepwise-syncbn-bf16-w2-k1": (SYNCBN, "bf16", 2, 31, 12, 1),
+    "stepwise-chaotic-f64-w3-k50": (CHAOTIC, "float64", 3, 31, 100, 50),
+}
+
+
+def broken_variants(model: list[str], world_size: int, batch: int, steps: int, k: int | None) -> dict:
+    """name -> (extra overrides, skip): the known mistakes that can act on this case."""
+    act = steps // 2 if k is None else k * (steps // k // 2)  # a dropped all_reduce: the first step of a segment
+    variants = {"reduce=sum": (["comm.reduce=sum"], None)}
+    if batch % world_size:
+        variants["avg, uneven slices"] = (["comm.reduce=avg"], None)
+    variants["clip before average"] = (["clip.mode=norm", "clip.max_norm=0.1", "clip.before_average=true",
+                                        "comm.impl=allreduce"], None)
+    if "model.norm=syncbn" in model:
+        variants["per-rank bn"] = (["model.norm=bn"], None)
+    variants["dropped all_reduce"] = (["comm.impl=allreduce"], (0, act))
+    return variants
+
+
+class Measure:
+    def __init__(self, out: Path):
+        self.out, self.pools = out, {}
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def config(self, overrides: list[str], steps: int, k: int | None, out: Path):
+        every = [f"train.checkpoint_every={k}", "train.keep_checkpoints=0"] if k else []
+        return load_config(None, [*overrides, f"train.steps={steps}", "train.device=cpu", f"train.out_dir={out}",
+                                  "data.num_samples=256", "comm.timeout_s=120", *every])
+
+    def case(self, name: str, model, precision: str, world_size: int, batch: int, steps: int, k: int | None,
+             variant: str, extra: list[str], skip) -> dict:
+        base = [*model, *PRECISION[precision], f"train.global_batch_size={batch}", *extra]
+        root = self.out / name / variant.replace(" ", "_").replace(",", "").replace("=", "-")
+        cfg = self.config(base, steps, k, root / "distributed")
+        if world_size not in self.pools:
+            self.pools[world_size] = WorkerPool(world_size, timeout=900)
+        started = time.perf_counter()
+        self.pools[world_size].run(train_run, cfg.to_dict(), skip=skip)
+        row = {"case": name, "variant": variant, "precision": precision, "world_size": world_size, "batch": batch,
+               "steps": steps, "k": k, "model": model[0].split("=")[1]}
+        if k is None:
+            with distributed("cpu", 120) as env:
+                run(self.config(base, steps, k, root / "reference"), env, console=False)
+                train_twin(self.config(base, steps, k, root / "twin"), env, chunks=world_size)
+            report = compare_runs(cfg, root / "distributed", root / "reference", root / "twin")
+            row["items"] = [[report.max_param_rel_diff, report.param_noise, report.floor],
+                            [report.max_loss_rel_diff, report.loss_noise, report.floor]]
+        else:
+            segments = [(s, s + k) for s in range(0, steps - k + 1, k)]
+            checked = check_segments(cfg, root / "distributed", segments, cfg.train.dtype)
+            row["items"] = [[s.param_rel_diff, s.param_noise, s.tolerance] for s in checked]
+            row["items"] += [[s.loss_rel_diff, s.loss_noise, s.tolerance] for s in checked]
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        with open(self.out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+def verdict_of(row: dict) -> tuple[str, float]:
+    """The verdict of a measured case (over its items: loss and parameters, every segment), and its worst
+    distance / bound."""
+    judged = [V.judge(d, n, f) for d, n, f in row["items"]]
+    return V.overall(judged), max(j.distance / j.bound for j in judged)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | precision | W | B | steps | k | variant | distance | noise | floor | distance / bound | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        verdict, ratio = verdict_of(row)
+        d, n, f = max(row["items"], key=lambda item: item[0] / max(V.judge(*item).bound, 1e-300))
+        lines.append(f"| {row['case']} | {row['precision']} | {row['world_size']} | {row['batch']} | {row['steps']} | "
+                     f"{row['k'] or '-'} | {row['variant']} | {d:.1e} | {n:.1e} | {f:.0e} | {ratio:.3g} | {verdict} |")
+    correct = [verdict_of(r) for r in rows if r["variant"] == "correct"]
+    broken = [verdict_of(r) for r in rows if r["variant"] != "correct"]
+    count = lambda results, v: sum(1 for verdict, _ in results if verdict == v)  # noqa: E731
+    lines.append("")
+    lines.append(f"C = {V.C:g}, smallest known mistake {V.SMALLEST_MISTAKE:.0e}")
+    for label, results in (("correct", correct), ("broken", broken)):
+        lines.append(f"{label}: {len(results)} runs: {count(results, V.EQUIVALENT)} EQUIVALENT, "
+                     f"{count(results, V.NOT_EQUIVALENT)} NOT EQUIVALENT, {count(results, V.INCONCLUSIVE)} INCONCLUSIVE")
+    ratios = [max(d / max(n, 1e-300) for d, n, _ in r["items"] if n) for r in rows if r["variant"] == "correct"]
+    lines.append(f"correct runs: largest distance / noise {max(ratios):.3g}")
+    broken_min = min(min(d for d, _, _ in r["items"][:1] + r["items"][len(r["items"]) // 2:][:1]) for r in rows
+                     if r["variant"] != "correct") if broken else float("nan")
+    lines.append(f"broken runs: smallest final distance {broken_min:.2e}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.measure_verdicts", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/verdicts-measure"))
+    parser.add_argument("--only", nargs="+", default=None, help="the cases to measure (default: all)")
+    parser.add_argument("--table", action="store_true", help="print the table of the saved results, measure nothing")
+    args = parser.parse_args()
+    results = args.out / "results.jsonl"
+    if not args.table:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        torch.set_num_threads(1)
+        measure = Measure(args.out)
+        started = time.perf_counter()
+        try:
+            for name, (model, precision, w, b, steps, k) in CASES.items():
+                if args.only and name not in args.only:
+                    continue
+                variants = {"correct": ([], None), **broken_variants(model, w, b, steps, k)}
+                for variant, (extra, skip) in variants.items():
+                    row = measure.case(name, model, precision, w, b, steps, k, variant, extra, skip)
+                    verdict, ratio = verdict_of(row)
+                    print(f"{name} {variant}: {verdict} (distance / bound {ratio:.3g}, {row['seconds']} s)", flush=True)
+        finally:
+            measure.close()
+        print(f"\nmeasured in {time.perf_counter() - started:.0f} s\n")
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("measure_verdicts: interrupted", file=sys.stderr)
+        sys.exit(130)
