@@ -137,34 +137,51 @@ class Measure:
             pool.close()
 
 
+def judged(row: dict) -> list[list[V.Judgement]]:
+    """The (parameters, loss) judgements of a measured case: one pair, or one per step-wise segment, judged with
+    the constants of verify/verdict.py as they are now (the floors from FLOOR, not the ones recorded)."""
+    items, k = row["items"], row["k"]
+    floor = V.FLOOR[row["precision"]] * (k or 1)
+    half = len(items) // 2
+    return [[V.judge("parameters", p[0], p[1], floor), V.judge("loss", l[0], l[1], floor)]
+            for p, l in zip(items[:half], items[half:])]
+
+
 def verdict_of(row: dict) -> tuple[str, float]:
-    """The verdict of a measured case (over its items: loss and parameters, every segment), and its worst
-    distance / bound."""
-    judged = [V.judge(d, n, f) for d, n, f in row["items"]]
-    return V.overall(judged), max(j.distance / j.bound for j in judged)
+    """The verdict of a measured case and its largest distance / bound."""
+    parts = judged(row)
+    return V.combine(V.overall(pair) for pair in parts), max(j.ratio for pair in parts for j in pair)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | precision | W | B | steps | k | variant | distance | noise | floor | distance / bound | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | precision | W | B | steps | k | variant | loss: distance / noise | parameters: distance / "
+             "noise | distance / bound | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         verdict, ratio = verdict_of(row)
-        d, n, f = max(row["items"], key=lambda item: item[0] / max(V.judge(*item).bound, 1e-300))
+        # The pair that decided: the segment with the largest distance / bound.
+        p, l = max(judged(row), key=lambda pair: max(j.ratio for j in pair))
         lines.append(f"| {row['case']} | {row['precision']} | {row['world_size']} | {row['batch']} | {row['steps']} | "
-                     f"{row['k'] or '-'} | {row['variant']} | {d:.1e} | {n:.1e} | {f:.0e} | {ratio:.3g} | {verdict} |")
-    correct = [verdict_of(r) for r in rows if r["variant"] == "correct"]
-    broken = [verdict_of(r) for r in rows if r["variant"] != "correct"]
-    count = lambda results, v: sum(1 for verdict, _ in results if verdict == v)  # noqa: E731
+                     f"{row['k'] or '-'} | {row['variant']} | {l.distance:.1e} / {l.noise:.1e} | "
+                     f"{p.distance:.1e} / {p.noise:.1e} | {ratio:.3g} | {verdict} |")
+    correct = [r for r in rows if r["variant"] == "correct"]
+    broken = [r for r in rows if r["variant"] != "correct"]
     lines.append("")
-    lines.append(f"C = {V.C:g}, smallest known mistake {V.SMALLEST_MISTAKE:.0e}")
-    for label, results in (("correct", correct), ("broken", broken)):
-        lines.append(f"{label}: {len(results)} runs: {count(results, V.EQUIVALENT)} EQUIVALENT, "
-                     f"{count(results, V.NOT_EQUIVALENT)} NOT EQUIVALENT, {count(results, V.INCONCLUSIVE)} INCONCLUSIVE")
-    ratios = [max(d / max(n, 1e-300) for d, n, _ in r["items"] if n) for r in rows if r["variant"] == "correct"]
-    lines.append(f"correct runs: largest distance / noise {max(ratios):.3g}")
-    broken_min = min(min(d for d, _, _ in r["items"][:1] + r["items"][len(r["items"]) // 2:][:1]) for r in rows
-                     if r["variant"] != "correct") if broken else float("nan")
-    lines.append(f"broken runs: smallest final distance {broken_min:.2e}")
+    lines.append(f"C = {V.C:g}, margin {V.MARGIN:g}, smallest known mistake {V.SMALLEST_MISTAKE}, floors {V.FLOOR}")
+    for label, group in (("correct", correct), ("broken", broken)):
+        verdicts = [verdict_of(r)[0] for r in group]
+        lines.append(f"{label}: {len(group)} runs: " + ", ".join(f"{verdicts.count(v)} {v}" for v in
+                                                                    (V.EQUIVALENT, V.NOT_EQUIVALENT, V.INCONCLUSIVE)))
+        for r in group:
+            if verdict_of(r)[0] == V.INCONCLUSIVE:
+                lines.append(f"  INCONCLUSIVE: {r['case']} {r['variant']}")
+    # What the constants are chosen from: distance / noise of correct runs, and of broken ones (quantity by quantity).
+    for label, group in (("correct", correct), ("broken", broken)):
+        for q in (0, 1):
+            ratios = [pair[q].distance / pair[q].noise for r in group for pair in judged(r) if pair[q].noise]
+            dists = [max(pair[q].distance for pair in judged(r)) for r in group]
+            name = ("parameters", "loss")[q]
+            lines.append(f"{label} {name}: distance / noise max {max(ratios):.3g}, min {min(ratios):.3g}; "
+                         f"smallest worst distance {min(dists):.2e}")
     return "\n".join(lines)
 
 

@@ -49,3 +49,81 @@ def test_twin_equals_the_reference_in_float64(tmp_path, family):
     assert V.curve_difference(twin.losses, ref.losses) < 1e-13
     # ... and it is another summation order, not the same computation: some rounding differs.
     assert worst > 0 or V.curve_difference(twin.losses, ref.losses) > 0
+
+
+# --------------------------------------------------------------------------- the verdict on numbers
+
+
+def test_each_verdict():
+    floor = 1e-6
+    quiet = V.judge("loss", 1e-5, 1e-5, floor)  # within C x noise, and the noise could show a mistake
+    assert quiet.verdict == V.EQUIVALENT and V.overall([quiet]) == V.EQUIVALENT
+    far = V.judge("loss", 2 * V.MARGIN * V.C * 1e-5, 1e-5, floor)  # beyond MARGIN x the bound
+    assert far.verdict == V.NOT_EQUIVALENT and V.overall([quiet, far]) == V.NOT_EQUIVALENT
+    between = V.judge("loss", 2 * V.C * 1e-5, 1e-5, floor)  # over the bound, under MARGIN x it
+    assert between.verdict == V.INCONCLUSIVE and V.overall([quiet, between]) == V.INCONCLUSIVE
+    assert "not by the" in V.inconclusive_line([quiet, between])
+    # Noise so large that a known mistake could hide in it, in every quantity: inconclusive although within bounds.
+    loud = [V.judge(q, V.SMALLEST_MISTAKE[q], V.SMALLEST_MISTAKE[q] / V.C, floor) for q in ("loss", "parameters")]
+    assert all(j.verdict == V.EQUIVALENT for j in loud) and V.overall(loud) == V.INCONCLUSIVE
+    line = V.inconclusive_line(loud)
+    assert "rounding noise" in line and "smallest known mistake" in line and "\n" not in line
+    # ... unless one quantity is quiet enough to show a mistake.
+    assert V.overall([loud[1], V.judge("loss", 1e-5, 1e-5, floor)]) == V.EQUIVALENT
+    # The floor: a twin that landed unusually close does not make a correct run fail.
+    assert V.judge("parameters", 5e-7, 0.0, floor).verdict == V.EQUIVALENT
+    # No twin: the fixed tolerance alone, with no margin (the uncalibrated check).
+    assert V.judge("loss", 2e-6, None, floor).verdict == V.NOT_EQUIVALENT
+    assert V.EXIT_CODES == {V.EQUIVALENT: 0, V.NOT_EQUIVALENT: 1, V.INCONCLUSIVE: 3}
+
+
+def make_run(path, weight, losses, cfg, world_size):
+    path.mkdir(parents=True)
+    model = torch.nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(weight)
+    save_final(path / "final.pt", model, len(losses), cfg.to_dict(), world_size)
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
+
+
+def test_report_lines_and_json(tmp_path):
+    """verify's lines keep their meaning; the noise, the floor and the verdict are added, and in --json."""
+    cfg = load_config(None, ["train.dtype=float32", "train.precision=bf16"])
+    w = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    make_run(tmp_path / "ref", w, [2.0, 1.0], cfg, 1)
+    make_run(tmp_path / "twin", w * (1 + 1e-3), [2.0, 1.001], cfg, 1)
+    make_run(tmp_path / "dist", w * (1 + 2e-3), [2.0, 1.002], cfg, 3)  # 2x the noise: within C x noise
+    report = compare_runs(cfg, tmp_path / "dist", tmp_path / "ref", tmp_path / "twin")
+    assert report.verdict == V.EQUIVALENT and report.equivalent
+    text = report.table()
+    assert "max relative loss difference:      1.000e-03" in text
+    assert "max relative parameter difference: 2.000e-03 (weight)" in text
+    assert "rounding noise (reference vs twin): loss 5.000e-04, parameters 1.000e-03" in text
+    assert f"floor (bf16, float32 weights): {V.FLOOR['bf16']:.0e}" in text
+    assert text.splitlines()[-1].startswith("verdict: EQUIVALENT: 3 processes match")
+    data = json.loads(report.to_json())
+    assert data["verdict"] == "EQUIVALENT" and data["param_noise"] == pytest.approx(1e-3)
+    assert data["floor"] == V.FLOOR["bf16"] and data["calibrated"] is True
+    make_run(tmp_path / "off", w * 1.5, [2.0, 1.5], cfg, 3)
+    assert compare_runs(cfg, tmp_path / "off", tmp_path / "ref", tmp_path / "twin").verdict == V.NOT_EQUIVALENT
+    # Without a twin: the fixed tolerance (RUN_TOLERANCE), said so.
+    plain = compare_runs(cfg, tmp_path / "dist", tmp_path / "ref")
+    assert plain.floor == RUN_TOLERANCE["bf16"] and plain.equivalent and "uncalibrated" in plain.table()
+
+
+def test_inconclusive_has_its_own_exit_code(tmp_path, monkeypatch, capsys):
+    from disttrain.cli.main import main
+    from disttrain.verify import whole
+
+    cfg = load_config(None, ["train.dtype=float32"])
+    w = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    make_run(tmp_path / "ref", w, [2.0, 1.0], cfg, 1)
+    make_run(tmp_path / "twin", w * 1.1, [2.0, 1.1], cfg, 1)  # rounding as large as a mistake
+    make_run(tmp_path / "dist", w * 1.05, [2.0, 1.05], cfg, 2)
+    report = compare_runs(cfg, tmp_path / "dist", tmp_path / "ref", tmp_path / "twin")
+    assert report.verdict == V.INCONCLUSIVE and not report.equivalent
+    monkeypatch.setattr(whole, "verify", lambda *args, **kwargs: report)
+    (tmp_path / "c.yaml").write_text(f"train: {{out_dir: {tmp_path / 'out'}, dtype: float32}}\n")
+    assert main(["verify", str(tmp_path / "c.yaml"), "--nproc", "1"]) == 3
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("verdict: INCONCLUSIVE: the run's own rounding noise is")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.schema import Config
-from .verdict import C, EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, inconclusive_line, overall
+from .verdict import C, EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, combine, inconclusive_line, judge
 from .whole import tolerance_key, unclaimed_reason
 
 # The longest segments for which correct and broken runs stayed separated in every regime measured, and what
@@ -96,8 +96,10 @@ class StepwiseReport:
         lines.append(f"retrained {self.steps} steps in {len(self.segments)} segments in {self.seconds:.1f} s "
                      f"({self.reference_dtype} on {self.device}, {self.jobs} process{'es' if self.jobs > 1 else ''})")
         if self.verdict == INCONCLUSIVE:
-            worst_noise = max(s.noise for s in self.segments if s.verdict == INCONCLUSIVE)
-            lines.append(f"verdict: {inconclusive_line(worst_noise)}")
+            s = next(s for s in self.segments if s.verdict == INCONCLUSIVE)
+            judged = [judge("loss", s.loss_rel_diff, s.loss_noise, s.tolerance),
+                      judge("parameters", s.param_rel_diff, s.param_noise, s.tolerance)]
+            lines.append(f"verdict: {inconclusive_line(judged)} (first in {_name(s)})")
         else:
             lines.append(f"verdict: {self.verdict}: {'every' if self.equivalent else 'not every'} segment of the run "
                          f"in {self.run_dir} matches one process on the global batch (margin {_margin(self.margin)})"
@@ -129,7 +131,7 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
             f"grow past the tolerance in segments of more than {limit} steps (measured: {measured}); checkpoint "
             f"every {limit} steps or fewer to separate correct from broken runs in every regime measured"
             if longest > limit and not calibrated else "")
-    verdict = NOT_EQUIVALENT if reason else overall(s.verdict for s in segments)
+    verdict = NOT_EQUIVALENT if reason else combine(s.verdict for s in segments)
     return StepwiseReport(run_dir=str(run_dir), dtype=cfg.train.dtype, reference_dtype=reference_dtype,
                           device=device, segments=segments, equivalent=verdict == EQUIVALENT, verdict=verdict,
                           calibrated=calibrated,

@@ -77,8 +77,8 @@ from ..observe.runlog import read_metrics
 from ..run.train import run
 from .report import Segment, StepwiseReport, summarize
 from .twin import RoundingTwin
-from .verdict import curve_difference, judge, overall
-from .whole import precision_name, relative_difference, state_difference, tolerance
+from .verdict import FLOOR, NOT_EQUIVALENT, curve_difference, judge, overall
+from .whole import precision_name, relative_difference, state_difference, tolerance, tolerance_key
 
 # --------------------------------------------------------------------------- the run's segments
 
@@ -157,7 +157,7 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
     worst = max(diffs, key=diffs.get)
     loss = curve_difference([losses[start + i] for i in range(len(result.losses))], result.losses, loss_scale)
     optim = _optimizer_difference(_cpu_state(result.optimizer.state_dict()), target["optimizer"])
-    floor = tolerance(cfg.train.dtype, stop - start, cfg.train.precision)
+    floor = segment_floor(cfg, stop - start, twin)
     param_noise = loss_noise = None
     if twin:
         chunks = int(target["world_size"])  # the twin's partial sums: as many as the run's ranks
@@ -165,12 +165,20 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
         twin_state = {k: v.detach().cpu() for k, v in other.model.state_dict().items()}
         param_noise = max(state_difference(twin_state, ours).values(), default=0.0)
         loss_noise = curve_difference(other.losses, result.losses, loss_scale)
-    params_j, loss_j = judge(diffs[worst], param_noise, floor), judge(loss, loss_noise, floor)
+    params_j, loss_j = judge("parameters", diffs[worst], param_noise, floor), judge("loss", loss, loss_noise, floor)
     return Segment(start=start, stop=stop, world_size=int(target["world_size"]), param_rel_diff=diffs[worst],
                    worst_param=worst, loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=floor,
-                   passed=overall([params_j, loss_j]) != "NOT EQUIVALENT", param_noise=param_noise,
+                   passed=overall([params_j, loss_j]) != NOT_EQUIVALENT, param_noise=param_noise,
                    loss_noise=loss_noise, bound=min(params_j.bound, loss_j.bound),
                    verdict=overall([params_j, loss_j]))
+
+
+def segment_floor(cfg: Config, k: int, twin: bool) -> float:
+    """The floor of a k-step segment: verdict.FLOOR per step with a twin; without one, the fixed tolerance of the
+    table above (the uncalibrated check)."""
+    if twin:
+        return FLOOR[tolerance_key(cfg.train.dtype, cfg.train.precision)] * k
+    return tolerance(cfg.train.dtype, k, cfg.train.precision)
 
 
 def _retrain(cfg: Config, run_dir: Path, start: int, stop: int, reference_dtype: str, env: DistEnv, scratch: Path,

@@ -7,18 +7,22 @@ order. For the loss curve and for the parameters, three numbers:
 - the *distance*: W processes vs the reference (relative: max|a - b| / max|b|, the worst tensor);
 - the *noise*: the twin vs the reference, measured the same way: how far rounding alone moves this config, in
   this precision, over this many steps (in a chaotic phase of training that is far more than in a calm one);
-- the *floor*: the fixed tolerance of the dtype (whole.py RUN_TOLERANCE; step-wise: per (dtype, k)); it only
-  guards against a twin that happened to land unusually close, it never caps what a correct run may show.
+- the *floor* (FLOOR, per dtype): the least a verdict allows, should the twin land unusually close; it never caps
+  what a correct run may show.
 
-and a verdict, with ``bound = max(C * noise, floor)``:
+Each quantity is judged against ``bound = max(C * noise, floor)``: within it, EQUIVALENT; beyond MARGIN times it,
+NOT EQUIVALENT; in between, INCONCLUSIVE. The run's verdict:
 
-- EQUIVALENT: distance <= bound;
-- NOT EQUIVALENT: distance > bound (beyond C times the noise and beyond the floor);
-- INCONCLUSIVE: distance <= bound, but C * noise reaches SMALLEST_MISTAKE, the smallest distance a known mistake
-  was measured to cause (reduce=sum, the plain average on uneven slices, clipping before averaging, per-rank
-  BatchNorm, one dropped all_reduce): such a mistake could hide in the noise.
+- NOT EQUIVALENT: a quantity is beyond MARGIN x its bound;
+- INCONCLUSIVE: a quantity lies between its bound and MARGIN x it, or no quantity is quiet enough to show a known
+  mistake (reduce=sum, the plain average on uneven slices, clipping before averaging, per-rank BatchNorm, one
+  dropped all_reduce): each one's C x noise reaches SMALLEST_MISTAKE, the smallest distance such a mistake caused;
+- EQUIVALENT: otherwise (every quantity within its bound, and at least one could have shown a mistake).
 
-C and SMALLEST_MISTAKE are measured (tests/measure_verdicts.py, docs/verdicts.md). These functions need no CLI
+Without a twin (``noise`` None, ``verify --uncalibrated``) the fixed tolerances decide alone, with no margin, as verify
+judged before twins: an uncalibrated check.
+
+C, MARGIN, SMALLEST_MISTAKE and FLOOR are measured (tests/measure_verdicts.py, docs/verdicts.md). These functions need no CLI
 and no process group: they compare state_dicts and loss curves that are already in memory.
 """
 
@@ -30,11 +34,15 @@ from dataclasses import dataclass
 import torch
 
 EQUIVALENT, NOT_EQUIVALENT, INCONCLUSIVE = "EQUIVALENT", "NOT EQUIVALENT", "INCONCLUSIVE"
-# How far beyond the twin's noise a correct run may land. Measured over the table of docs/verdicts.md: correct
-# runs reached at most 2.6x their twin's noise; broken runs that were not already beyond the floor were 30x and more.
-C = 10.0
-# The smallest distance from one device that a known mistake caused in any measured config (docs/verdicts.md).
-SMALLEST_MISTAKE = 2e-2
+# Measured over the table of docs/verdicts.md (python -m tests.measure_verdicts): see there for the numbers.
+C = 4.0  # a correct run lands within C x its twin's noise
+MARGIN = 10.0  # NOT EQUIVALENT: beyond MARGIN x the bound; between the bound and that: INCONCLUSIVE
+# The smallest distance from one device that a known mistake caused in a measured config, per quantity: a
+# quantity whose C x noise reaches it could hide such a mistake.
+SMALLEST_MISTAKE = {"loss": 1e-3, "parameters": 1e-2}
+# The floor per step of training, by dtype or autocast precision: the least a verdict allows, should a twin land
+# unusually close to its reference. Whole-run verify: FLOOR; a step-wise segment of k steps: FLOOR * k.
+FLOOR = {"float64": 1e-10, "float32": 1e-6, "bf16": 3e-4, "fp16": 1e-4}
 # Exit codes of verify: 0 equivalent, 1 not equivalent (errors.EXIT_FAILED), 3 inconclusive (2 is a user error).
 EXIT_CODES = {EQUIVALENT: 0, NOT_EQUIVALENT: 1, INCONCLUSIVE: 3}
 
@@ -67,48 +75,76 @@ def curve_difference(losses: Sequence[float], ref_losses: Sequence[float], scale
 
 @dataclass(frozen=True)
 class Judgement:
-    """One quantity (the loss curve or the parameters) judged: distance, noise (None: no twin), floor, verdict."""
+    """One quantity ("loss" or "parameters") judged: distance, noise (None: no twin), floor, verdict."""
 
+    quantity: str
     distance: float
     noise: float | None
     floor: float
-    verdict: str
+    verdict: str  # of this quantity: EQUIVALENT (within the bound), NOT EQUIVALENT (beyond MARGIN x it), or
+    # INCONCLUSIVE (in between)
 
     @property
     def bound(self) -> float:
         return self.floor if self.noise is None else max(C * self.noise, self.floor)
 
     @property
-    def margin(self) -> float:
-        """bound / distance for a pass, distance / bound for a failure (inf: an exact match)."""
-        if self.verdict == NOT_EQUIVALENT:
+    def sensitive(self) -> bool:
+        """True: a known mistake would stand out of this quantity's noise (no twin: assumed, as before twins)."""
+        return self.noise is None or C * self.noise < SMALLEST_MISTAKE[self.quantity]
+
+    @property
+    def ratio(self) -> float:
+        """distance / bound: <= 1 within it, > MARGIN not equivalent."""
+        if self.bound > 0:
             return self.distance / self.bound
-        return self.bound / self.distance if self.distance > 0 else float("inf")
+        return float("inf") if self.distance > 0 else 0.0
 
 
-def judge(distance: float, noise: float | None, floor: float) -> Judgement:
-    """The verdict on one quantity (see the module docstring); ``noise`` None: the floor alone (no twin)."""
+def judge(quantity: str, distance: float, noise: float | None, floor: float) -> Judgement:
+    """One quantity's verdict. Without a twin (``noise`` None) the floor alone decides, with no margin: the
+    uncalibrated check, as verify judged before twins."""
     bound = floor if noise is None else max(C * noise, floor)
-    if distance > bound:
-        verdict = NOT_EQUIVALENT
-    elif noise is not None and C * noise >= SMALLEST_MISTAKE:
-        verdict = INCONCLUSIVE
-    else:
+    if distance <= bound:
         verdict = EQUIVALENT
-    return Judgement(distance, noise, floor, verdict)
+    elif noise is None or distance > MARGIN * bound:
+        verdict = NOT_EQUIVALENT
+    else:
+        verdict = INCONCLUSIVE
+    return Judgement(quantity, distance, noise, floor, verdict)
 
 
-def overall(judgements: Iterable[Judgement | str]) -> str:
-    """NOT EQUIVALENT if any is, else INCONCLUSIVE if any is, else EQUIVALENT."""
-    verdicts = {j if isinstance(j, str) else j.verdict for j in judgements}
-    return next((v for v in (NOT_EQUIVALENT, INCONCLUSIVE) if v in verdicts), EQUIVALENT)
+def overall(judgements: Sequence[Judgement]) -> str:
+    """NOT EQUIVALENT if any quantity is; INCONCLUSIVE if any lies between its bound and MARGIN x it, or if no
+    quantity is quiet enough to show a known mistake (each one's C x noise reaches SMALLEST_MISTAKE); else
+    EQUIVALENT."""
+    verdicts = {j.verdict for j in judgements}
+    if NOT_EQUIVALENT in verdicts:
+        return NOT_EQUIVALENT
+    if INCONCLUSIVE in verdicts or not any(j.sensitive for j in judgements):
+        return INCONCLUSIVE
+    return EQUIVALENT
 
 
-def inconclusive_line(noise: float) -> str:
-    """Why a verdict is INCONCLUSIVE, in one line."""
-    return (f"INCONCLUSIVE: the run's own rounding noise is {noise:.2e} (reference vs its twin); {C:g} x that reaches "
-            f"{SMALLEST_MISTAKE:.0e}, the smallest known mistake's size, so a mistake could hide in it (verify fewer "
-            "steps, or step-wise with shorter segments)")
+def combine(verdicts: Iterable[str]) -> str:
+    """The verdict of several parts (step-wise: the segments): NOT EQUIVALENT if any is, else INCONCLUSIVE if any
+    is, else EQUIVALENT."""
+    seen = set(verdicts)
+    return next((v for v in (NOT_EQUIVALENT, INCONCLUSIVE) if v in seen), EQUIVALENT)
+
+
+def inconclusive_line(judgements: Sequence[Judgement]) -> str:
+    """Why a verdict is INCONCLUSIVE, in one line: the noise, and the smallest known mistake's size."""
+    between = [j for j in judgements if j.verdict == INCONCLUSIVE]
+    if between:
+        j = max(between, key=lambda j: j.ratio)
+        return (f"INCONCLUSIVE: the {j.quantity} differ by {j.distance:.2e}, {j.ratio:.3g}x the bound max({C:g} x "
+                f"noise {j.noise:.2e}, floor {j.floor:.0e}): beyond what rounding explains, but not by the {MARGIN:g}x "
+                "margin of a mistake")
+    j = min(judgements, key=lambda j: C * (j.noise or 0.0) / SMALLEST_MISTAKE[j.quantity])
+    return (f"INCONCLUSIVE: the run's own rounding noise is {j.noise:.2e} in the {j.quantity} (reference vs its "
+            f"twin); {C:g} x that reaches {SMALLEST_MISTAKE[j.quantity]:.0e}, the smallest known mistake's size, so a "
+            "mistake could hide in it (verify fewer steps, or step-wise with shorter segments)")
 
 
 @dataclass(frozen=True)
@@ -136,11 +172,12 @@ def compare(state: dict[str, torch.Tensor], losses: Sequence[float], ref_state: 
         param_noise = max(state_difference(twin_state, ref_state).values(), default=0.0)
     if twin_losses is not None:
         loss_noise = curve_difference(twin_losses, ref_losses)
-    loss = judge(curve_difference(losses, ref_losses), loss_noise, floor)
-    params = judge(diffs[worst] if diffs else 0.0, param_noise, floor)
+    loss = judge("loss", curve_difference(losses, ref_losses), loss_noise, floor)
+    params = judge("parameters", diffs[worst] if diffs else 0.0, param_noise, floor)
     return Comparison(loss=loss, params=params, worst_param=worst, verdict=overall([loss, params]))
 
 
-__all__ = ["EQUIVALENT", "NOT_EQUIVALENT", "INCONCLUSIVE", "C", "SMALLEST_MISTAKE", "EXIT_CODES", "Judgement",
-           "Comparison", "judge", "overall", "compare", "relative_difference", "state_difference",
+__all__ = ["EQUIVALENT", "NOT_EQUIVALENT", "INCONCLUSIVE", "C", "MARGIN", "SMALLEST_MISTAKE", "FLOOR", "EXIT_CODES",
+           "Judgement",
+           "Comparison", "judge", "overall", "combine", "compare", "relative_difference", "state_difference",
            "curve_difference", "inconclusive_line"]

@@ -38,8 +38,8 @@ from ..run.tasks import launch_local
 from ..observe.runlog import read_metrics
 from ..run.train import run
 from .twin import train_twin
-from .verdict import (C, EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, compare, inconclusive_line, relative_difference,
-                      state_difference)
+from .verdict import (C, EQUIVALENT, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, compare, inconclusive_line, judge,
+                      relative_difference, state_difference)
 
 # The largest relative difference accepted per step of training (whole-run verify: a run of tens of steps;
 # step-wise verify: BASE * k for a segment of k steps, stepwise.py). Measurements: the module docstrings.
@@ -110,11 +110,13 @@ class VerifyReport:
             f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
             ("rounding noise (reference vs twin): " + (f"loss {self.loss_noise:.3e}, parameters {self.param_noise:.3e}"
              if self.calibrated else "not measured (--uncalibrated: no rounding twin ran)")),
-            f"floor ({self.dtype}): {self.floor:.0e}",
+            f"floor ({self.dtype}): {self.floor:.0e}" + ("" if self.calibrated else " (the fixed tolerance)"),
             f"bound, max({self.c:g} x noise, floor): loss {self.loss_bound:.3e}, parameters {self.param_bound:.3e}",
         ]
         if self.verdict == INCONCLUSIVE:
-            lines.append(f"verdict: {inconclusive_line(max(self.loss_noise or 0.0, self.param_noise or 0.0))}")
+            judged = [judge("loss", self.max_loss_rel_diff, self.loss_noise, self.floor),
+                      judge("parameters", self.max_param_rel_diff, self.param_noise, self.floor)]
+            lines.append(f"verdict: {inconclusive_line(judged)}")
         else:
             match = self.verdict == EQUIVALENT
             lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} one process "
@@ -134,7 +136,9 @@ def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path, twin_dir: Path | No
     if twin_dir is not None:
         twin_state = load_final(twin_dir / "final.pt")["model"]
         twin_losses = [m["loss"] for m in read_metrics(twin_dir)]
-    floor = run_tolerance(cfg.train.dtype, cfg.train.precision)
+    # Calibrated by a twin: the floor; without one, the fixed whole-run tolerance (the uncalibrated check).
+    key = tolerance_key(cfg.train.dtype, cfg.train.precision)
+    floor = FLOOR[key] if twin_dir is not None else run_tolerance(cfg.train.dtype, cfg.train.precision)
     result = compare(dist_ckpt["model"], dist_losses, ref_ckpt["model"], ref_losses, floor, twin_state, twin_losses)
     # Like tensors, the loss curve is compared relative to its largest value: a per-step relative difference
     # is ill-conditioned where a converging loss approaches zero.
