@@ -33,6 +33,10 @@ class Segment:
     bound: float = 0.0  # max(C x noise, floor), the smaller of the two quantities'
     verdict: str = EQUIVALENT
 
+    def __post_init__(self) -> None:
+        if not self.bound:  # no twin: the floor alone
+            self.bound = self.tolerance
+
     @property
     def noise(self) -> float | None:
         return None if self.param_noise is None else max(self.param_noise, self.loss_noise or 0.0)

@@ -39,10 +39,10 @@ C = 4.0  # a correct run lands within C x its twin's noise
 MARGIN = 10.0  # NOT EQUIVALENT: beyond MARGIN x the bound; between the bound and that: INCONCLUSIVE
 # The smallest distance from one device that a known mistake caused in a measured config, per quantity: a
 # quantity whose C x noise reaches it could hide such a mistake.
-SMALLEST_MISTAKE = {"loss": 1e-3, "parameters": 1e-2}
+SMALLEST_MISTAKE = {"loss": 5e-4, "parameters": 1.5e-2}
 # The floor per step of training, by dtype or autocast precision: the least a verdict allows, should a twin land
 # unusually close to its reference. Whole-run verify: FLOOR; a step-wise segment of k steps: FLOOR * k.
-FLOOR = {"float64": 1e-10, "float32": 1e-6, "bf16": 3e-4, "fp16": 1e-4}
+FLOOR = {"float64": 1e-10, "float32": 1e-6, "bf16": 3e-5, "fp16": 1e-5}
 # Exit codes of verify: 0 equivalent, 1 not equivalent (errors.EXIT_FAILED), 3 inconclusive (2 is a user error).
 EXIT_CODES = {EQUIVALENT: 0, NOT_EQUIVALENT: 1, INCONCLUSIVE: 3}
 
