@@ -185,11 +185,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SHORT = {V.EQUIVALENT: "EQ", V.NOT_EQUIVALENT: "NOT", V.INCONCLUSIVE: "INC"}
+VARIANTS = ("reduce=sum", "avg, uneven slices", "clip before average", "per-rank bn", "dropped all_reduce")
+
+
+def compact(rows: list[dict]) -> str:
+    """One row per case: the correct run (noise, distance / bound, verdict), then each broken variant's verdict
+    and distance / bound (EQ, NOT, INC; - where the mistake cannot act)."""
+    cases: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        cases.setdefault(row["case"], {})[row["variant"]] = row
+    lines = ["| case | precision | W | B | steps | k | correct: loss noise | parameter noise | distance / bound | "
+             "verdict | " + " | ".join(VARIANTS) + " |", "|---" * (10 + len(VARIANTS)) + "|"]
+    for name, variants in cases.items():
+        row = variants["correct"]
+        verdict, ratio = verdict_of(row)
+        p, l = max(judged(row), key=lambda pair: max(j.noise or 0.0 for j in pair))
+        cells = []
+        for v in VARIANTS:
+            if v in variants:
+                bv, br = verdict_of(variants[v])
+                cells.append(f"{SHORT[bv]} {br:.2g}")
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | {row['precision']} | {row['world_size']} | {row['batch']} | {row['steps']} | "
+                     f"{row['k'] or '-'} | {l.noise:.1e} | {p.noise:.1e} | {ratio:.2g} | {SHORT[verdict]} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.measure_verdicts", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/verdicts-measure"))
     parser.add_argument("--only", nargs="+", default=None, help="the cases to measure (default: all)")
     parser.add_argument("--table", action="store_true", help="print the table of the saved results, measure nothing")
+    parser.add_argument("--compact", action="store_true", help="one row per case (with --table)")
     args = parser.parse_args()
     results = args.out / "results.jsonl"
     if not args.table:
@@ -210,7 +240,7 @@ def main() -> None:
             measure.close()
         print(f"\nmeasured in {time.perf_counter() - started:.0f} s\n")
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    print(table(rows))
+    print(compact(rows) if args.compact else table(rows))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ buffers, the optimizer state, and the k losses in metrics.jsonl. Each segment st
 its error depends on k and on the dtype, never on how long the run has been going: one tolerance per (dtype, k)
 holds for any run length, and a mistake shows in the first segment it touches.
 
+Calibrated verdicts (verdict.py, docs/verdicts.md): each segment is retrained twice, as the reference and as its
+rounding twin (twin.py, with as many partial sums as the checkpoint's world size), and judged against that noise with
+verdict.FLOOR * k as its floor; the tolerance table below is the uncalibrated check (``twin=False``, and every
+``--reference-dtype float64`` check of a float32 run, whose distance includes the run's own float32 rounding).
+
 What is compared, per segment, as in verify/whole.py: the largest relative difference max|a - b| / max|b| over the
 floating-point tensors of the model state (parameters and buffers, e.g. SyncBN running statistics); the loss
 difference of the k steps relative to the scale of the run's loss curve; and, reported alongside, the optimizer

@@ -143,7 +143,7 @@ def inconclusive_line(judgements: Sequence[Judgement]) -> str:
                 "margin of a mistake")
     j = min(judgements, key=lambda j: C * (j.noise or 0.0) / SMALLEST_MISTAKE[j.quantity])
     return (f"INCONCLUSIVE: the run's own rounding noise is {j.noise:.2e} in the {j.quantity} (reference vs its "
-            f"twin); {C:g} x that reaches {SMALLEST_MISTAKE[j.quantity]:.0e}, the smallest known mistake's size, so a "
+            f"twin); {C:g} x that reaches {SMALLEST_MISTAKE[j.quantity]:.1e}, the smallest known mistake's size, so a "
             "mistake could hide in it (verify fewer steps, or step-wise with shorter segments)")
 
 

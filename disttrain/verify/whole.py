@@ -1,5 +1,10 @@
 """`disttrain verify`: the W-process run against one process on the same global batches, and a verdict.
 
+The verdict is calibrated (verdict.py, docs/verdicts.md): a third run, the reference's rounding twin (twin.py),
+measures how far rounding alone carries this config, and the W-process run is judged against that noise. The fixed
+tolerances below decide alone only without a twin (``twin=False``, ``verify --uncalibrated``): what follows is how
+they were measured.
+
 The distributed run uses W local workers (parallel/launch.py); the reference is the same config trained in this
 process with world size 1, so it sees every global batch whole. Both write final.pt; the verdict compares
 the per-step global losses and every floating-point tensor of the final state_dict.
