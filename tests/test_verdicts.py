@@ -127,3 +127,33 @@ def test_inconclusive_has_its_own_exit_code(tmp_path, monkeypatch, capsys):
     assert main(["verify", str(tmp_path / "c.yaml"), "--nproc", "1"]) == 3
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("verdict: INCONCLUSIVE: the run's own rounding noise is")
+
+
+def test_uncalibrated_flag_skips_the_twin(tmp_path, monkeypatch):
+    from disttrain.cli.main import main
+    from disttrain.verify import whole
+
+    seen = {}
+
+    def fake_verify(cfg, nproc, against=None, twin=True):
+        seen["twin"] = twin
+        raise whole.ConfigError("stop here")
+
+    monkeypatch.setattr(whole, "verify", fake_verify)
+    (tmp_path / "c.yaml").write_text(f"train: {{out_dir: {tmp_path / 'out'}}}\n")
+    assert main(["verify", str(tmp_path / "c.yaml"), "--nproc", "1", "--uncalibrated"]) == 2 and seen == {"twin": False}
+    assert main(["verify", str(tmp_path / "c.yaml"), "--nproc", "1"]) == 2 and seen == {"twin": True}
+
+
+def test_bf16_twin_rounds_like_w_processes(tmp_path):
+    """Under bf16 autocast the twin's weight gradients are W partial sums, each rounded to bf16 as a rank's is: its
+    distance from the reference is of bf16's order, not the float32 accumulator's (reordering alone: ~1e-7)."""
+    cfg = load_config(None, ["model.name=mlp", "model.hidden=8", "train.dtype=float32", "train.precision=bf16",
+                             "train.steps=2", "train.global_batch_size=31", "data.num_samples=64", "train.device=cpu",
+                             f"train.out_dir={tmp_path / 'ref'}"])
+    twin_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "twin")))
+    with distributed("cpu", 60) as env:
+        ref = run(cfg, env, console=False)
+        twin = train_twin(twin_cfg, env, chunks=3)
+    noise = max(V.state_difference(twin.model.state_dict(), ref.model.state_dict()).values())
+    assert 1e-5 < noise < 1e-1, noise
