@@ -17,7 +17,6 @@ measurement keeps what it measured. Interrupted (Ctrl-C, SIGTERM), it closes its
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
@@ -40,14 +39,15 @@ MLP = ["model.name=mlp", "model.hidden=16", "optim.lr=0.05", "optim.momentum=0.9
 # Clipped SGD at lr 0.3: chaotic until it fits the data (tests/measure_stepwise.py).
 CHAOTIC = ["model.name=mlp", "model.hidden=16", "optim.lr=0.3", "clip.mode=norm", "clip.max_norm=1.0"]
 SYNCBN = ["model.name=cnn", "model.norm=syncbn", "model.hidden=8", "optim.lr=0.05", "optim.momentum=0.9"]
-RESNET = ["model.name=examples.resnet:resnet", "model.norm=syncbn", "model.kwargs={width: 4, blocks: [1], dropout: 0.1}",
-          "optim.lr=0.05", "optim.momentum=0.9"]
+RESNET = ["model.name=examples.resnet:resnet", "model.norm=syncbn",
+          "model.kwargs={width: 4, blocks: [1], dropout: 0.1}", "optim.lr=0.05", "optim.momentum=0.9"]
 # The two configs of issue 27's "Why": false alarms of the fixed tolerances.
 WHY_BF16 = ["model.name=cnn", "model.norm=syncbn", "model.hidden=16", "seed=4", "optim.lr=0.05", "optim.momentum=0.9"]
 WHY_FP16 = ["model.name=mlp", "model.hidden=32", "optim.name=adamw", "optim.lr=0.01", "clip.mode=norm",
             "clip.max_norm=1.0"]
 PRECISION = {"float64": ["train.dtype=float64"], "float32": ["train.dtype=float32"],
-             "bf16": ["train.dtype=float32", "train.precision=bf16"], "fp16": ["train.dtype=float32", "train.precision=fp16"]}
+             "bf16": ["train.dtype=float32", "train.precision=bf16"],
+             "fp16": ["train.dtype=float32", "train.precision=fp16"]}
 
 # name: (model overrides, precision, W, B, steps, k) -- k None: whole-run verify; k: step-wise, a checkpoint every k.
 CASES = {

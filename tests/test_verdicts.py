@@ -13,13 +13,13 @@ import json
 import pytest
 import torch
 
-from disttrain.checkpoint.format import save_final
 from disttrain.config import load_config
 from disttrain.parallel.env import distributed
 from disttrain.run.train import run
 from disttrain.verify import verdict as V
 from disttrain.verify.twin import train_twin
 from disttrain.verify.whole import RUN_TOLERANCE, compare_runs
+from tests.test_verify import make_run
 
 FAMILIES = {
     "mlp": ["model.name=mlp", "model.hidden=8"],
@@ -75,15 +75,6 @@ def test_each_verdict():
     # No twin: the fixed tolerance alone, with no margin (the uncalibrated check).
     assert V.judge("loss", 2e-6, None, floor).verdict == V.NOT_EQUIVALENT
     assert V.EXIT_CODES == {V.EQUIVALENT: 0, V.NOT_EQUIVALENT: 1, V.INCONCLUSIVE: 3}
-
-
-def make_run(path, weight, losses, cfg, world_size):
-    path.mkdir(parents=True)
-    model = torch.nn.Linear(2, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(weight)
-    save_final(path / "final.pt", model, len(losses), cfg.to_dict(), world_size)
-    (path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
 
 
 def test_report_lines_and_json(tmp_path):
