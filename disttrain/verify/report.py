@@ -30,12 +30,18 @@ class Segment:
     passed: bool  # not NOT EQUIVALENT
     param_noise: float | None = None  # the segment's rounding twin vs the reference (None: no twin)
     loss_noise: float | None = None
-    bound: float = 0.0  # max(C x noise, floor), the smaller of the two quantities'
+    param_bound: float = 0.0  # max(C x noise, floor) of the parameters (0: the floor, no twin)
+    loss_bound: float = 0.0  # and of the loss
     verdict: str = EQUIVALENT
 
     def __post_init__(self) -> None:
-        if not self.bound:  # no twin: the floor alone
-            self.bound = self.tolerance
+        self.param_bound = self.param_bound or self.tolerance  # no twin: the floor alone
+        self.loss_bound = self.loss_bound or self.tolerance
+
+    @property
+    def ratio(self) -> float:
+        """The larger distance / bound of the two quantities (> 1: over its bound)."""
+        return max(self.param_rel_diff / self.param_bound, self.loss_rel_diff / self.loss_bound)
 
     @property
     def noise(self) -> float | None:
@@ -72,14 +78,14 @@ class StepwiseReport:
         return json.dumps(summary, indent=2)
 
     def table(self) -> str:
-        lines = [f"{'segment':>17}  {'W':>3}  {'param diff':>10}  {'loss diff':>9}  {'optim diff':>10}  "
-                 f"{'noise':>9}  {'floor':>7}  {'bound':>9}"]
+        lines = [f"{'segment':>17}  {'W':>3}  {'param diff':>10}  {'param noise':>11}  {'loss diff':>9}  "
+                 f"{'loss noise':>10}  {'optim diff':>10}  {'floor':>7}  {'diff/bound':>10}"]
         for s in self.segments:
-            noise = "-" if s.noise is None else f"{s.noise:.2e}"
+            noise = ["-" if n is None else f"{n:.2e}" for n in (s.param_noise, s.loss_noise)]
             mark = {EQUIVALENT: "", NOT_EQUIVALENT: "  FAIL", INCONCLUSIVE: "  INCONCLUSIVE"}[s.verdict]
-            lines.append(f"{s.start:>8} ->{s.stop:>6}  {s.world_size:>3}  {s.param_rel_diff:>10.2e}  "
-                         f"{s.loss_rel_diff:>9.2e}  {s.optimizer_rel_diff:>10.2e}  {noise:>9}  {s.tolerance:>7.0e}  "
-                         f"{s.bound:>9.2e}{mark}")
+            lines.append(f"{s.start:>8} ->{s.stop:>6}  {s.world_size:>3}  {s.param_rel_diff:>10.2e}  {noise[0]:>11}  "
+                         f"{s.loss_rel_diff:>9.2e}  {noise[1]:>10}  {s.optimizer_rel_diff:>10.2e}  "
+                         f"{s.tolerance:>7.0e}  {s.ratio:>10.3g}{mark}")
         if not self.claimed:
             lines.append(f"note: {self.reason}")
         if self.note:
@@ -87,12 +93,12 @@ class StepwiseReport:
         w = self.worst
         if w is not None:
             lines.append(f"worst segment: {_name(w)}: parameters {w.param_rel_diff:.3e} ({w.worst_param}), loss "
-                         f"{w.loss_rel_diff:.3e}, floor {w.tolerance:.0e}, bound {w.bound:.3e} "
+                         f"{w.loss_rel_diff:.3e}; bounds {w.param_bound:.3e}, {w.loss_bound:.3e} "
                          f"(margin {_margin(self.margin)})")
         f = self.first_failure
         lines.append("first segment over its bound: " + ("none" if f is None else
-                     f"{_name(f)} (parameters {f.param_rel_diff:.3e}, loss {f.loss_rel_diff:.3e}, bound "
-                     f"{f.bound:.3e}: {f.error / f.bound:.3g}x over)"))
+                     f"{_name(f)} (parameters {f.param_rel_diff:.3e}, loss {f.loss_rel_diff:.3e}: {f.ratio:.3g}x "
+                     "its bound)"))
         noises = [s.noise for s in self.segments if s.noise is not None]
         lines.append("rounding noise (each segment's twin vs its reference): " +
                      (f"median {sorted(noises)[len(noises) // 2]:.3e}, max {max(noises):.3e}; bound max({C:g} x noise, "
@@ -123,7 +129,7 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
               seconds: float, jobs: int, calibrated: bool = True) -> StepwiseReport:
     """The report: the worst segment (smallest bound / error), the first one over its bound, the verdict."""
     def margin(s: Segment) -> float:
-        return s.bound / s.error if s.error > 0 else float("inf")
+        return 1.0 / s.ratio if s.ratio > 0 else float("inf")
 
     worst = min(segments, key=margin) if segments else None
     first = next((s for s in segments if not s.passed), None)

@@ -174,7 +174,7 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
     return Segment(start=start, stop=stop, world_size=int(target["world_size"]), param_rel_diff=diffs[worst],
                    worst_param=worst, loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=floor,
                    passed=overall([params_j, loss_j]) != NOT_EQUIVALENT, param_noise=param_noise,
-                   loss_noise=loss_noise, bound=min(params_j.bound, loss_j.bound),
+                   loss_noise=loss_noise, param_bound=params_j.bound, loss_bound=loss_j.bound,
                    verdict=overall([params_j, loss_j]))
 
 
