@@ -41,7 +41,7 @@ CHAOTIC = ["model.name=mlp", "model.hidden=16", "optim.lr=0.3", "clip.mode=norm"
 SYNCBN = ["model.name=cnn", "model.norm=syncbn", "model.hidden=8", "optim.lr=0.05", "optim.momentum=0.9"]
 RESNET = ["model.name=examples.resnet:resnet", "model.norm=syncbn",
           "model.kwargs={width: 4, blocks: [1], dropout: 0.1}", "optim.lr=0.05", "optim.momentum=0.9"]
-# The two configs of issue 27's "Why": false alarms of the fixed tolerances.
+# Two configs on which the fixed tolerances gave false alarms (correct runs judged NOT EQUIVALENT).
 WHY_BF16 = ["model.name=cnn", "model.norm=syncbn", "model.hidden=16", "seed=4", "optim.lr=0.05", "optim.momentum=0.9"]
 WHY_FP16 = ["model.name=mlp", "model.hidden=32", "optim.name=adamw", "optim.lr=0.01", "clip.mode=norm",
             "clip.max_norm=1.0"]
