@@ -117,7 +117,8 @@ class VerifyReport:
             ("rounding noise (reference vs twin): " + (f"loss {self.loss_noise:.3e}, parameters {self.param_noise:.3e}"
              if self.calibrated else "not measured (--uncalibrated: no rounding twin ran)")),
             f"floor ({self.dtype}): {self.floor:.0e}" + ("" if self.calibrated else " (the fixed tolerance)"),
-            f"bound, max({self.c:g} x noise, floor): loss {self.loss_bound:.3e}, parameters {self.param_bound:.3e}",
+            (f"bound, max({self.c:g} x noise, floor): " if self.calibrated else "bound, the fixed tolerance: ")
+            + f"loss {self.loss_bound:.3e}, parameters {self.param_bound:.3e}",
         ]
         if self.verdict == INCONCLUSIVE:
             judged = [judge("loss", self.max_loss_rel_diff, self.loss_noise, self.floor),
