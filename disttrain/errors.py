@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_INCONCLUSIVE = 3  # verify: the run's own rounding noise is too large to rule out a known mistake
 
 
 class ConfigError(ValueError):

@@ -1,8 +1,9 @@
 """Command line: parse argv once, call into the library. No training logic here.
 
     disttrain train  CONFIG [--nproc N] [--resume] [--max-restarts R] [--stop-at S] [--set section.key=value ...]
-    disttrain verify CONFIG [--nproc N | --against RUN_DIR] [--set ...] [--json]
-    disttrain verify CONFIG --against RUN_DIR --stepwise [--reference-dtype float32|float64] [--jobs N] [--json]
+    disttrain verify CONFIG [--nproc N | --against RUN_DIR] [--uncalibrated] [--set ...] [--json]
+    disttrain verify CONFIG --against RUN_DIR --stepwise [--reference-dtype float32|float64] [--jobs N]
+                            [--uncalibrated] [--json]
     disttrain config CONFIG [--set ...]            print the resolved config
     disttrain bench [NAME [options] [--json]]      benchmarks: step, scaling, allreduce, syncbn
     disttrain demo NAME|all [--out DIR] [--nproc N] [--json] [--quick]
@@ -10,8 +11,9 @@
     disttrain data export digits DIR               scikit-learn's digits as an image folder (DIR/CLASS/*.png)
     disttrain data export text DIR SOURCE...       text files as byte-level tokens (data.name: tokens)
 
-Exit codes: 0 success; 1 verify found no equivalence, or a worker failed; 2 a user error (bad config,
-impossible batch split, missing file, wrong usage), reported in one line without a traceback.
+Exit codes: 0 success; 1 verify found no equivalence (NOT EQUIVALENT), or a worker failed; 2 a user error (bad
+config, impossible batch split, missing file, wrong usage), reported in one line without a traceback; 3 verify is
+INCONCLUSIVE (the run's own rounding noise is as large as a known mistake: docs/verdicts.md).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from ..config.schema import Config
 from ..config.validate import check_world_size
 from ..config.parse import load_config
-from ..errors import EXIT_FAILED, EXIT_OK, ConfigError, run_command
+from ..errors import EXIT_OK, ConfigError, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare an existing run (final.pt + metrics.jsonl, e.g. from torchrun) instead of "
                         "launching workers")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the table")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="skip the rounding twin (one run fewer) and judge by the fixed floor only: NOT the full "
+                        "check (a chaotic run can fail it although correct)")
     p.add_argument("--stepwise", action="store_true",
                    help="with --against: retrain each segment between consecutive checkpoints of the run in one "
                         "process and compare it (long float32, GPU and multi-node runs; needs every checkpoint)")
@@ -166,24 +171,26 @@ def _report_stop(cfg: Config, stop_at: int | None) -> None:
     print(f"stopped at step {step} of {cfg.train.steps}: checkpoint {path}; continue with --resume", flush=True)
 
 
-def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool) -> int:
+def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool, uncalibrated: bool) -> int:
+    from ..verify.verdict import EXIT_CODES
     from ..verify.whole import verify
 
     what = f"the run in {against}" if against else f"training with {nproc} processes"
     print(f"verify: {what} against 1 process ({cfg.train.steps} steps, global batch "
           f"{cfg.train.global_batch_size}, {cfg.train.dtype})", file=sys.stderr, flush=True)
-    report = verify(cfg, nproc, against)
+    report = verify(cfg, nproc, against, twin=not uncalibrated)
     print(report.to_json() if as_json else report.table(), flush=True)
-    return EXIT_OK if report.equivalent else EXIT_FAILED
+    return EXIT_CODES[report.verdict]
 
 
 def _verify_stepwise(cfg: Config, args: argparse.Namespace) -> int:
     from ..verify.stepwise import verify_stepwise
+    from ..verify.verdict import EXIT_CODES
 
     report = verify_stepwise(cfg, args.against, args.reference_dtype, jobs=args.jobs,
-                             announce=lambda line: print(line, file=sys.stderr, flush=True))
+                             announce=lambda line: print(line, file=sys.stderr, flush=True), twin=not args.uncalibrated)
     print(report.to_json() if args.json else report.table(), flush=True)
-    return EXIT_OK if report.equivalent else EXIT_FAILED
+    return EXIT_CODES[report.verdict]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,7 +244,7 @@ def _command(args: argparse.Namespace) -> int:
         if complete:
             return EXIT_OK  # --resume of a complete run: said so, nothing to train
         return _train(cfg, args)
-    return _verify(cfg, args.nproc, args.against, args.json)
+    return _verify(cfg, args.nproc, args.against, args.json, args.uncalibrated)
 
 
 @contextlib.contextmanager

@@ -51,4 +51,12 @@ def global_batch_indices(step: int, global_batch_size: int, num_samples: int, se
     return stream[offset: offset + global_batch_size]
 
 
-__all__ = ["local_batch_size", "local_slice", "epoch_permutation", "global_batch_indices"]
+def within_batch_order(order: int, step: int, size: int) -> np.ndarray:
+    """A seeded reordering of the ``size`` samples one rank holds at ``step``: a pure function of (order, step).
+
+    The rounding twin of verify (verify/twin.py) reads each batch in this order; every sample keeps its own
+    keys, so it computes the same sums in another order."""
+    return np.random.default_rng([order, step]).permutation(size)
+
+
+__all__ = ["local_batch_size", "local_slice", "epoch_permutation", "global_batch_indices", "within_batch_order"]

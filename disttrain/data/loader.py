@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, RunFailure
 from ..randomness import SampleKeys
 from .augment import augment_images
-from .batching import global_batch_indices, local_slice
+from .batching import global_batch_indices, local_slice, within_batch_order
 from .source import Source
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, SampleKeys]
@@ -51,6 +51,9 @@ class GlobalBatches:
         self.seed = seed
         self.slice = local_slice(global_batch_size, world_size, rank)
         self.workers, self.prefetch = workers, prefetch
+        # None: the samples in their global-batch order. An int: each step's samples reordered by
+        # within_batch_order(order, step), each with its own keys (the rounding twin of verify/twin.py).
+        self.order: int | None = None
         self._loader: DataLoader | None = None
 
     @property
@@ -65,10 +68,28 @@ class GlobalBatches:
         model's dropout hashes them there: made on the host, they would be copied there on every call)."""
         return SampleKeys(self.seed, step, torch.arange(self.slice.start, self.slice.stop, device=device))
 
+    def samples(self, step: int, device: torch.device | str = "cpu") -> tuple[np.ndarray, SampleKeys]:
+        """The dataset indices and keys (on ``device``) of this rank's samples at ``step``, in the order they are
+        read: the global batch's order, or a rounding twin's permutation of it (``order``: verify/twin.py), where
+        every sample keeps its own key."""
+        indices = self.indices(step)
+        return self._reordered(step, indices), self._reordered_keys(step, self.keys(step, device))
+
+    def _reordered(self, step: int, indices: np.ndarray) -> np.ndarray:
+        return indices if self.order is None else indices[within_batch_order(self.order, step, len(indices))]
+
+    def _reordered_keys(self, step: int, keys: SampleKeys) -> SampleKeys:
+        if self.order is None:
+            return keys
+        order = torch.as_tensor(within_batch_order(self.order, step, len(keys.positions)), device=keys.positions.device)
+        return SampleKeys(keys.seed, step, keys.positions[order])
+
     def keyed_batch(self, step: int, device: torch.device) -> MicroBatch:
         """This rank's (x, y) of ``step``, augmented per sample, and the samples' keys (on ``device``)."""
-        x, y = self.dataset.fetch(self.indices(step), self.keys(step))  # a source's own transforms run on the host
-        keys = self.keys(step, device)
+        indices, host_keys = self.samples(step)
+        x, y = self.dataset.fetch(indices, host_keys)  # a source's own transforms run on the host
+        on_host = torch.device(device).type == "cpu"
+        keys = host_keys if on_host else self._reordered_keys(step, self.keys(step, device))
         x = augment_images(to_device(x, device), keys, self.dataset.augment, self.dataset.crop_padding)
         return x, to_device(y, device), keys
 
@@ -116,8 +137,8 @@ class GlobalBatches:
 
 def read_step(batches: GlobalBatches, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In a loader worker: this rank's (x, y) of ``step``, augmented on the CPU, and the samples' positions."""
-    keys = batches.keys(step)
-    x, y = batches.dataset.fetch(batches.indices(step), keys)
+    indices, keys = batches.samples(step)
+    x, y = batches.dataset.fetch(indices, keys)
     x = augment_images(x, keys, batches.dataset.augment, batches.dataset.crop_padding)
     return x, y, keys.positions
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.schema import Config
+from .verdict import C, EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, combine, inconclusive_line, judge
 from .whole import tolerance_key, unclaimed_reason
 
 # The longest segments for which correct and broken runs stayed separated in every regime measured, and what
@@ -26,8 +27,26 @@ class Segment:
     worst_param: str
     loss_rel_diff: float  # the k losses, relative to the scale of the run's loss curve
     optimizer_rel_diff: float  # momentum / Adam moments (reported, not judged: see the module docstring)
-    tolerance: float
-    passed: bool
+    tolerance: float  # the floor of (dtype, k)
+    passed: bool  # not NOT EQUIVALENT
+    param_noise: float | None = None  # the segment's rounding twin vs the reference (None: no twin)
+    loss_noise: float | None = None
+    param_bound: float = 0.0  # max(C x noise, floor) of the parameters (0: the floor, no twin)
+    loss_bound: float = 0.0  # and of the loss
+    verdict: str = EQUIVALENT
+
+    def __post_init__(self) -> None:
+        self.param_bound = self.param_bound or self.tolerance  # no twin: the floor alone
+        self.loss_bound = self.loss_bound or self.tolerance
+
+    @property
+    def ratio(self) -> float:
+        """The larger distance / bound of the two quantities (> 1: over its bound)."""
+        return max(self.param_rel_diff / self.param_bound, self.loss_rel_diff / self.loss_bound)
+
+    @property
+    def noise(self) -> float | None:
+        return None if self.param_noise is None else max(self.param_noise, self.loss_noise or 0.0)
 
     @property
     def error(self) -> float:
@@ -51,6 +70,8 @@ class StepwiseReport:
     claimed: bool = True
     reason: str = ""
     note: str = ""  # segments longer than the measured separation holds for
+    verdict: str = EQUIVALENT  # EQUIVALENT, NOT EQUIVALENT or INCONCLUSIVE (verdict.py)
+    calibrated: bool = True  # False: no twins (--uncalibrated), the floors alone
 
     def to_json(self) -> str:
         summary = dataclasses.asdict(self)
@@ -58,12 +79,14 @@ class StepwiseReport:
         return json.dumps(summary, indent=2)
 
     def table(self) -> str:
-        lines = [f"{'segment':>17}  {'W':>3}  {'param diff':>10}  {'loss diff':>9}  {'optim diff':>10}  "
-                 f"{'tolerance':>9}"]
+        lines = [f"{'segment':>17}  {'W':>3}  {'param diff':>10}  {'param noise':>11}  {'loss diff':>9}  "
+                 f"{'loss noise':>10}  {'optim diff':>10}  {'floor':>7}  {'diff/bound':>10}"]
         for s in self.segments:
-            lines.append(f"{s.start:>8} ->{s.stop:>6}  {s.world_size:>3}  {s.param_rel_diff:>10.2e}  "
-                         f"{s.loss_rel_diff:>9.2e}  {s.optimizer_rel_diff:>10.2e}  {s.tolerance:>9.0e}"
-                         f"{'' if s.passed else '  FAIL'}")
+            noise = ["-" if n is None else f"{n:.2e}" for n in (s.param_noise, s.loss_noise)]
+            mark = {EQUIVALENT: "", NOT_EQUIVALENT: "  FAIL", INCONCLUSIVE: "  INCONCLUSIVE"}[s.verdict]
+            lines.append(f"{s.start:>8} ->{s.stop:>6}  {s.world_size:>3}  {s.param_rel_diff:>10.2e}  {noise[0]:>11}  "
+                         f"{s.loss_rel_diff:>9.2e}  {noise[1]:>10}  {s.optimizer_rel_diff:>10.2e}  "
+                         f"{s.tolerance:>7.0e}  {s.ratio:>10.3g}{mark}")
         if not self.claimed:
             lines.append(f"note: {self.reason}")
         if self.note:
@@ -71,16 +94,27 @@ class StepwiseReport:
         w = self.worst
         if w is not None:
             lines.append(f"worst segment: {_name(w)}: parameters {w.param_rel_diff:.3e} ({w.worst_param}), loss "
-                         f"{w.loss_rel_diff:.3e}, tolerance {w.tolerance:.0e} (margin {_margin(self.margin)})")
+                         f"{w.loss_rel_diff:.3e}; bounds {w.param_bound:.3e}, {w.loss_bound:.3e} "
+                         f"(margin {_margin(self.margin)})")
         f = self.first_failure
-        lines.append("first segment over tolerance: " + ("none" if f is None else
-                     f"{_name(f)} (parameters {f.param_rel_diff:.3e}, loss {f.loss_rel_diff:.3e}, "
-                     f"tolerance {f.tolerance:.0e})"))
+        lines.append("first segment over its bound: " + ("none" if f is None else
+                     f"{_name(f)} (parameters {f.param_rel_diff:.3e}, loss {f.loss_rel_diff:.3e}: {f.ratio:.3g}x "
+                     "its bound)"))
+        noises = [s.noise for s in self.segments if s.noise is not None]
+        lines.append("rounding noise (each segment's twin vs its reference): " +
+                     (f"median {sorted(noises)[len(noises) // 2]:.3e}, max {max(noises):.3e}; bound max({C:g} x noise, "
+                      "floor)" if noises else "not measured (--uncalibrated: the floors alone)"))
         lines.append(f"retrained {self.steps} steps in {len(self.segments)} segments in {self.seconds:.1f} s "
                      f"({self.reference_dtype} on {self.device}, {self.jobs} process{'es' if self.jobs > 1 else ''})")
-        verdict = "EQUIVALENT" if self.equivalent else "NOT EQUIVALENT"
-        lines.append(f"verdict: {verdict}: {'every' if self.equivalent else 'not every'} segment of the run in "
-                     f"{self.run_dir} matches one process on the global batch (margin {_margin(self.margin)})")
+        if self.verdict == INCONCLUSIVE:
+            s = next(s for s in self.segments if s.verdict == INCONCLUSIVE)
+            judged = [judge("loss", s.loss_rel_diff, s.loss_noise, s.tolerance),
+                      judge("parameters", s.param_rel_diff, s.param_noise, s.tolerance)]
+            lines.append(f"verdict: {inconclusive_line(judged)} (first in {_name(s)})")
+        else:
+            lines.append(f"verdict: {self.verdict}: {'every' if self.equivalent else 'not every'} segment of the run "
+                         f"in {self.run_dir} matches one process on the global batch (margin {_margin(self.margin)})"
+                         + ("" if self.calibrated else " (uncalibrated: the fixed floors only, no rounding twins)"))
         return "\n".join(lines)
 
 
@@ -93,10 +127,10 @@ def _margin(margin: float) -> str:
 
 
 def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dtype: str, device: str,
-              seconds: float, jobs: int) -> StepwiseReport:
-    """The report: the worst segment (smallest tolerance / error), the first one over tolerance, the verdict."""
+              seconds: float, jobs: int, calibrated: bool = True) -> StepwiseReport:
+    """The report: the worst segment (smallest bound / error), the first one over its bound, the verdict."""
     def margin(s: Segment) -> float:
-        return s.tolerance / s.error if s.error > 0 else float("inf")
+        return 1.0 / s.ratio if s.ratio > 0 else float("inf")
 
     worst = min(segments, key=margin) if segments else None
     first = next((s for s in segments if not s.passed), None)
@@ -107,9 +141,11 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
     note = (f"segments of up to {longest} {kind} steps: in a chaotic phase of training, rounding alone can "
             f"grow past the tolerance in segments of more than {limit} steps (measured: {measured}); checkpoint "
             f"every {limit} steps or fewer to separate correct from broken runs in every regime measured"
-            if longest > limit else "")
+            if longest > limit and not calibrated else "")
+    verdict = NOT_EQUIVALENT if reason else combine(s.verdict for s in segments)
     return StepwiseReport(run_dir=str(run_dir), dtype=cfg.train.dtype, reference_dtype=reference_dtype,
-                          device=device, segments=segments, equivalent=not reason and first is None,
+                          device=device, segments=segments, equivalent=verdict == EQUIVALENT, verdict=verdict,
+                          calibrated=calibrated,
                           margin=margin(worst) if worst else float("inf"), worst=worst, first_failure=first,
                           steps=sum(s.stop - s.start for s in segments), seconds=round(seconds, 3), jobs=jobs,
                           claimed=not reason, reason=reason, note=note)

@@ -9,6 +9,11 @@ buffers, the optimizer state, and the k losses in metrics.jsonl. Each segment st
 its error depends on k and on the dtype, never on how long the run has been going: one tolerance per (dtype, k)
 holds for any run length, and a mistake shows in the first segment it touches.
 
+Calibrated verdicts (verdict.py, docs/verdicts.md): each segment is retrained twice, as the reference and as its
+rounding twin (twin.py, with as many partial sums as the checkpoint's world size), and judged against that noise with
+verdict.FLOOR * k as its floor; the tolerance table below is the uncalibrated check (``twin=False``, and every
+``--reference-dtype float64`` check of a float32 run, whose distance includes the run's own float32 rounding).
+
 What is compared, per segment, as in verify/whole.py: the largest relative difference max|a - b| / max|b| over the
 floating-point tensors of the model state (parameters and buffers, e.g. SyncBN running statistics); the loss
 difference of the k steps relative to the scale of the run's loss curve; and, reported alongside, the optimizer
@@ -76,7 +81,9 @@ from ..config.identity import continuation_keys, trajectory_differences
 from ..observe.runlog import read_metrics
 from ..run.train import run
 from .report import Segment, StepwiseReport, summarize
-from .whole import precision_name, relative_difference, state_difference, tolerance
+from .twin import RoundingTwin
+from .verdict import FLOOR, NOT_EQUIVALENT, curve_difference, judge, overall
+from .whole import precision_name, relative_difference, state_difference, tolerance, tolerance_key
 
 # --------------------------------------------------------------------------- the run's segments
 
@@ -145,23 +152,51 @@ def _optimizer_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> float
 
 
 def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dict[int, float], loss_scale: float,
-                  reference_dtype: str, env: DistEnv, scratch: Path) -> Segment:
-    """Retrain steps [start, stop) in this process from checkpoint ``start`` and compare with checkpoint ``stop``."""
+                  reference_dtype: str, env: DistEnv, scratch: Path, twin: bool = True) -> Segment:
+    """Retrain steps [start, stop) in this process from checkpoint ``start`` and compare with checkpoint ``stop``;
+    ``twin``: retrain them once more as the rounding twin (twin.py), whose distance calibrates the verdict."""
+    target = load_checkpoint(checkpoint_path(run_dir, stop))
+    result = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "reference", twin=False)
+    ours = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    diffs = state_difference(target["model"], ours)
+    worst = max(diffs, key=diffs.get)
+    loss = curve_difference([losses[start + i] for i in range(len(result.losses))], result.losses, loss_scale)
+    optim = _optimizer_difference(_cpu_state(result.optimizer.state_dict()), target["optimizer"])
+    floor = segment_floor(cfg, stop - start, twin)
+    param_noise = loss_noise = None
+    if twin:
+        chunks = int(target["world_size"])  # the twin's partial sums: as many as the run's ranks
+        other = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "twin", twin=chunks)
+        twin_state = {k: v.detach().cpu() for k, v in other.model.state_dict().items()}
+        param_noise = max(state_difference(twin_state, ours).values(), default=0.0)
+        loss_noise = curve_difference(other.losses, result.losses, loss_scale)
+    params_j, loss_j = judge("parameters", diffs[worst], param_noise, floor), judge("loss", loss, loss_noise, floor)
+    return Segment(start=start, stop=stop, world_size=int(target["world_size"]), param_rel_diff=diffs[worst],
+                   worst_param=worst, loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=floor,
+                   passed=overall([params_j, loss_j]) != NOT_EQUIVALENT, param_noise=param_noise,
+                   loss_noise=loss_noise, param_bound=params_j.bound, loss_bound=loss_j.bound,
+                   verdict=overall([params_j, loss_j]))
+
+
+def segment_floor(cfg: Config, k: int, twin: bool) -> float:
+    """The floor of a k-step segment: verdict.FLOOR per step with a twin; without one, the fixed tolerance of the
+    table above (the uncalibrated check)."""
+    if twin:
+        return FLOOR[tolerance_key(cfg.train.dtype, cfg.train.precision, cfg.train.tf32)] * k
+    return tolerance(cfg.train.dtype, k, cfg.train.precision, cfg.train.tf32)
+
+
+def _retrain(cfg: Config, run_dir: Path, start: int, stop: int, reference_dtype: str, env: DistEnv, scratch: Path,
+             twin: int | bool):
+    """Steps [start, stop) trained by this process from checkpoint ``start`` (``twin``: as the rounding twin with
+    that many partial sums per weight gradient)."""
     ref_cfg = _reference_config(cfg, str(scratch), reference_dtype, str(env.device.type))
     (scratch / "metrics.jsonl").unlink(missing_ok=True)  # run() would reread the previous segments' records
     resume = checkpoint_path(run_dir, start) if start > 0 else False
     # A float64 reference continues a float32 checkpoint: load_state_dict widens every tensor exactly.
     allow = frozenset({"train.dtype"}) if reference_dtype != cfg.train.dtype else frozenset()
-    result = run(ref_cfg, env, console=False, resume=resume, stop_at=stop, allow=allow)
-    target = load_checkpoint(checkpoint_path(run_dir, stop))
-    diffs = state_difference(target["model"], {k: v.detach().cpu() for k, v in result.model.state_dict().items()})
-    worst = max(diffs, key=diffs.get)
-    loss = max(abs(losses[start + i] - ours) for i, ours in enumerate(result.losses)) / loss_scale
-    optim = _optimizer_difference(_cpu_state(result.optimizer.state_dict()), target["optimizer"])
-    tol = tolerance(cfg.train.dtype, stop - start, cfg.train.precision, cfg.train.tf32)
-    return Segment(start=start, stop=stop, world_size=int(target["world_size"]), param_rel_diff=diffs[worst],
-                   worst_param=worst, loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=tol,
-                   passed=diffs[worst] <= tol and loss <= tol)
+    hooks = (RoundingTwin(int(twin)),) if twin else ()
+    return run(ref_cfg, env, console=False, resume=resume, stop_at=stop, allow=allow, hooks=hooks)
 
 
 def _cpu_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +213,7 @@ def reference_env(device: str) -> DistEnv:
 
 
 def check_segments(cfg: Config, run_dir: Path, segments: list[tuple[int, int]], reference_dtype: str,
-                   device: str = "cpu") -> list[Segment]:
+                   device: str = "cpu", twin: bool = True) -> list[Segment]:
     """Retrain and compare ``segments`` in this process, in order."""
     env = reference_env(device)
     records = read_metrics(run_dir)
@@ -187,14 +222,14 @@ def check_segments(cfg: Config, run_dir: Path, segments: list[tuple[int, int]], 
     # ill-conditioned where a converging loss approaches zero.
     loss_scale = max(max((abs(m["loss"]) for m in records), default=0.0), 1e-300)
     with tempfile.TemporaryDirectory(prefix="disttrain-stepwise-") as scratch:
-        return [check_segment(cfg, run_dir, a, b, losses, loss_scale, reference_dtype, env, Path(scratch))
+        return [check_segment(cfg, run_dir, a, b, losses, loss_scale, reference_dtype, env, Path(scratch), twin)
                 for a, b in segments]
 
 
 def _check_chunk(cfg_dict: dict, run_dir: str, segments: list[tuple[int, int]], reference_dtype: str, device: str,
-                 threads: int) -> list[Segment]:
+                 threads: int, twin: bool) -> list[Segment]:
     torch.set_num_threads(threads)  # the jobs share the machine's cores
-    return check_segments(config_from_dict(cfg_dict), Path(run_dir), segments, reference_dtype, device)
+    return check_segments(config_from_dict(cfg_dict), Path(run_dir), segments, reference_dtype, device, twin)
 
 
 def _chunks(segments: list[tuple[int, int]], jobs: int) -> list[list[tuple[int, int]]]:
@@ -209,12 +244,14 @@ def _chunks(segments: list[tuple[int, int]], jobs: int) -> list[list[tuple[int, 
 
 
 def verify_stepwise(cfg: Config, run_dir: Path, reference_dtype: str | None = None, device: str = "cpu",
-                    jobs: int = 1, announce: Callable[[str], None] | None = None) -> StepwiseReport:
+                    jobs: int = 1, announce: Callable[[str], None] | None = None, twin: bool = True) -> StepwiseReport:
     """Verify every segment between consecutive checkpoints of the run in ``run_dir`` (see the module docstring).
 
     ``reference_dtype``: the reference's dtype (default: the run's). ``jobs`` > 1: segments are checked in that
     many local processes at once (each retrains its share; the result does not depend on ``jobs``).
     ``announce``: called with one line saying what will be retrained, once the run has been checked.
+    ``twin``: retrain each segment a second time as the rounding twin and judge it against that noise (False: the
+    per-(dtype, k) floor alone, an uncalibrated check at half the cost).
     """
     if jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
@@ -229,18 +266,22 @@ def verify_stepwise(cfg: Config, run_dir: Path, reference_dtype: str | None = No
                           f"retrained in its own precision ({cfg.train.dtype} weights); autocast leaves float64 alone")
     segments = plan_segments(cfg, run_dir)
     chunks = _chunks(segments, jobs)
+    # A twin calibrates a reference in the run's own dtype: a float64 reference of a float32 run differs from the run
+    # by the run's float32 rounding, which a float64 twin does not have. That check keeps the fixed tolerances.
+    twin = twin and reference_dtype == cfg.train.dtype
     if announce is not None:
         announce(f"verify: {len(segments)} segments ({segments[-1][1]} steps) of the run in {run_dir}, each "
                  f"retrained by 1 process ({precision_name(cfg.train.dtype, cfg.train.precision)} run, "
-                 f"{reference_dtype} reference on {device}, {len(chunks)} job{'s' if len(chunks) > 1 else ''})")
+                 f"{reference_dtype} reference on {device}, {'and its rounding twin, ' if twin else ''}"
+                 f"{len(chunks)} job{'s' if len(chunks) > 1 else ''})")
     started = time.perf_counter()
     if len(chunks) == 1:
-        results = check_segments(cfg, run_dir, segments, reference_dtype, device)
+        results = check_segments(cfg, run_dir, segments, reference_dtype, device, twin)
     else:
         threads = max(1, (os.cpu_count() or 1) // len(chunks))
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited process group or threads
         with concurrent.futures.ProcessPoolExecutor(len(chunks), mp_context=context) as pool:
-            futures = [pool.submit(_check_chunk, cfg.to_dict(), str(run_dir), c, reference_dtype, device, threads)
-                       for c in chunks]
+            futures = [pool.submit(_check_chunk, cfg.to_dict(), str(run_dir), c, reference_dtype, device, threads,
+                                   twin) for c in chunks]
             results = [s for f in futures for s in f.result()]
-    return summarize(cfg, run_dir, results, reference_dtype, device, time.perf_counter() - started, len(chunks))
+    return summarize(cfg, run_dir, results, reference_dtype, device, time.perf_counter() - started, len(chunks), twin)

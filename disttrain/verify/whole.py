@@ -1,5 +1,10 @@
 """`disttrain verify`: the W-process run against one process on the same global batches, and a verdict.
 
+The verdict is calibrated (verdict.py, docs/verdicts.md): a third run, the reference's rounding twin (twin.py),
+measures how far rounding alone carries this config, and the W-process run is judged against that noise. The fixed
+tolerances below decide alone only without a twin (``twin=False``, ``verify --uncalibrated``): what follows is how
+they were measured.
+
 The distributed run uses W local workers (parallel/launch.py); the reference is the same config trained in this
 process with world size 1, so it sees every global batch whole. Both write final.pt; the verdict compares
 the per-step global losses and every floating-point tensor of the final state_dict.
@@ -28,6 +33,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
 from ..checkpoint.format import CheckpointError, load_final
@@ -38,6 +44,10 @@ from ..config.identity import trajectory_differences
 from ..run.tasks import launch_local
 from ..observe.runlog import read_metrics
 from ..run.train import run
+from .twin import train_twin
+from .verdict import C, EQUIVALENT, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, compare, inconclusive_line, judge
+# Where they were defined before verdicts were calibrated; stepwise.py and users' scripts import them from here.
+from .verdict import relative_difference, state_difference  # noqa: F401
 
 # The largest relative difference accepted per step of training (whole-run verify: a run of tens of steps;
 # step-wise verify: BASE * k for a segment of k steps, stepwise.py). Measurements: the module docstrings.
@@ -75,35 +85,26 @@ def precision_name(dtype: str, precision: str) -> str:
     return dtype if precision == "fp32" else f"{precision}, {dtype} weights"
 
 
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b| in float64 (0 when both are all zero)."""
-    a, b = a.double(), b.double()
-    scale = b.abs().max().item() if b.numel() else 0.0
-    diff = (a - b).abs().max().item() if b.numel() else 0.0
-    if scale == 0.0:
-        return diff
-    return diff / scale
-
-
-def state_difference(dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Relative difference per floating-point entry of two state_dicts with the same keys."""
-    if dist_state.keys() != ref_state.keys():
-        raise ValueError(f"state_dicts differ in keys: {sorted(set(dist_state) ^ set(ref_state))}")
-    return {k: relative_difference(dist_state[k], ref_state[k]) for k in ref_state if ref_state[k].is_floating_point()}
-
-
 @dataclass
 class VerifyReport:
     world_size: int
     dtype: str
-    tolerance: float
+    tolerance: float  # the floor (kept under its old name for scripts reading --json)
     steps: list[dict[str, float]]  # step, loss_distributed, loss_reference, rel_diff
     max_loss_rel_diff: float
     max_param_rel_diff: float
     worst_param: str
-    equivalent: bool
+    equivalent: bool  # verdict == EQUIVALENT
     claimed: bool = True  # False: equivalence is not expected for this config (see `reason`)
     reason: str = ""
+    verdict: str = EQUIVALENT  # EQUIVALENT, NOT EQUIVALENT or INCONCLUSIVE (verdict.py)
+    calibrated: bool = True  # False: no rounding twin ran (--uncalibrated); the floor alone decided
+    loss_noise: float | None = None  # the twin's distance from the reference: loss curve
+    param_noise: float | None = None  # and parameters (the worst tensor)
+    floor: float = 0.0
+    loss_bound: float = 0.0  # max(C x noise, floor)
+    param_bound: float = 0.0
+    c: float = C
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -114,26 +115,41 @@ class VerifyReport:
         for s in self.steps:
             lines.append(f"{s['step']:>5}  {s['loss_distributed']:>20.15f}  {s['loss_reference']:>20.15f}"
                          f"  {s['rel_diff']:>9.2e}")
-        verdict = "EQUIVALENT" if self.equivalent else "NOT EQUIVALENT"
         if not self.claimed:
             lines.append(f"note: {self.reason}")
         lines += [
             f"max relative loss difference:      {self.max_loss_rel_diff:.3e}",
             f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
-            f"tolerance ({self.dtype}):           {self.tolerance:.0e}",
-            f"verdict: {verdict}: {w} processes {'match' if self.equivalent else 'do not match'} "
-            "one process on the global batch",
+            ("rounding noise (reference vs twin): " + (f"loss {self.loss_noise:.3e}, parameters {self.param_noise:.3e}"
+             if self.calibrated else "not measured (--uncalibrated: no rounding twin ran)")),
+            f"floor ({self.dtype}): {self.floor:.0e}" + ("" if self.calibrated else " (the fixed tolerance)"),
+            (f"bound, max({self.c:g} x noise, floor): " if self.calibrated else "bound, the fixed tolerance: ")
+            + f"loss {self.loss_bound:.3e}, parameters {self.param_bound:.3e}",
         ]
+        if self.verdict == INCONCLUSIVE:
+            judged = [judge("loss", self.max_loss_rel_diff, self.loss_noise, self.floor),
+                      judge("parameters", self.max_param_rel_diff, self.param_noise, self.floor)]
+            lines.append(f"verdict: {inconclusive_line(judged)}")
+        else:
+            match = self.verdict == EQUIVALENT
+            lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} one process "
+                         "on the global batch" + ("" if self.calibrated else
+                                                  " (uncalibrated: the fixed floor only, no rounding twin)"))
         return "\n".join(lines)
 
 
-def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path) -> VerifyReport:
+def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path, twin_dir: Path | None = None) -> VerifyReport:
+    """Compare the runs in ``dist_dir`` and ``ref_dir`` (each: final.pt, metrics.jsonl), calibrated by the twin
+    in ``twin_dir`` (None: the fixed tolerance alone, uncalibrated)."""
     dist_ckpt, ref_ckpt = load_final(dist_dir / "final.pt"), load_final(ref_dir / "final.pt")
-    dist_losses = [m["loss"] for m in read_metrics(dist_dir)]
-    ref_losses = [m["loss"] for m in read_metrics(ref_dir)]
-    return compare_states(dist_ckpt["world_size"], dist_ckpt["model"], ref_ckpt["model"], dist_losses, ref_losses,
+    twin_state = twin_losses = None
+    if twin_dir is not None:
+        twin_state = load_final(twin_dir / "final.pt")["model"]
+        twin_losses = [m["loss"] for m in read_metrics(twin_dir)]
+    return compare_states(dist_ckpt["world_size"], dist_ckpt["model"], ref_ckpt["model"],
+                          [m["loss"] for m in read_metrics(dist_dir)], [m["loss"] for m in read_metrics(ref_dir)],
                           dtype=cfg.train.dtype, precision=cfg.train.precision, tf32=cfg.train.tf32,
-                          reason=unclaimed_reason(cfg))
+                          reason=unclaimed_reason(cfg), twin_state=twin_state, twin_losses=twin_losses)
 
 
 _DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -141,31 +157,40 @@ _DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat1
 
 def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor],
                    dist_losses: list[float], ref_losses: list[float], *, dtype: str | None = None,
-                   precision: str = "fp32", tf32: bool = False, rtol: float | None = None,
-                   reason: str = "") -> VerifyReport:
+                   precision: str = "fp32", tf32: bool = False, rtol: float | None = None, reason: str = "",
+                   twin_state: dict[str, torch.Tensor] | None = None,
+                   twin_losses: list[float] | None = None) -> VerifyReport:
     """The verdict on two final states and their loss curves (``disttrain verify``, and disttrain.testing's
-    assert_equivalent). ``dtype``: the row of the tolerance table (default: the dtype of the state's first floating
-    tensor); ``rtol`` replaces the tolerance; ``reason``: why equivalence is not claimed at all."""
+    assert_equivalent). ``dtype``: the row of the tolerance tables (default: the dtype of the state's first floating
+    tensor). With a rounding twin (``twin_state``, ``twin_losses``: the reference in another summation order,
+    twin.py) the verdict is calibrated by its distance, the run's own rounding noise, over the dtype's floor
+    (verdict.py); without one the fixed whole-run tolerance decides alone (uncalibrated). ``rtol`` replaces the
+    floor or tolerance; ``reason``: why equivalence is not claimed at all."""
     if len(dist_losses) != len(ref_losses):
         raise ValueError(f"the runs logged {len(dist_losses)} and {len(ref_losses)} losses: not the same steps")
+    if dtype is None:
+        dtype = _DTYPE_KEYS.get(next(v.dtype for v in ref_state.values() if v.is_floating_point()), "float32")
+    calibrated = twin_state is not None
+    if rtol is not None:
+        floor = rtol
+    elif calibrated:
+        floor = FLOOR[tolerance_key(dtype, precision, tf32)]
+    else:
+        floor = run_tolerance(dtype, precision, tf32)
+    result = compare(dist_state, dist_losses, ref_state, ref_losses, floor, twin_state, twin_losses)
     # Like tensors, the loss curve is compared relative to its largest value: a per-step relative difference
     # is ill-conditioned where a converging loss approaches zero.
     scale = max(max((abs(r) for r in ref_losses), default=0.0), 1e-300)
     steps = [{"step": i, "loss_distributed": d, "loss_reference": r, "rel_diff": abs(d - r) / scale}
              for i, (d, r) in enumerate(zip(dist_losses, ref_losses, strict=True))]
-    diffs = state_difference(dist_state, ref_state)
-    if not diffs:
-        raise ValueError("the states hold no floating-point tensor to compare")
-    worst = max(diffs, key=diffs.get)
-    if dtype is None:
-        dtype = _DTYPE_KEYS.get(next(v.dtype for v in ref_state.values() if v.is_floating_point()), "float32")
-    tol = run_tolerance(dtype, precision, tf32) if rtol is None else rtol
-    max_loss = max((s["rel_diff"] for s in steps), default=0.0)
+    verdict = NOT_EQUIVALENT if reason else result.verdict
     return VerifyReport(world_size=world_size, dtype=precision_name(dtype, precision),
-                        tolerance=tol, steps=steps,
-                        max_loss_rel_diff=max_loss, max_param_rel_diff=diffs[worst], worst_param=worst,
-                        equivalent=not reason and max_loss <= tol and diffs[worst] <= tol,
-                        claimed=not reason, reason=reason)
+                        tolerance=floor, steps=steps, max_loss_rel_diff=result.loss.distance,
+                        max_param_rel_diff=result.params.distance, worst_param=result.worst_param,
+                        equivalent=verdict == EQUIVALENT, claimed=not reason, reason=reason, verdict=verdict,
+                        calibrated=calibrated, loss_noise=result.loss.noise,
+                        param_noise=result.params.noise, floor=floor, loss_bound=result.loss.bound,
+                        param_bound=result.params.bound)
 
 
 def unclaimed_reason(cfg: Config) -> str:
@@ -182,8 +207,9 @@ def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out_dir)))
 
 
-def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> VerifyReport:
-    """Train with ``nproc`` workers and with one process; compare. Runs go to {out_dir}/distributed, /reference.
+def verify(cfg: Config, nproc: int | None, against: Path | None = None, twin: bool = True) -> VerifyReport:
+    """Train with ``nproc`` workers and with one process, and the reference's rounding twin; compare. Runs go to
+    {out_dir}/distributed, /reference, /twin. ``twin`` False: no twin, the fixed floor alone (uncalibrated).
 
     ``against``: compare an existing run directory (e.g. written by torchrun on several nodes) instead of
     launching local workers; it must have been trained with the same config.
@@ -206,7 +232,11 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None) -> Verif
         if env.world_size != 1:
             raise RuntimeError("the reference run must be a single process")
         run(ref_cfg, env, console=False)
-    return compare_runs(cfg, dist_dir, ref_dir)
+        twin_dir = root / "twin" if twin else None
+        if twin_dir is not None:  # its weight gradients in as many partial sums as the run's
+            chunks = nproc if against is None else int(load_final(dist_dir / "final.pt")["world_size"])
+            train_twin(_with_out_dir(cfg, twin_dir), env, chunks=chunks)
+    return compare_runs(cfg, dist_dir, ref_dir, twin_dir)
 
 
 def _check_comparable(cfg: Config, run_dir: Path) -> None:

@@ -1,0 +1,251 @@
+"""Measure the calibrated verdicts of disttrain.verify over a table of configs (a script that prints numbers).
+
+    python -m tests.measure_verdicts [--out runs/verdicts-measure] [--only NAME ...]
+    python -m tests.measure_verdicts --table [--out runs/verdicts-measure]     # re-print from the saved results
+
+Every case is trained by W processes, by one process (the reference) and by the reference's rounding twin
+(verify/twin.py), then judged as verify judges it (verify/verdict.py): distance (W vs 1), noise (twin vs
+reference), floor, verdict. Each case is run correct and with each known mistake that applies to it: comm.reduce=sum,
+comm.reduce=avg on an uneven split, clipping before averaging (max_norm 0.1, below every rank's gradient norm),
+per-rank BatchNorm (models with BatchNorm), rank 0 dropping one step's all_reduce. A broken run's reference is its
+own config on one process, where the mistake cannot act: what ``disttrain verify`` of that config would compare.
+Step-wise cases are trained with a checkpoint every k steps and retrained segment by segment, each against its twin.
+Results are appended to OUT/results.jsonl as they come (the table is printed from it), so an interrupted
+measurement keeps what it measured. Interrupted (Ctrl-C, SIGTERM), it closes its worker pools before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from disttrain.config import load_config
+from disttrain.parallel.env import distributed
+from disttrain.run.train import run
+from disttrain.verify import verdict as V
+from disttrain.verify.stepwise import check_segments
+from disttrain.verify.twin import train_twin
+from disttrain.verify.whole import compare_runs
+from tests.harness import WorkerPool
+from tests.stepwise_runs import train_run
+
+MLP = ["model.name=mlp", "model.hidden=16", "optim.lr=0.05", "optim.momentum=0.9"]
+# Clipped SGD at lr 0.3: chaotic until it fits the data (tests/measure_stepwise.py).
+CHAOTIC = ["model.name=mlp", "model.hidden=16", "optim.lr=0.3", "clip.mode=norm", "clip.max_norm=1.0"]
+SYNCBN = ["model.name=cnn", "model.norm=syncbn", "model.hidden=8", "optim.lr=0.05", "optim.momentum=0.9"]
+RESNET = ["model.name=examples.resnet:resnet", "model.norm=syncbn",
+          "model.kwargs={width: 4, blocks: [1], dropout: 0.1}", "optim.lr=0.05", "optim.momentum=0.9"]
+# Two configs on which the fixed tolerances gave false alarms (correct runs judged NOT EQUIVALENT).
+WHY_BF16 = ["model.name=cnn", "model.norm=syncbn", "model.hidden=16", "seed=4", "optim.lr=0.05", "optim.momentum=0.9"]
+WHY_FP16 = ["model.name=mlp", "model.hidden=32", "optim.name=adamw", "optim.lr=0.01", "clip.mode=norm",
+            "clip.max_norm=1.0"]
+PRECISION = {"float64": ["train.dtype=float64"], "float32": ["train.dtype=float32"],
+             "bf16": ["train.dtype=float32", "train.precision=bf16"],
+             "fp16": ["train.dtype=float32", "train.precision=fp16"]}
+
+# name: (model overrides, precision, W, B, steps, k) -- k None: whole-run verify; k: step-wise, a checkpoint every k.
+CASES = {
+    "mlp-f64-w2": (MLP, "float64", 2, 32, 20, None),
+    "syncbn-f64-w3": (SYNCBN, "float64", 3, 31, 20, None),
+    "chaotic-f64-w4-300": (CHAOTIC, "float64", 4, 30, 300, None),
+    "resnet-f64-w2": (RESNET, "float64", 2, 15, 20, None),
+    "mlp-f32-w3": (MLP, "float32", 3, 31, 20, None),
+    "syncbn-f32-w2": (SYNCBN, "float32", 2, 32, 20, None),
+    "syncbn-f32-w4-100": (SYNCBN, "float32", 4, 30, 100, None),
+    "chaotic-f32-w2-100": (CHAOTIC, "float32", 2, 32, 100, None),
+    "chaotic-f32-w3-300": (CHAOTIC, "float32", 3, 31, 300, None),
+    "resnet-f32-w3": (RESNET, "float32", 3, 16, 20, None),
+    "mlp-bf16-w2": (MLP, "bf16", 2, 31, 20, None),
+    "why-bf16-w3": (WHY_BF16, "bf16", 3, 31, 20, None),
+    "mlp-bf16-w4-100": (MLP, "bf16", 4, 32, 100, None),
+    "syncbn-bf16-w2-100": (SYNCBN, "bf16", 2, 30, 100, None),
+    "resnet-bf16-w4": (RESNET, "bf16", 4, 15, 20, None),
+    "chaotic-bf16-w2": (CHAOTIC, "bf16", 2, 32, 20, None),
+    "mlp-fp16-w3": (MLP, "fp16", 3, 30, 20, None),
+    "why-fp16-w4-40": (WHY_FP16, "fp16", 4, 30, 40, None),
+    "syncbn-fp16-w2": (SYNCBN, "fp16", 2, 31, 20, None),
+    "chaotic-fp16-w3-100": (CHAOTIC, "fp16", 3, 31, 100, None),
+    "stepwise-mlp-bf16-w3-200-k10": (MLP, "bf16", 3, 31, 200, 10),
+    "stepwise-chaotic-f32-w2-k1": (CHAOTIC, "float32", 2, 32, 20, 1),
+    "stepwise-chaotic-f32-w3-k10": (CHAOTIC, "float32", 3, 31, 50, 10),
+    "stepwise-chaotic-f32-w4-k50": (CHAOTIC, "float32", 4, 30, 100, 50),
+    "stepwise-syncbn-bf16-w2-k1": (SYNCBN, "bf16", 2, 31, 12, 1),
+    "stepwise-chaotic-f64-w3-k50": (CHAOTIC, "float64", 3, 31, 100, 50),
+}
+
+
+def broken_variants(model: list[str], world_size: int, batch: int, steps: int, k: int | None) -> dict:
+    """name -> (extra overrides, skip): the known mistakes that can act on this case."""
+    act = steps // 2 if k is None else k * (steps // k // 2)  # a dropped all_reduce: the first step of a segment
+    variants = {"reduce=sum": (["comm.reduce=sum"], None)}
+    if batch % world_size:
+        variants["avg, uneven slices"] = (["comm.reduce=avg"], None)
+    variants["clip before average"] = (["clip.mode=norm", "clip.max_norm=0.1", "clip.before_average=true",
+                                        "comm.impl=allreduce"], None)
+    if "model.norm=syncbn" in model:
+        variants["per-rank bn"] = (["model.norm=bn"], None)
+    variants["dropped all_reduce"] = (["comm.impl=allreduce"], (0, act))
+    return variants
+
+
+class Measure:
+    def __init__(self, out: Path):
+        self.out, self.pools = out, {}
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def config(self, overrides: list[str], steps: int, k: int | None, out: Path):
+        every = [f"train.checkpoint_every={k}", "train.keep_checkpoints=0"] if k else []
+        return load_config(None, [*overrides, f"train.steps={steps}", "train.device=cpu", f"train.out_dir={out}",
+                                  "data.num_samples=256", "comm.timeout_s=120", *every])
+
+    def case(self, name: str, model, precision: str, world_size: int, batch: int, steps: int, k: int | None,
+             variant: str, extra: list[str], skip) -> dict:
+        base = [*model, *PRECISION[precision], f"train.global_batch_size={batch}", *extra]
+        root = self.out / name / variant.replace(" ", "_").replace(",", "").replace("=", "-")
+        cfg = self.config(base, steps, k, root / "distributed")
+        if world_size not in self.pools:
+            self.pools[world_size] = WorkerPool(world_size, timeout=900)
+        started = time.perf_counter()
+        self.pools[world_size].run(train_run, cfg.to_dict(), skip=skip)
+        row = {"case": name, "variant": variant, "precision": precision, "world_size": world_size, "batch": batch,
+               "steps": steps, "k": k, "model": model[0].split("=")[1]}
+        if k is None:
+            with distributed("cpu", 120) as env:
+                run(self.config(base, steps, k, root / "reference"), env, console=False)
+                train_twin(self.config(base, steps, k, root / "twin"), env, chunks=world_size)
+            report = compare_runs(cfg, root / "distributed", root / "reference", root / "twin")
+            row["items"] = [[report.max_param_rel_diff, report.param_noise, report.floor],
+                            [report.max_loss_rel_diff, report.loss_noise, report.floor]]
+        else:
+            segments = [(s, s + k) for s in range(0, steps - k + 1, k)]
+            checked = check_segments(cfg, root / "distributed", segments, cfg.train.dtype)
+            row["items"] = [[s.param_rel_diff, s.param_noise, s.tolerance] for s in checked]
+            row["items"] += [[s.loss_rel_diff, s.loss_noise, s.tolerance] for s in checked]
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        with open(self.out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+def judged(row: dict) -> list[list[V.Judgement]]:
+    """The (parameters, loss) judgements of a measured case: one pair, or one per step-wise segment, judged with
+    the constants of verify/verdict.py as they are now (the floors from FLOOR, not the ones recorded)."""
+    items, k = row["items"], row["k"]
+    floor = V.FLOOR[row["precision"]] * (k or 1)
+    half = len(items) // 2
+    return [[V.judge("parameters", p[0], p[1], floor), V.judge("loss", l[0], l[1], floor)]
+            for p, l in zip(items[:half], items[half:])]
+
+
+def verdict_of(row: dict) -> tuple[str, float]:
+    """The verdict of a measured case and its largest distance / bound."""
+    parts = judged(row)
+    return V.combine(V.overall(pair) for pair in parts), max(j.ratio for pair in parts for j in pair)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | precision | W | B | steps | k | variant | loss: distance / noise | parameters: distance / "
+             "noise | distance / bound | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        verdict, ratio = verdict_of(row)
+        # The pair that decided: the segment with the largest distance / bound.
+        p, l = max(judged(row), key=lambda pair: max(j.ratio for j in pair))
+        lines.append(f"| {row['case']} | {row['precision']} | {row['world_size']} | {row['batch']} | {row['steps']} | "
+                     f"{row['k'] or '-'} | {row['variant']} | {l.distance:.1e} / {l.noise:.1e} | "
+                     f"{p.distance:.1e} / {p.noise:.1e} | {ratio:.3g} | {verdict} |")
+    correct = [r for r in rows if r["variant"] == "correct"]
+    broken = [r for r in rows if r["variant"] != "correct"]
+    lines.append("")
+    lines.append(f"C = {V.C:g}, margin {V.MARGIN:g}, smallest known mistake {V.SMALLEST_MISTAKE}, floors {V.FLOOR}")
+    for label, group in (("correct", correct), ("broken", broken)):
+        verdicts = [verdict_of(r)[0] for r in group]
+        lines.append(f"{label}: {len(group)} runs: " + ", ".join(f"{verdicts.count(v)} {v}" for v in
+                                                                    (V.EQUIVALENT, V.NOT_EQUIVALENT, V.INCONCLUSIVE)))
+        for r in group:
+            if verdict_of(r)[0] == V.INCONCLUSIVE:
+                lines.append(f"  INCONCLUSIVE: {r['case']} {r['variant']}")
+    # What the constants are chosen from: distance / noise of correct runs, and of broken ones (quantity by quantity).
+    for label, group in (("correct", correct), ("broken", broken)):
+        for q in (0, 1):
+            ratios = [pair[q].distance / pair[q].noise for r in group for pair in judged(r) if pair[q].noise]
+            dists = [max(pair[q].distance for pair in judged(r)) for r in group]
+            name = ("parameters", "loss")[q]
+            lines.append(f"{label} {name}: distance / noise max {max(ratios):.3g}, min {min(ratios):.3g}; "
+                         f"smallest worst distance {min(dists):.2e}")
+    return "\n".join(lines)
+
+
+SHORT = {V.EQUIVALENT: "EQ", V.NOT_EQUIVALENT: "NOT", V.INCONCLUSIVE: "INC"}
+VARIANTS = ("reduce=sum", "avg, uneven slices", "clip before average", "per-rank bn", "dropped all_reduce")
+
+
+def compact(rows: list[dict]) -> str:
+    """One row per case: the correct run (noise, distance / bound, verdict), then each broken variant's verdict
+    and distance / bound (EQ, NOT, INC; - where the mistake cannot act)."""
+    cases: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        cases.setdefault(row["case"], {})[row["variant"]] = row
+    lines = ["| case | precision | W | B | steps | k | correct: loss noise | parameter noise | distance / bound | "
+             "verdict | " + " | ".join(VARIANTS) + " |", "|---" * (10 + len(VARIANTS)) + "|"]
+    for name, variants in cases.items():
+        row = variants["correct"]
+        verdict, ratio = verdict_of(row)
+        p, l = max(judged(row), key=lambda pair: max(j.noise or 0.0 for j in pair))
+        cells = []
+        for v in VARIANTS:
+            if v in variants:
+                bv, br = verdict_of(variants[v])
+                cells.append(f"{SHORT[bv]} {br:.2g}")
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | {row['precision']} | {row['world_size']} | {row['batch']} | {row['steps']} | "
+                     f"{row['k'] or '-'} | {l.noise:.1e} | {p.noise:.1e} | {ratio:.2g} | {SHORT[verdict]} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.measure_verdicts", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/verdicts-measure"))
+    parser.add_argument("--only", nargs="+", default=None, help="the cases to measure (default: all)")
+    parser.add_argument("--table", action="store_true", help="print the table of the saved results, measure nothing")
+    parser.add_argument("--compact", action="store_true", help="one row per case (with --table)")
+    args = parser.parse_args()
+    results = args.out / "results.jsonl"
+    if not args.table:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        torch.set_num_threads(1)
+        measure = Measure(args.out)
+        started = time.perf_counter()
+        try:
+            for name, (model, precision, w, b, steps, k) in CASES.items():
+                if args.only and name not in args.only:
+                    continue
+                variants = {"correct": ([], None), **broken_variants(model, w, b, steps, k)}
+                for variant, (extra, skip) in variants.items():
+                    row = measure.case(name, model, precision, w, b, steps, k, variant, extra, skip)
+                    verdict, ratio = verdict_of(row)
+                    print(f"{name} {variant}: {verdict} (distance / bound {ratio:.3g}, {row['seconds']} s)", flush=True)
+        finally:
+            measure.close()
+        print(f"\nmeasured in {time.perf_counter() - started:.0f} s\n")
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    print(compact(rows) if args.compact else table(rows))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("measure_verdicts: interrupted", file=sys.stderr)
+        sys.exit(130)
