@@ -42,12 +42,18 @@ class SignalAt(Hook):
 
 
 class HostStop(GracefulStop):
-    """The stop hook as it was: its request made on the host, whatever the compute device."""
+    """The stop hook as it was under fsdp: its request made on the host, whatever the compute device, and reduced by
+    an all_reduce of its own after the step (the strategy's reduction could not carry it)."""
 
     def on_start(self, trainer) -> None:
         super().on_start(trainer)
         self.request = torch.zeros(2)
-        self._sync.control = self.request
+        self._sync.control = None  # not carried by the strategy: reduced below, as the hook did
+
+    def on_step_end(self, trainer, step, result) -> None:
+        from disttrain.parallel.collectives import sum_over_ranks
+
+        self._reduced = sum_over_ranks(self.request.clone(), trainer.env).tolist()
 
 
 def train_recording(cases: list[tuple[dict, bool]], host_stop: bool = False) -> list[list[str]]:

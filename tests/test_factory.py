@@ -34,7 +34,7 @@ ERRORS = [
     (["model.name=resnet"], r"model\.name: 'resnet' is neither one of mlp, cnn, gpt nor an import path "
                             r"'package\.module:function'"),
     (["data.name=tests/factories.py:images"], r"data\.name: 'tests/factories\.py:images' is neither one of "
-                                              r"synthetic, digits, imagefolder, arrays nor an import path"),
+                                              r"synthetic, digits, imagefolder, arrays, tokens nor an import path"),
     (["model.name=tests.no_such_module:f"], r"model\.name: cannot import 'tests\.no_such_module' \(from "
                                             r"'tests\.no_such_module:f'\): ModuleNotFoundError: No module named "
                                             r"'tests\.no_such_module'"),
