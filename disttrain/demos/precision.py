@@ -87,7 +87,8 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
             table.append([p, sci(dev[p]), sci(noise[p]), f"{tol[p]:.0e}", verdict[p],
                           "-" if p == "fp32" else sci(from_fp32[p]), str(metric(dist[p], "skipped")[-1]),
                           f"{losses(dist[p])[-1]:.4f}"])
-        plots = [_plot(out, dist, one, dev, from_fp32, w, batch)]
+        bounds = {p: (reports[p].loss_bound, reports[p].param_bound) for p in PRECISIONS}
+        plots = [_plot(out, dist, one, dev, from_fp32, w, batch, bounds)]
         return Result(
             name=NAME, question=QUESTION, claim=CLAIM, checks=checks, summary=summary, tables=[table], plots=plots,
             experiment=(f"An MLP (float32 weights, SGD with momentum at lr 0.05, {steps} steps, B={batch}) trained in "
@@ -116,17 +117,23 @@ def _skipped_steps(run_dir: Path) -> list[int]:
 
 
 def _plot(out: Path, dist: dict[str, Path], one: dict[str, Path], dev: dict[str, float],
-          from_fp32: dict[str, float], w: int, batch: int) -> str:
+          from_fp32: dict[str, float], w: int, batch: int, bounds: dict[str, tuple[float, float]]) -> str:
     curves = {p: (losses(dist[p]), losses(one[p])) for p in PRECISIONS}
     fp16 = {f"W={w}": (metric(dist["fp16"], "loss_scale"), _skipped_steps(dist["fp16"])),
             "one device": (metric(one["fp16"], "loss_scale"), _skipped_steps(one["fp16"]))}
-    return save(figure(curves, fp16, dev, from_fp32, w, batch), out, "precision.png")
+    return save(figure(curves, fp16, dev, from_fp32, w, batch, bounds), out, "precision.png")
 
 
 def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, tuple[list[float], list[int]]],
-           dev: dict[str, float], from_fp32: dict[str, float], w: int, batch: int) -> Any:
+           dev: dict[str, float], from_fp32: dict[str, float], w: int, batch: int,
+           bounds: dict[str, tuple[float, float]] | None = None) -> Any:
     """Four panels on two rows, each legend beside its panel. ``curves``: per precision, the loss per step of the
-    W-process run and of one device; ``fp16``: per run (W first), its loss scale per step and skipped steps."""
+    W-process run and of one device; ``fp16``: per run (W first), its loss scale per step and skipped steps;
+    ``bounds``: per precision, verify's calibrated bounds (loss, parameters): max(C x rounding noise, floor), drawn
+    as dashes (None: the fixed tolerances, as ``verify --uncalibrated`` judges)."""
+    kind = "tolerance" if bounds is None else "bound"
+    if bounds is None:
+        bounds = {p: (run_tolerance("float32", p),) * 2 for p in curves}
     from matplotlib.lines import Line2D
 
     fig, (loss_ax, gap_ax, scale_ax, bars) = new_figure(2, (14.0, 8.4), nrows=2)
@@ -137,8 +144,8 @@ def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, t
         scale = max(abs(v) for v in ref)
         gap_ax.plot(steps, [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], color=COLORS[p],
                     label=p)
-        gap_ax.axhline(run_tolerance("float32", p), color=COLORS[p], linestyle="--", linewidth=1,
-                       label=f"{p} tolerance {run_tolerance('float32', p):.0e}")
+        gap_ax.axhline(bounds[p][0], color=COLORS[p], linestyle="--", linewidth=1,
+                       label=f"{p}: verify's loss {kind} {bounds[p][0]:.1e}")
     loss_axes(loss_ax, f"loss per step, B={batch} over W={w}")
     legend_beside(loss_ax, [Line2D([], [], color=COLORS[p], label=f"W={w}, {p}") for p in curves]
                   + [Line2D([], [], **{**ONE_DEVICE, "color": "grey"})])
@@ -154,12 +161,13 @@ def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, t
                             {"marker": "x", "s": 50, "color": "black"}))
     axes(scale_ax, "fp16 loss scale (marked: step skipped, overflow)", ylabel="loss scale", log=True, legend=False)
     legend_beside(scale_ax)
-    _bars(bars, dev, from_fp32, w)
+    _bars(bars, dev, from_fp32, w, {p: max(b) for p, b in bounds.items()}, kind)
     return fig
 
 
-def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int) -> None:
-    """Per precision: W vs one device (a bar, its tolerance a dash above it), and one device's distance from fp32."""
+def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int, bound: dict[str, float], kind: str) -> None:
+    """Per precision: W vs one device (a bar, verify's bound a dash across it), and one device's distance from
+    fp32."""
     labels, values, colors = [], [], []
     for p in PRECISIONS:
         labels.append(f"{p}\nW={w} vs 1")
@@ -175,10 +183,11 @@ def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int) -> Non
         ax.annotate(sci(v), (i, shown[i]), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
                     textcoords="offset points")
     for i, p in enumerate(PRECISIONS):
-        ax.hlines(run_tolerance("float32", p), i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1.2,
-                  label="verify tolerance" if i == 0 else None)
+        ax.hlines(bound[p], i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1.2,
+                  label=(f"verify's {kind}" + (": max(4 x rounding noise, floor)" if kind == "bound" else "")) if i == 0
+                  else None)
     ax.set_yscale("log")
-    ax.set_ylim(min(shown) / 30, max(shown) * 30)
+    ax.set_ylim(min(shown) / 30, max(shown + list(bound.values())) * 30)
     ax.set_xticks(range(len(values)), labels, fontsize="small")
     ax.set_title("largest deviation (loss curve, final parameters)")
     ax.grid(alpha=0.3, axis="y")
