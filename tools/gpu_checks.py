@@ -109,8 +109,14 @@ def suite(limit: float) -> str:
 
 
 def sync_count(limit: float) -> str:
-    # The host-sync check (a few steps under torch.cuda.set_sync_debug_mode) plugs in here.
-    raise Skip("no sync-count check yet")
+    # disttrain bench syncs on one GPU: host reads per training step (at most one: the norm, fp16's overflow flag and
+    # the stop request read back together), and torch's own sync reports (set_sync_debug_mode("warn")) per step.
+    done = _run([PY, "-m", "disttrain", "bench", "syncs", "--device", "cuda", "--json"], limit)
+    result = json.loads(done.stdout)
+    reads, syncs = result["max_reads_per_step"], result["max_cuda_syncs_per_step"]
+    if reads > 1:
+        raise AssertionError(f"{reads} host reads in one step (at most 1)")
+    return f"at most {reads} host read and {syncs} CUDA syncs per step over {len(result['rows'])} settings"
 
 
 def checks(full_suite: bool) -> list[tuple[str, float, Callable[[float], str]]]:
