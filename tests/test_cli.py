@@ -56,11 +56,11 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_train_nproc_3_equals_nproc_1(tmp_path):
+def test_train_nproc_3_equals_nproc_1(tmp_path, capsys):
     common = ["--set", "train.dtype=float64", "--set", "train.global_batch_size=30", "--set", "model.norm=none",
               "--set", "train.log_every=5", "--set", "train.steps=10"]
     three = disttrain("train", str(DEMO), "--nproc", "3", "--set", f"train.out_dir={tmp_path / 'w3'}", *common)
-    one = disttrain("train", str(DEMO), "--nproc", "1", "--set", f"train.out_dir={tmp_path / 'w1'}", *common)
+    one = disttrain_here(capsys, "train", str(DEMO), "--nproc", "1", "--set", f"train.out_dir={tmp_path / 'w1'}", *common)
     assert three.returncode == 0, three.stderr
     assert one.returncode == 0, one.stderr
     assert [line.split()[1] for line in three.stdout.splitlines() if line.startswith("step")] == [
@@ -215,8 +215,8 @@ def test_verify_syncbn_cnn_uneven_batch_and_per_rank_bn_contrast(tmp_path, capsy
     assert json.loads(local.stdout)["max_param_rel_diff"] > 1e-3
 
 
-def test_bench_syncbn_prints_a_table():
-    result = disttrain("bench", "syncbn", "--iters", "2", "--world-sizes", "2", "--channels", "8", timeout=180)
+def test_bench_syncbn_prints_a_table(capsys):
+    result = disttrain_here(capsys, "bench", "syncbn", "--iters", "2", "--world-sizes", "2", "--channels", "8")
     assert result.returncode == 0, result.stderr
     assert "two-pass" in result.stdout and "disttrain" in result.stdout
     assert len([line for line in result.stdout.splitlines() if line.startswith("|")]) >= 3
