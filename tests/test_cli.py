@@ -60,7 +60,8 @@ def test_train_nproc_3_equals_nproc_1(tmp_path, capsys):
     common = ["--set", "train.dtype=float64", "--set", "train.global_batch_size=30", "--set", "model.norm=none",
               "--set", "train.log_every=5", "--set", "train.steps=10"]
     three = disttrain("train", str(DEMO), "--nproc", "3", "--set", f"train.out_dir={tmp_path / 'w3'}", *common)
-    one = disttrain_here(capsys, "train", str(DEMO), "--nproc", "1", "--set", f"train.out_dir={tmp_path / 'w1'}", *common)
+    one = disttrain_here(capsys, "train", str(DEMO), "--nproc", "1", "--set", f"train.out_dir={tmp_path / 'w1'}",
+                         *common)
     assert three.returncode == 0, three.stderr
     assert one.returncode == 0, one.stderr
     assert [line.split()[1] for line in three.stdout.splitlines() if line.startswith("step")] == [
