@@ -55,10 +55,6 @@ _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # 
 class FSDPSync(GradSync):
     """FSDP2 ``fully_shard`` per block and on the root, reducing with a SUM (see the module docstring)."""
 
-    # The reduce-scatters belong to FSDP: a stop request (stop.py) is reduced by a small all_reduce of its own, in
-    # sync(), on the device; the step reads it back with the gradient norm (no host sync of its own).
-    carries_control = False
-
     def __init__(self, module: nn.Module, spec: ReduceSpec, env: DistEnv, cfg: CommConfig, loss_divisor: int):
         # comm.reshard_after_forward unset: true (ZeRO-3-like), as FSDP2's own default
         reshard_after_forward = True if cfg.reshard_after_forward is None else cfg.reshard_after_forward
@@ -83,7 +79,9 @@ class FSDPSync(GradSync):
         self.module = module
 
     def sync(self) -> None:
-        """The reduce-scatters ran in backward; the step's control values take one small all_reduce here."""
+        """The reduce-scatters ran in backward; the step's control values (a stop request, run/stop.py) cannot ride in
+        FSDP's reduce-scatters, so they take one small all_reduce here, on the device; the step reads them back with
+        the gradient norm (no host sync of their own)."""
         if self.control is not None:
             self.reduced_control = sum_over_ranks(self.control.to(self.env.device, torch.float64, copy=True),
                                                   self.env)

@@ -100,10 +100,10 @@ class GradSync:
     env: DistEnv | None = None  # None: no process group
     # A few small non-negative values of this rank (a stop request, see stop.py) that travel in the step's gradient
     # reduction, with its op, read when the step's last bucket is packed: after the step ``reduced_control`` holds
-    # the same values on every rank, > 0 exactly where some rank's were. None: nothing to carry.
+    # the same values on every rank, > 0 exactly where some rank's were (a strategy whose reduction cannot carry them
+    # reduces them in sync() with a small collective of its own: fsdp). None: nothing to carry.
     control: torch.Tensor | None = None
     reduced_control: torch.Tensor | None = None
-    carries_control = True  # False: a strategy whose reduction cannot carry them reduces them in sync() by itself
 
     @property
     def model(self) -> nn.Module:
