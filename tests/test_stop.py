@@ -3,6 +3,7 @@ the newest complete checkpoint intact, and a resume equal to the uninterrupted r
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -242,7 +243,19 @@ def test_vanished_run_directory(capsys, tmp_path, monkeypatch):
     import shutil
 
     out_dir = tmp_path / "run"
-    _with_hook(monkeypatch, AfterStep(4, lambda: shutil.rmtree(out_dir)))
+
+    def remove() -> None:
+        # The background checkpoint writer may be creating a file in checkpoints/ while the tree goes: as a user's
+        # `rm -rf` would, try again until the directory is gone (the writer then fails to write, which is the point).
+        for attempt in range(50):
+            try:
+                shutil.rmtree(out_dir)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY or attempt == 49:
+                    raise
+
+    _with_hook(monkeypatch, AfterStep(4, remove))
     err = _storage_error(capsys, tmp_path, out_dir, "train.checkpoint_every=2", "train.steps=20")
     assert re.search(r"cannot write \S+: No such file or directory \(errno 2\); no checkpoint was written", err), err
     assert not out_dir.exists()  # never recreated behind the user's back
