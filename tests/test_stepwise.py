@@ -17,7 +17,9 @@ import torch
 from disttrain.checkpoint.format import checkpoint_path, list_checkpoints
 from disttrain.cli.main import main as cli_main
 from disttrain.config import load_config
+from disttrain.parallel.env import distributed
 from disttrain.verify.stepwise import Segment, summarize, tolerance, verify_stepwise
+from disttrain.verify.twin import train_reference
 from disttrain.verify.whole import compare_runs
 from tests.stepwise_runs import train_run
 from tests.common import free_port
@@ -25,8 +27,8 @@ from tests.common import free_port
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 # The example of docs/verification.md: a small MLP at lr 0.3 with clipping and weight decay never quite fits (loss ~1e-2) and
-# stays chaotic, so float32 rounding differences grow to order 1 over its 1,000 steps. Checkpoints every 10 steps,
-# all kept.
+# stays chaotic, so float32 rounding differences between 3 processes and 1 grow to order 1 over its 1,000 steps.
+# Checkpoints every 10 steps, all kept.
 CHAOTIC = ROOT / "configs" / "stepwise.yaml"
 LONG_STEPS = 1000
 
@@ -48,12 +50,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def long_run(pools, tmp_path_factory):
-    """1,000 float32 steps with 2 processes (checkpoints every 10 steps), and the whole one-process run."""
+    """1,000 float32 steps with 3 processes (checkpoints every 10 steps), and verify's whole one-process reference
+    (reading each batch as the 3 ranks do, twin.py)."""
     root = tmp_path_factory.mktemp("long")
     cfg = _cfg([], root / "run")
     assert cfg.train.steps == LONG_STEPS and cfg.train.dtype == "float32" and cfg.train.checkpoint_every == 10
-    pools(2).run(train_run, cfg.to_dict())
-    train_run(_cfg([], root / "reference", "train.checkpoint_every=0").to_dict())
+    pools(3).run(train_run, cfg.to_dict())
+    with distributed("cpu", 60) as env:
+        train_reference(_cfg([], root / "reference", "train.checkpoint_every=0"), env, 3)
     return cfg, root
 
 
@@ -66,7 +70,7 @@ def test_long_float32_run_verifies_stepwise_although_the_whole_run_cannot(long_r
     report = verify_stepwise(cfg, root / "run", twin=False)
     assert report.equivalent and report.first_failure is None, report.table()
     assert [(s.start, s.stop) for s in report.segments] == [(s, s + 10) for s in range(0, LONG_STEPS, 10)]
-    assert all(s.world_size == 2 and s.tolerance == tolerance("float32", 10) for s in report.segments)
+    assert all(s.world_size == 3 and s.tolerance == tolerance("float32", 10) for s in report.segments)
     worst = report.worst
     assert max(worst.param_rel_diff, worst.loss_rel_diff) * 100 <= worst.tolerance, report.table()
     assert report.margin >= 100 and report.steps == LONG_STEPS

@@ -1,54 +1,107 @@
-"""Calibrated verdicts: the rounding twin's identity, each verdict, INCONCLUSIVE's exit code.
+"""Calibrated verdicts: the reference's and the twin's identity, each verdict, INCONCLUSIVE's exit code.
 
-The twin (verify/twin.py) is the one-process reference with each global batch read in another order; in float64 it
-must equal the reference to ~1e-15 for every model family, or its distance would not be rounding noise. Runs here
-are one process, in this process (no worker pool needed): tiny models, float64, few steps.
+verify's reference reads each global batch as the W ranks do and runs its Linear/Conv layers slice by slice
+(verify/twin.py, chunked.py); its twin also reorders each rank's samples. In float64 both must equal one process
+running every op on the whole batch to ~1e-15 for every model family, or their distances would not be rounding
+noise. Runs here are one process, in this process (no worker pool needed): tiny models, float64, few steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from disttrain.config import load_config
+from disttrain.data.batching import local_slice, rank_parts, within_batch_order
+from disttrain.data.loader import GlobalBatches
 from disttrain.parallel.env import distributed
+from disttrain.run.build import build_data
 from disttrain.run.train import run
 from disttrain.verify import verdict as V
-from disttrain.verify.twin import train_twin
+from disttrain.verify.twin import SAMPLE_ORDER, TWINS, train_reference
 from disttrain.verify.whole import RUN_TOLERANCE, compare_runs
 from tests.test_verify import make_run
 
+GPT = ["model.name=gpt", "model.hidden=16", "model.kwargs={layers: 1, heads: 2}", "train.loss=token_cross_entropy",
+       "data.name=disttrain.bench.sequences:padded_sequences", "data.num_classes=256", "data.kwargs={seq_len: 8}"]
 FAMILIES = {
     "mlp": ["model.name=mlp", "model.hidden=8"],
+    "mlp-accumulation": ["model.name=mlp", "model.hidden=8", "train.accumulation_steps=2"],
     "cnn-syncbn": ["model.name=cnn", "model.norm=syncbn", "model.hidden=8"],
     "dropout-augment": ["model.name=cnn", "model.norm=syncbn", "model.hidden=8", "model.dropout=0.3",
                         "data.augment=flip_crop"],
+    "gpt-tokens-accumulation": [*GPT, "train.accumulation_steps=2"],
 }
 
 
-def _runs(tmp_path, overrides):
-    cfg = load_config(None, [*overrides, "train.dtype=float64", "train.steps=4", "train.global_batch_size=13",
-                             "data.num_samples=64", "train.device=cpu", "optim.lr=0.1",
-                             f"train.out_dir={tmp_path / 'ref'}"])
-    twin_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "twin")))
-    with distributed("cpu", 60) as env:
-        ref = run(cfg, env, console=False)
-        twin = train_twin(twin_cfg, env)
-    return ref, twin
+def _config(tmp_path, name, overrides):
+    return load_config(None, [*overrides, "train.dtype=float64", "train.steps=4", "train.global_batch_size=13",
+                              "data.num_samples=64", "train.device=cpu", "optim.lr=0.1",
+                              f"train.out_dir={tmp_path / name}"])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_twin_equals_the_reference_in_float64(tmp_path, family):
-    ref, twin = _runs(tmp_path, FAMILIES[family])
-    ref_state, twin_state = ref.model.state_dict(), twin.model.state_dict()
-    worst = max(V.state_difference(twin_state, ref_state).values())
-    assert worst < 1e-13, f"{family}: twin {worst:.1e} from the reference"
-    assert V.curve_difference(twin.losses, ref.losses) < 1e-13
-    # ... and it is another summation order, not the same computation: some rounding differs.
-    assert worst > 0 or V.curve_difference(twin.losses, ref.losses) > 0
+def test_reference_and_twins_equal_one_op_per_layer_in_float64(tmp_path, family):
+    """Read as 3 ranks (B=13: slices 5/4/4), slice by slice, with the ranks' parts reversed (the twin) or each rank's
+    samples reordered (the second twin): the same training as one process running each op on the whole batch, to
+    rounding."""
+    with distributed("cpu", 60) as env:
+        plain = run(_config(tmp_path, "plain", FAMILIES[family]), env, console=False)
+        ref = train_reference(_config(tmp_path, "ref", FAMILIES[family]), env, 3)
+        twins = {kind: train_reference(_config(tmp_path, kind.replace(" ", "-"), FAMILIES[family]), env, 3, kind)
+                 for kind in TWINS}
+    for name, other in (("reference", ref), *twins.items()):
+        worst = max(V.state_difference(other.model.state_dict(), plain.model.state_dict()).values())
+        assert worst < 1e-13, f"{family}: the {name} is {worst:.1e} from one op per layer"
+        assert V.curve_difference(other.losses, plain.losses) < 1e-13
+    # ... and the second twin is another summation order, not the same computation: some rounding differs.
+    second = twins[SAMPLE_ORDER]
+    noise = max(V.state_difference(second.model.state_dict(), ref.model.state_dict()).values())
+    assert noise > 0 or V.curve_difference(second.losses, ref.losses) > 0
+
+
+@pytest.mark.parametrize("batch, ranks, k", [(31, 3, 2), (13, 4, 3), (8, 2, 4), (7, 3, 2), (13, 3, 1)])
+def test_read_as_ranks_holds_each_ranks_micro_batches(batch, ranks, k):
+    """One process reading the global batch as ``ranks`` ranks: micro-batch j is the ranks' j-th micro-batches, rank
+    r's part where batching.rank_parts puts it (what chunked.py runs alone), samples and keys, in rank order or
+    reversed (the twin); the second twin's order moves samples only within a rank's slice."""
+    dataset = build_data(load_config(None, ["model.name=cnn", "data.num_samples=64", "data.augment=flip_crop"]))
+    rank_batches = [GlobalBatches(dataset, batch, seed=3, rank=r, world_size=ranks) for r in range(ranks)]
+    for rank_order in (None, tuple(reversed(range(ranks)))):
+        one = GlobalBatches(dataset, batch, seed=3, rank=0, world_size=1)
+        one.ranks, one.rank_order = ranks, rank_order
+        for step in (0, 5):
+            micro = one.keyed_micro_batches(step, torch.device("cpu"), k)
+            per_rank = [b.keyed_micro_batches(step, torch.device("cpu"), k) for b in rank_batches]
+            for j, (x, y, keys) in enumerate(micro):
+                for r, part in rank_parts(len(y), ranks, rank_order):
+                    rx, ry, rkeys = per_rank[r][j]
+                    assert torch.equal(x[part], rx) and torch.equal(y[part], ry)
+                    assert torch.equal(keys.positions[part], rkeys.positions)
+    order = within_batch_order(1, 5, batch, ranks)
+    for r in range(ranks):
+        part = local_slice(batch, ranks, r)
+        assert sorted(order[part]) == list(range(part.start, part.stop))
+    assert not np.array_equal(order, np.arange(batch))
+
+
+def test_second_twin_before_any_verdict_but_equivalent():
+    """Within the first twin's bound: EQUIVALENT on its word. Beyond it: the second twin is wanted, and the larger
+    of the two noises decides."""
+    first = {"loss": 2e-7, "parameters": 0.0}
+    floor = 1e-6
+    assert not V.judge_pair(1e-7, 5e-7, V.calibrated_noise(first), floor).wants_second_twin
+    beyond = V.judge_pair(1e-7, 4e-6, V.calibrated_noise(first), floor)
+    assert beyond.verdict == V.INCONCLUSIVE and beyond.wants_second_twin
+    noises = V.calibrated_noise(first, {"loss": 1e-7, "parameters": 3e-6})
+    assert noises == {"loss": 2e-7, "parameters": 3e-6}
+    again = V.judge_pair(1e-7, 4e-6, noises, floor, second_twin=True)
+    assert again.verdict == V.EQUIVALENT and not again.wants_second_twin
+    assert V.calibrated_noise(None) == {"loss": None, "parameters": None}
 
 
 # --------------------------------------------------------------------------- the verdict on numbers
@@ -102,6 +155,34 @@ def test_report_lines_and_json(tmp_path):
     assert plain.floor == RUN_TOLERANCE["bf16"] and plain.equivalent and "uncalibrated" in plain.table()
 
 
+def test_verify_trains_the_second_twin_only_beyond_the_first_bound(tmp_path, monkeypatch):
+    """verify(): the reference and the rank-order twin always; the sample-order twin only when the run is beyond the
+    first twin's bound, and then the larger noise decides (here: EQUIVALENT after all)."""
+    from disttrain.verify import whole
+
+    w = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    trained = []
+    scale = {None: 1.0, "rank order": 1 + 1e-6, "sample order": 1 + 1e-3}
+
+    def fake_launch(cfg, nproc, console=True):
+        make_run(Path(cfg.train.out_dir), w * scale["distributed"], [2.0, 1.0], cfg, nproc)
+
+    def fake_reference(cfg, env, ranks, twin=None, **kwargs):
+        trained.append(twin)
+        make_run(Path(cfg.train.out_dir), w * scale[twin], [2.0, 1.0], cfg, 1)
+
+    monkeypatch.setattr(whole, "launch_local", fake_launch)
+    monkeypatch.setattr(whole, "train_reference", fake_reference)
+    for distributed, second in ((1 + 2e-6, False), (1 + 2e-3, True)):
+        trained.clear()
+        scale["distributed"] = distributed
+        cfg = load_config(None, ["train.dtype=float32", f"train.out_dir={tmp_path / str(second)}"])
+        report = whole.verify(cfg, 2)
+        assert trained == [None, "rank order", *(["sample order"] if second else [])]
+        assert report.second_twin == second and report.verdict == V.EQUIVALENT
+        assert ("the larger of two twins" in report.table()) == second
+
+
 def test_inconclusive_has_its_own_exit_code(tmp_path, monkeypatch, capsys):
     from disttrain.cli.main import main
     from disttrain.verify import whole
@@ -136,15 +217,19 @@ def test_uncalibrated_flag_skips_the_twin(tmp_path, monkeypatch):
     assert main(["verify", str(tmp_path / "c.yaml"), "--nproc", "1"]) == 2 and seen == {"twin": True}
 
 
-def test_bf16_twin_rounds_like_w_processes(tmp_path):
-    """Under bf16 autocast the twin's weight gradients are W partial sums, each rounded to bf16 as a rank's is: its
-    distance from the reference is of bf16's order, not the float32 accumulator's (reordering alone: ~1e-7)."""
-    cfg = load_config(None, ["model.name=mlp", "model.hidden=8", "train.dtype=float32", "train.precision=bf16",
-                             "train.steps=2", "train.global_batch_size=31", "data.num_samples=64", "train.device=cpu",
-                             f"train.out_dir={tmp_path / 'ref'}"])
-    twin_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "twin")))
+def test_bf16_reference_rounds_like_w_processes(tmp_path):
+    """Under bf16 autocast the reference's weight gradients are W partial sums, each rounded to bf16 as a rank's is:
+    it is a bf16 rounding away from one op on the whole batch (reordering alone would be ~1e-7 away), and its twins,
+    the same partial sums in another order, are closer to it than that."""
+    bf16 = ["model.name=mlp", "model.hidden=8", "train.dtype=float32", "train.precision=bf16", "train.steps=2",
+            "train.global_batch_size=31", "data.num_samples=64", "train.device=cpu"]
     with distributed("cpu", 60) as env:
-        ref = run(cfg, env, console=False)
-        twin = train_twin(twin_cfg, env, chunks=3)
-    noise = max(V.state_difference(twin.model.state_dict(), ref.model.state_dict()).values())
-    assert 1e-5 < noise < 1e-1, noise
+        plain = run(load_config(None, [*bf16, f"train.out_dir={tmp_path / 'plain'}"]), env, console=False)
+        ref = train_reference(load_config(None, [*bf16, f"train.out_dir={tmp_path / 'ref'}"]), env, 3)
+        twins = [train_reference(load_config(None, [*bf16, f"train.out_dir={tmp_path / str(i)}"]), env, 3, kind)
+                 for i, kind in enumerate(TWINS)]
+    partition = max(V.state_difference(ref.model.state_dict(), plain.model.state_dict()).values())
+    assert 1e-5 < partition < 1e-1, partition
+    for twin in twins:
+        noise = max(V.state_difference(twin.model.state_dict(), ref.model.state_dict()).values())
+        assert noise < partition / 10, (noise, partition)

@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                         "launching workers")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the table")
     p.add_argument("--uncalibrated", action="store_true",
-                   help="skip the rounding twin (one run fewer) and judge by the fixed floor only: NOT the full "
-                        "check (a chaotic run can fail it although correct)")
+                   help="skip the rounding twins (one or two one-process runs fewer) and judge by the fixed floor "
+                        "only: NOT the full check (a chaotic run can fail it although correct)")
     p.add_argument("--stepwise", action="store_true",
                    help="with --against: retrain each segment between consecutive checkpoints of the run in one "
                         "process and compare it (long float32, GPU and multi-node runs; needs every checkpoint)")

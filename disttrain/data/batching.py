@@ -51,12 +51,31 @@ def global_batch_indices(step: int, global_batch_size: int, num_samples: int, se
     return stream[offset: offset + global_batch_size]
 
 
-def within_batch_order(order: int, step: int, size: int) -> np.ndarray:
-    """A seeded reordering of the ``size`` samples one rank holds at ``step``: a pure function of (order, step).
+def rank_parts(size: int, ranks: int, order: tuple[int, ...] | None = None) -> list[tuple[int, slice]]:
+    """(rank, its slice) of a batch of ``size`` laid out as ``ranks`` ranks' parts one after another, in ``order``
+    (default: rank 0 first). Part r holds local_batch_size(size, ranks, r) samples: the ranks' slices of a global
+    batch, and of each micro-batch made of their j-th micro-batches (data/loader.py split)."""
+    start, parts = 0, []
+    for r in order or range(ranks):
+        n = local_batch_size(size, ranks, r)
+        parts.append((r, slice(start, start + n)))
+        start += n
+    return parts
 
-    The rounding twin of verify (verify/twin.py) reads each batch in this order; every sample keeps its own
-    keys, so it computes the same sums in another order."""
-    return np.random.default_rng([order, step]).permutation(size)
+
+def within_batch_order(order: int, step: int, size: int, parts: int = 1) -> np.ndarray:
+    """A seeded reordering of the ``size`` samples one process reads at ``step``: a pure function of (order, step,
+    size, parts) that moves every sample within its own slice of ``parts`` (:func:`local_slice`), so a one-process
+    run that reads the batch as ``parts`` ranks would (verify/twin.py) keeps each rank's samples together.
+
+    verify's second twin (verify/twin.py) reads each batch in this order; every sample keeps its own keys, so it
+    computes the same sums in another order."""
+    rng = np.random.default_rng([order, step])
+    result = np.arange(size)
+    for part in (local_slice(size, parts, j) for j in range(parts)):
+        result[part] = part.start + rng.permutation(part.stop - part.start)
+    return result
 
 
-__all__ = ["local_batch_size", "local_slice", "epoch_permutation", "global_batch_indices", "within_batch_order"]
+__all__ = ["local_batch_size", "local_slice", "rank_parts", "epoch_permutation", "global_batch_indices",
+           "within_batch_order"]

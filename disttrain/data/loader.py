@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, RunFailure
 from ..randomness import SampleKeys
 from .augment import augment_images
-from .batching import global_batch_indices, local_slice, within_batch_order
+from .batching import global_batch_indices, local_slice, rank_parts, within_batch_order
 from .source import Source
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, SampleKeys]
@@ -51,8 +51,13 @@ class GlobalBatches:
         self.seed = seed
         self.slice = local_slice(global_batch_size, world_size, rank)
         self.workers, self.prefetch = workers, prefetch
-        # None: the samples in their global-batch order. An int: each step's samples reordered by
-        # within_batch_order(order, step), each with its own keys (the rounding twin of verify/twin.py).
+        # A one-process run that reads the batch as ``ranks`` ranks would (verify's reference and twins,
+        # verify/twin.py): micro-batch j is made of every rank's j-th micro-batch (:func:`split`), so it holds the
+        # samples the ranks' micro-batch j holds, their parts in ``rank_order`` (None: rank 0 first).
+        self.ranks = 1
+        self.rank_order: tuple[int, ...] | None = None
+        # None: the samples in their global-batch order. An int: each step's samples reordered within each rank's
+        # slice by within_batch_order(order, step, size, ranks), each with its own keys (verify's second twin).
         self.order: int | None = None
         self._loader: DataLoader | None = None
 
@@ -76,12 +81,15 @@ class GlobalBatches:
         return self._reordered(step, indices), self._reordered_keys(step, self.keys(step, device))
 
     def _reordered(self, step: int, indices: np.ndarray) -> np.ndarray:
-        return indices if self.order is None else indices[within_batch_order(self.order, step, len(indices))]
+        if self.order is None:
+            return indices
+        return indices[within_batch_order(self.order, step, len(indices), self.ranks)]
 
     def _reordered_keys(self, step: int, keys: SampleKeys) -> SampleKeys:
         if self.order is None:
             return keys
-        order = torch.as_tensor(within_batch_order(self.order, step, len(keys.positions)), device=keys.positions.device)
+        order = torch.as_tensor(within_batch_order(self.order, step, len(keys.positions), self.ranks),
+                                device=keys.positions.device)
         return SampleKeys(keys.seed, step, keys.positions[order])
 
     def keyed_batch(self, step: int, device: torch.device) -> MicroBatch:
@@ -98,9 +106,8 @@ class GlobalBatches:
         return x, y
 
     def keyed_micro_batches(self, step: int, device: torch.device, k: int) -> list[MicroBatch]:
-        """This rank's batch cut into ``k`` contiguous micro-batches, sized like rank slices (b//k, +1 first),
-        each with its samples' keys."""
-        return split(self.keyed_batch(step, device), k)
+        """This rank's batch cut into ``k`` micro-batches (:func:`split`), each with its samples' keys."""
+        return split(self.keyed_batch(step, device), k, self.ranks, self.rank_order)
 
     def micro_batches(self, step: int, device: torch.device, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`keyed_micro_batches` without the keys."""
@@ -123,7 +130,8 @@ class GlobalBatches:
                 raise read.error  # a worker's one-line error, as the training process would have raised it
             x, y, positions = read
             keys = SampleKeys(self.seed, step, positions.to(device, non_blocking=cuda))  # pinned by the loader
-            yield step, split((x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda), keys), k)
+            batch = (x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda), keys)
+            yield step, split(batch, k, self.ranks, self.rank_order)
 
     def close(self) -> None:
         """Stop the loader workers (nothing to do when batches are read in this process). Never raises: a worker
@@ -207,10 +215,22 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def split(batch: MicroBatch, k: int) -> list[MicroBatch]:
-    """``batch`` cut into ``k`` contiguous micro-batches, sized like rank slices (b//k, +1 for the first b%k)."""
+def split(batch: MicroBatch, k: int, ranks: int = 1, rank_order: tuple[int, ...] | None = None) -> list[MicroBatch]:
+    """``batch`` cut into ``k`` contiguous micro-batches, sized like rank slices (b//k, +1 for the first b%k).
+
+    ``ranks`` > 1 (a one-process run reading the global batch as that many ranks would): each rank's slice is cut
+    so, and micro-batch j is the ranks' j-th micro-batches one after another, in ``rank_order`` (default: rank 0
+    first). Their sizes never grow with the rank (a larger slice's j-th part is never smaller), so rank r's part of
+    micro-batch j is again local_batch_size(len, ranks, r) long: batching.rank_parts finds it, and
+    verify/chunked.py runs each layer on it alone."""
     x, y, keys = batch
-    return [(x[s], y[s], keys.select(s)) for s in (local_slice(len(y), k, j) for j in range(k))]
+    if ranks == 1 or (k == 1 and rank_order is None):
+        return [(x[s], y[s], keys.select(s)) for s in (local_slice(len(y), k, j) for j in range(k))]
+    parts = {r: split((x[s], y[s], keys.select(s)), k) for r, s in rank_parts(len(y), ranks)}
+    order = rank_order or range(ranks)
+    return [(torch.cat([parts[r][j][0] for r in order]), torch.cat([parts[r][j][1] for r in order]),
+             SampleKeys(keys.seed, keys.step, torch.cat([parts[r][j][2].positions for r in order])))
+            for j in range(k)]
 
 
 __all__ = ["GlobalBatches", "MicroBatch", "split", "to_device"]

@@ -19,8 +19,7 @@ from dataclasses import replace
 
 from ..config.parse import config_from_dict
 from ..parallel.env import DistEnv
-from ..run.train import Trainer
-from ..verify.twin import RoundingTwin
+from ..verify.twin import RANK_ORDER, SAMPLE_ORDER, train_reference
 from ..verify.verdict import NOT_EQUIVALENT
 from ..verify.whole import compare_runs, run_tolerance
 from .common import Check, Lab, Result, at_most, config, deviation, losses, metric, sci
@@ -47,17 +46,22 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
             f"train.loss_scale_growth_interval={growth}"]
     runs = out / "runs"
     dist = {p: lab.train(runs / f"{p}_w{w}", config(*base, f"train.precision={p}"), w) for p in PRECISIONS}
-    one = {p: lab.train(runs / f"{p}_one", config(*base, f"train.precision={p}"), 1) for p in PRECISIONS}
-    # verify's rounding twin of each one-device run: its distance is the run's own rounding noise.
+    # One device on the same global batches, as verify trains it (its reference, reading each batch as the W ranks
+    # do), and the reference's rounding twin: its distance is the run's own rounding noise (verify/twin.py).
+    one = {p: runs / f"{p}_one" for p in PRECISIONS}
     twin = {p: runs / f"{p}_twin" for p in PRECISIONS}
+    twin2 = {p: runs / f"{p}_twin2" for p in PRECISIONS}
     for p in PRECISIONS:
         cfg = config(*base, f"train.precision={p}")
-        lab.call(1, twin_task, replace(cfg, train=replace(cfg.train, out_dir=str(twin[p]))).to_dict(), w)
+        for run_dir, kind in ((one[p], None), (twin[p], RANK_ORDER), (twin2[p], SAMPLE_ORDER)):
+            lab.call(1, reference_task, replace(cfg, train=replace(cfg.train, out_dir=str(run_dir))).to_dict(), w,
+                     kind)
 
     def finish() -> Result:
         dev = {p: deviation(dist[p], one[p]) for p in PRECISIONS}
         tol = {p: run_tolerance("float32", p) for p in PRECISIONS}
-        reports = {p: compare_runs(config(*base, f"train.precision={p}"), dist[p], one[p], twin[p]) for p in PRECISIONS}
+        reports = {p: compare_runs(config(*base, f"train.precision={p}"), dist[p], one[p], twin[p],
+                                    twin2[p]) for p in PRECISIONS}
         verdict = {p: reports[p].verdict for p in PRECISIONS}
         noise = {p: max(reports[p].loss_noise, reports[p].param_noise) for p in PRECISIONS}
         from_fp32 = {p: deviation(one[p], one["fp32"]) for p in ("bf16", "fp16")}
@@ -105,9 +109,10 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
     return finish
 
 
-def twin_task(env: DistEnv, cfg_dict: dict, chunks: int) -> None:
-    """verify's rounding twin of a one-device run (verify/twin.py), in this process."""
-    Trainer(config_from_dict(cfg_dict), env, (RoundingTwin(chunks),), console=False).run()
+def reference_task(env: DistEnv, cfg_dict: dict, ranks: int, twin: str | None) -> None:
+    """verify's one-device reference of a ``ranks``-rank run, or one of its rounding twins (verify/twin.py), in this
+    process."""
+    train_reference(config_from_dict(cfg_dict), env, ranks, twin)
 
 
 def _skipped_steps(run_dir: Path) -> list[int]:
@@ -142,14 +147,16 @@ def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, t
         loss_ax.plot(steps, curve, color=COLORS[p], zorder=3)
         loss_ax.plot(steps, ref, **{**ONE_DEVICE, "color": COLORS[p]})
         scale = max(abs(v) for v in ref)
-        gap_ax.plot(steps, [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], color=COLORS[p],
-                    label=p)
+        # A step where the two losses are equal has no place on a log axis: the line breaks there.
+        gap_ax.plot(steps, [abs(a - b) / scale if a != b else float("nan") for a, b in zip(curve, ref)],
+                    color=COLORS[p], label=p)
         gap_ax.axhline(bounds[p][0], color=COLORS[p], linestyle="--", linewidth=1,
                        label=f"{p}: verify's loss {kind} {bounds[p][0]:.1e}")
     loss_axes(loss_ax, f"loss per step, B={batch} over W={w}")
     legend_beside(loss_ax, [Line2D([], [], color=COLORS[p], label=f"W={w}, {p}") for p in curves]
                   + [Line2D([], [], **{**ONE_DEVICE, "color": "grey"})])
-    axes(gap_ax, f"W={w} vs one device, per step", ylabel="|loss - one device| / max loss", log=True, legend=False)
+    axes(gap_ax, f"W={w} vs one device, per step (equal: no point)", ylabel="|loss - one device| / max loss",
+         log=True, legend=False)
     legend_beside(gap_ax)
     for label, (scales, skipped) in fp16.items():
         one_device = label == "one device"
@@ -174,7 +181,7 @@ def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int, bound:
         values.append(dev[p])
         colors.append(COLORS[p])
     for p in ("bf16", "fp16"):
-        labels.append(f"{p} vs\nfp32 (1 dev.)")
+        labels.append(f"{p}\nvs fp32\n(1 device)")
         values.append(from_fp32[p])
         colors.append("#7f7f7f")
     shown = [max(v, 1e-17) for v in values]

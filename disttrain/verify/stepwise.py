@@ -10,9 +10,10 @@ its error depends on k and on the dtype, never on how long the run has been goin
 holds for any run length, and a mistake shows in the first segment it touches.
 
 Calibrated verdicts (verdict.py, docs/verdicts.md): each segment is retrained twice, as the reference and as its
-rounding twin (twin.py, with as many partial sums as the checkpoint's world size), and judged against that noise with
-verdict.FLOOR * k as its floor; the tolerance table below is the uncalibrated check (``twin=False``, and every
-``--reference-dtype float64`` check of a float32 run, whose distance includes the run's own float32 rounding).
+rounding twin (twin.py: both read the segment's batches as its ranks did, as many as its checkpoint's world size),
+and judged against that noise with verdict.FLOOR * k as its floor; the tolerance table below is the uncalibrated
+check (``twin=False``, and every ``--reference-dtype float64`` check of a float32 run, whose distance includes the
+run's own float32 rounding).
 
 What is compared, per segment, as in verify/whole.py: the largest relative difference max|a - b| / max|b| over the
 floating-point tensors of the model state (parameters and buffers, e.g. SyncBN running statistics); the loss
@@ -81,8 +82,8 @@ from ..config.identity import continuation_keys, trajectory_differences
 from ..observe.runlog import read_metrics
 from ..run.train import run
 from .report import Segment, StepwiseReport, summarize
-from .twin import RoundingTwin
-from .verdict import FLOOR, NOT_EQUIVALENT, curve_difference, judge, overall
+from .twin import RANK_ORDER, SAMPLE_ORDER, AsRanks
+from .verdict import FLOOR, NOT_EQUIVALENT, calibrated_noise, curve_difference, judge_pair, noise
 from .whole import precision_name, relative_difference, state_difference, tolerance, tolerance_key
 
 # --------------------------------------------------------------------------- the run's segments
@@ -154,28 +155,35 @@ def _optimizer_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> float
 def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dict[int, float], loss_scale: float,
                   reference_dtype: str, env: DistEnv, scratch: Path, twin: bool = True) -> Segment:
     """Retrain steps [start, stop) in this process from checkpoint ``start`` and compare with checkpoint ``stop``;
-    ``twin``: retrain them once more as the rounding twin (twin.py), whose distance calibrates the verdict."""
+    ``twin``: retrain them once more as the rounding twin (twin.py), whose distance calibrates the verdict (and once
+    more as the second twin where the segment is beyond the first one's bound)."""
     target = load_checkpoint(checkpoint_path(run_dir, stop))
-    result = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "reference", twin=False)
-    ours = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    ranks = int(target["world_size"])  # the segment was trained by as many ranks as its closing checkpoint records
+    result = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "reference", ranks)
+    ours = _cpu(result.model.state_dict())
     diffs = state_difference(target["model"], ours)
     worst = max(diffs, key=diffs.get)
     loss = curve_difference([losses[start + i] for i in range(len(result.losses))], result.losses, loss_scale)
     optim = _optimizer_difference(_cpu_state(result.optimizer.state_dict()), target["optimizer"])
     floor = segment_floor(cfg, stop - start, twin)
-    param_noise = loss_noise = None
-    if twin:
-        chunks = int(target["world_size"])  # the twin's partial sums: as many as the run's ranks
-        other = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "twin", twin=chunks)
-        twin_state = {k: v.detach().cpu() for k, v in other.model.state_dict().items()}
-        param_noise = max(state_difference(twin_state, ours).values(), default=0.0)
-        loss_noise = curve_difference(other.losses, result.losses, loss_scale)
-    params_j, loss_j = judge("parameters", diffs[worst], param_noise, floor), judge("loss", loss, loss_noise, floor)
-    return Segment(start=start, stop=stop, world_size=int(target["world_size"]), param_rel_diff=diffs[worst],
+
+    def twin_noise(kind: str) -> dict[str, float]:
+        other = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "twin", ranks, kind)
+        return noise(_cpu(other.model.state_dict()), other.losses, ours, result.losses, loss_scale)
+
+    first = twin_noise(RANK_ORDER) if twin else None
+    judged = judge_pair(loss, diffs[worst], calibrated_noise(first), floor, worst)
+    if judged.wants_second_twin:  # beyond the first twin's bound: the second twin's noise too, the larger decides
+        judged = judge_pair(loss, diffs[worst], calibrated_noise(first, twin_noise(SAMPLE_ORDER)), floor, worst, True)
+    return Segment(start=start, stop=stop, world_size=ranks, param_rel_diff=diffs[worst],
                    worst_param=worst, loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=floor,
-                   passed=overall([params_j, loss_j]) != NOT_EQUIVALENT, param_noise=param_noise,
-                   loss_noise=loss_noise, param_bound=params_j.bound, loss_bound=loss_j.bound,
-                   verdict=overall([params_j, loss_j]))
+                   passed=judged.verdict != NOT_EQUIVALENT, param_noise=judged.params.noise,
+                   loss_noise=judged.loss.noise, param_bound=judged.params.bound, loss_bound=judged.loss.bound,
+                   verdict=judged.verdict)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def segment_floor(cfg: Config, k: int, twin: bool) -> float:
@@ -187,16 +195,16 @@ def segment_floor(cfg: Config, k: int, twin: bool) -> float:
 
 
 def _retrain(cfg: Config, run_dir: Path, start: int, stop: int, reference_dtype: str, env: DistEnv, scratch: Path,
-             twin: int | bool):
-    """Steps [start, stop) trained by this process from checkpoint ``start`` (``twin``: as the rounding twin with
-    that many partial sums per weight gradient)."""
+             ranks: int, twin: str | None = None):
+    """Steps [start, stop) trained by this process from checkpoint ``start``, read as ``ranks`` ranks read them
+    (twin.py): the reference, or a rounding twin (``twin``: twin.RANK_ORDER or twin.SAMPLE_ORDER)."""
     ref_cfg = _reference_config(cfg, str(scratch), reference_dtype, str(env.device.type))
     (scratch / "metrics.jsonl").unlink(missing_ok=True)  # run() would reread the previous segments' records
     resume = checkpoint_path(run_dir, start) if start > 0 else False
     # A float64 reference continues a float32 checkpoint: load_state_dict widens every tensor exactly.
     allow = frozenset({"train.dtype"}) if reference_dtype != cfg.train.dtype else frozenset()
-    hooks = (RoundingTwin(int(twin)),) if twin else ()
-    return run(ref_cfg, env, console=False, resume=resume, stop_at=stop, allow=allow, hooks=hooks)
+    return run(ref_cfg, env, console=False, resume=resume, stop_at=stop, allow=allow,
+               hooks=(AsRanks(ranks, twin),))
 
 
 def _cpu_state(state: dict[str, Any]) -> dict[str, Any]:

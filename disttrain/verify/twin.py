@@ -1,15 +1,34 @@
-"""The rounding twin: the one-process reference again, in another floating-point summation order.
+"""verify's one-process runs: the reference and its rounding twins, all reading each batch as the ranks did.
 
-The twin reads every global batch with its samples in a seeded order (data/batching.py within_batch_order),
-each sample keeping its own keys (randomness.py: the position it has in the global batch), so its dropout
-masks and augmentation follow it. Everything the step computes is invariant to that permutation: the summed
-loss and its divisor, the weight gradients (sums over samples), SyncBatchNorm's statistics (sums over the
-batch), token counts, the clipping norm, the optimizer. Only the order of each sum changes, so the twin equals
-the reference exactly in real arithmetic (tests/test_verdicts.py: to ~1e-15 in float64 for an MLP, a SyncBN CNN,
-dropout with augmentation), and its distance from the reference is the run's own rounding noise.
+**The reference** trains the config in one process on every global batch, and rounds the way W processes do: it
+reads step k's global batch as the W ranks read it (micro-batch j made of every rank's j-th micro-batch,
+data/loader.py split) and sums each Linear/Conv weight gradient over the ranks' slices, each partial sum rounded
+alone (chunked.py), as a rank's leaves its matmul before the all_reduce adds it. In exact arithmetic that is the one
+device on the global batch (the partial sums add up to the same gradient; tests/test_verdicts.py checks it to
+~1e-15 in float64); in floating point it is the rounding of the W-process run's partition, which under bf16/fp16
+autocast is most of how far W processes drift from a one-op reference (measured: a bf16 SyncBN CNN 20 steps, the
+parameters 2.1e-2 apart from the one-op reference, 7.6e-4 from this one). A mistake in the communication
+(the average's weights, the statistics, clipping, a lost all_reduce) is not in the reference, and moves the run
+as far from it as from the one-op reference.
 
-Under gradient accumulation the permutation also moves samples between micro-batches; the summed loss over a
-fixed divisor (run/step.py) keeps that invariant too, except for batch-norm statistics per micro-batch, a
+**The twin** is the reference again with the ranks' parts of every micro-batch in reverse order (rank W-1's
+samples first), every sample keeping its own keys (randomness.py: its dropout mask and augmentation follow it).
+Everything the step computes is invariant to that order: the summed loss and its divisor, the weight gradients (the
+same per-rank partial sums, added in the other order), SyncBatchNorm's statistics (sums over the batch), token
+counts, the clipping norm, the optimizer. So the twin equals the reference exactly in real arithmetic, and differs
+from it in what a W-process run changes: the order in which the ranks' contributions are added (the all_reduce,
+SyncBatchNorm's reduction, the loss). Its distance from the reference is the run's own rounding noise, amplified by
+this config over this many steps.
+
+One twin is one sample of that noise, and in half precision a sample can land far too close: a reordering whose
+rounding happens not to flip a single bf16 value, two ranks' sums that commute exactly (measured: one rank-order
+twin of a correct bf16 SyncBN run 15x closer to the reference than the run itself, another 2.5e5x). So before a
+run is called anything but EQUIVALENT, verify trains **the second twin**: the reference with each rank's samples in
+a seeded order (data/batching.py within_batch_order), which also reorders the float32 accumulation inside every
+matmul, a larger perturbation than the run's own; the larger of the two noises decides (verdict.calibrated_noise).
+
+Under gradient accumulation the second twin's order moves samples between a rank's micro-batches; the summed loss
+over a fixed divisor (run/step.py) keeps that invariant too, except for batch-norm statistics per micro-batch, a
 config whose equivalence is not claimed anyway (whole.py unclaimed_reason).
 """
 
@@ -17,33 +36,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..run.train import Hook, TrainResult, Trainer
 from ..config.schema import Config
 from ..parallel.env import DistEnv
+from ..run.train import Hook, TrainResult, Trainer
 from .chunked import chunk_weight_gradients
 
-TWIN_ORDER = 1  # the seed of the twin's within-batch order (any fixed value: the twin must be reproducible)
+TWIN_ORDER = 1  # the seed of the second twin's within-slice order (any fixed value: the twin must be reproducible)
+RANK_ORDER, SAMPLE_ORDER = "rank order", "sample order"  # the twin, and the second twin
+TWINS = (RANK_ORDER, SAMPLE_ORDER)
 
 
-class RoundingTwin(Hook):
-    """Makes a run the twin of its reference, once the parts are built (before the first step): each batch is read
-    in the twin's order, and weight gradients are summed over ``chunks`` slices of it (chunked.py)."""
+class AsRanks(Hook):
+    """Makes a one-process run read and round as ``ranks`` ranks would, once the parts are built (before the first
+    step): micro-batches made of the ranks' own, Linear/Conv layers run slice by slice (chunked.py); ``twin``
+    RANK_ORDER: the ranks' parts in reverse order; SAMPLE_ORDER: each rank's samples in a seeded order (None: the
+    reference)."""
 
-    def __init__(self, chunks: int = 2, order: int = TWIN_ORDER):
-        self.chunks, self.order = chunks, order
+    def __init__(self, ranks: int, twin: str | None = None):
+        if twin not in (None, *TWINS):
+            raise ValueError(f"twin: {twin!r} is none of {TWINS}")
+        self.ranks, self.twin = ranks, twin
 
     def on_start(self, trainer: Trainer) -> None:
-        trainer.parts.batches.order = self.order
-        chunk_weight_gradients(trainer.parts.sync.model, self.chunks)
+        batches = trainer.parts.batches
+        batches.ranks = self.ranks
+        batches.rank_order = tuple(reversed(range(self.ranks))) if self.twin == RANK_ORDER else None
+        batches.order = TWIN_ORDER if self.twin == SAMPLE_ORDER else None
+        if self.ranks > 1 or self.twin is not None:
+            chunk_weight_gradients(trainer.parts.sync.model, self.ranks, batches.rank_order)
 
 
-def train_twin(cfg: Config, env: DistEnv, chunks: int = 2, resume: bool | str | Path = False,
-               stop_at: int | None = None, allow: frozenset[str] = frozenset()) -> TrainResult:
-    """Train ``cfg`` as the twin of a one-process reference (``env``: world size 1), its weight gradients summed over
-    ``chunks`` slices of the batch (the world size of the run it calibrates: the same kind of partial sums)."""
+def train_reference(cfg: Config, env: DistEnv, ranks: int, twin: str | None = None, resume: bool | str | Path = False,
+                    stop_at: int | None = None, allow: frozenset[str] = frozenset()) -> TrainResult:
+    """Train ``cfg`` in this process (``env``: world size 1) as verify's reference of a ``ranks``-rank run, or as one
+    of its rounding twins (``twin``: RANK_ORDER or SAMPLE_ORDER)."""
     if env.world_size != 1:
-        raise RuntimeError("the rounding twin is a one-process run")
-    return Trainer(cfg, env, (RoundingTwin(chunks),), console=False).run(resume, stop_at, allow)
+        raise RuntimeError("the reference and its rounding twins are one-process runs")
+    return Trainer(cfg, env, (AsRanks(ranks, twin),), console=False).run(resume, stop_at, allow)
 
 
-__all__ = ["RoundingTwin", "train_twin", "TWIN_ORDER"]
+__all__ = ["AsRanks", "train_reference", "TWIN_ORDER", "RANK_ORDER", "SAMPLE_ORDER", "TWINS"]

@@ -6,8 +6,11 @@ tolerances below decide alone only without a twin (``twin=False``, ``verify --un
 they were measured.
 
 The distributed run uses W local workers (parallel/launch.py); the reference is the same config trained in this
-process with world size 1, so it sees every global batch whole. Both write final.pt; the verdict compares
-the per-step global losses and every floating-point tensor of the final state_dict.
+process with world size 1, so it sees every global batch whole, read as the W ranks read it (twin.py: their
+micro-batches, each Linear/Conv layer on their slices, so it rounds their partial sums alike). Both write final.pt;
+the verdict compares the per-step global losses and every floating-point tensor of the final state_dict. The
+measurements below were made against a reference running each op on the whole batch, which lands further from a
+correct run: the fixed tolerances err wide.
 
 Relative difference of two tensors: max|a - b| / max|b| (infinity norms, so a parameter that is near
 zero elementwise does not blow up the ratio); the loss curve is compared the same way, as one vector.
@@ -43,8 +46,7 @@ from ..errors import ConfigError
 from ..config.identity import trajectory_differences
 from ..run.tasks import launch_local
 from ..observe.runlog import read_metrics
-from ..run.train import run
-from .twin import train_twin
+from .twin import RANK_ORDER, SAMPLE_ORDER, train_reference
 from .verdict import C, EQUIVALENT, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, compare, inconclusive_line, judge
 # Where they were defined before verdicts were calibrated; stepwise.py and users' scripts import them from here.
 from .verdict import relative_difference, state_difference  # noqa: F401
@@ -105,6 +107,8 @@ class VerifyReport:
     loss_bound: float = 0.0  # max(C x noise, floor)
     param_bound: float = 0.0
     c: float = C
+    second_twin: bool = False  # the noise is the larger of two twins' (the run was beyond the first twin's bound)
+    wants_second_twin: bool = False  # beyond the first twin's bound, and the second twin has not run yet
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -121,7 +125,8 @@ class VerifyReport:
             f"max relative loss difference:      {self.max_loss_rel_diff:.3e}",
             f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
             ("rounding noise (reference vs twin): " + (f"loss {self.loss_noise:.3e}, parameters {self.param_noise:.3e}"
-             if self.calibrated else "not measured (--uncalibrated: no rounding twin ran)")),
+             if self.calibrated else "not measured (--uncalibrated: no rounding twin ran)")
+             + (" (the larger of two twins': the run was beyond the first one's bound)" if self.second_twin else "")),
             f"floor ({self.dtype}): {self.floor:.0e}" + ("" if self.calibrated else " (the fixed tolerance)"),
             (f"bound, max({self.c:g} x noise, floor): " if self.calibrated else "bound, the fixed tolerance: ")
             + f"loss {self.loss_bound:.3e}, parameters {self.param_bound:.3e}",
@@ -138,46 +143,54 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path, twin_dir: Path | None = None) -> VerifyReport:
+def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path, twin_dir: Path | None = None,
+                 second_twin_dir: Path | None = None) -> VerifyReport:
     """Compare the runs in ``dist_dir`` and ``ref_dir`` (each: final.pt, metrics.jsonl), calibrated by the twin
-    in ``twin_dir`` (None: the fixed tolerance alone, uncalibrated)."""
+    in ``twin_dir`` (None: the fixed tolerance alone, uncalibrated), or by the larger of its noise and the second
+    twin's in ``second_twin_dir`` (twin.py)."""
     dist_ckpt, ref_ckpt = load_final(dist_dir / "final.pt"), load_final(ref_dir / "final.pt")
-    twin_state = twin_losses = None
-    if twin_dir is not None:
-        twin_state = load_final(twin_dir / "final.pt")["model"]
-        twin_losses = [m["loss"] for m in read_metrics(twin_dir)]
+    twins = [_final_run(d) for d in (twin_dir, second_twin_dir)]
     return compare_states(dist_ckpt["world_size"], dist_ckpt["model"], ref_ckpt["model"],
                           [m["loss"] for m in read_metrics(dist_dir)], [m["loss"] for m in read_metrics(ref_dir)],
                           dtype=cfg.train.dtype, precision=cfg.train.precision, tf32=cfg.train.tf32,
-                          reason=unclaimed_reason(cfg), twin_state=twin_state, twin_losses=twin_losses)
+                          reason=unclaimed_reason(cfg), twin=twins[0], second_twin=twins[1])
+
+
+def _final_run(run_dir: Path | None) -> tuple[dict[str, torch.Tensor], list[float]] | None:
+    """A run's final model state and loss curve (None: no run)."""
+    if run_dir is None:
+        return None
+    return load_final(run_dir / "final.pt")["model"], [m["loss"] for m in read_metrics(run_dir)]
 
 
 _DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+Run = tuple[dict[str, torch.Tensor], list[float]]  # a final state and its loss curve
 
 
 def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor],
                    dist_losses: list[float], ref_losses: list[float], *, dtype: str | None = None,
                    precision: str = "fp32", tf32: bool = False, rtol: float | None = None, reason: str = "",
-                   twin_state: dict[str, torch.Tensor] | None = None,
-                   twin_losses: list[float] | None = None) -> VerifyReport:
+                   twin: Run | None = None, second_twin: Run | None = None) -> VerifyReport:
     """The verdict on two final states and their loss curves (``disttrain verify``, and disttrain.testing's
     assert_equivalent). ``dtype``: the row of the tolerance tables (default: the dtype of the state's first floating
-    tensor). With a rounding twin (``twin_state``, ``twin_losses``: the reference in another summation order,
-    twin.py) the verdict is calibrated by its distance, the run's own rounding noise, over the dtype's floor
-    (verdict.py); without one the fixed whole-run tolerance decides alone (uncalibrated). ``rtol`` replaces the
-    floor or tolerance; ``reason``: why equivalence is not claimed at all."""
+    tensor). With a rounding twin (``twin``: its final state and loss curve, the reference in another summation
+    order, twin.py) the verdict is calibrated by its distance, the run's own rounding noise, over the dtype's floor
+    (verdict.py), or by the larger of its and the ``second_twin``'s, when given; without one the fixed
+    whole-run tolerance decides alone (uncalibrated). ``rtol`` replaces the floor or tolerance; ``reason``: why
+    equivalence is not claimed at all."""
     if len(dist_losses) != len(ref_losses):
         raise ValueError(f"the runs logged {len(dist_losses)} and {len(ref_losses)} losses: not the same steps")
     if dtype is None:
         dtype = _DTYPE_KEYS.get(next(v.dtype for v in ref_state.values() if v.is_floating_point()), "float32")
-    calibrated = twin_state is not None
+    calibrated = twin is not None
     if rtol is not None:
         floor = rtol
     elif calibrated:
         floor = FLOOR[tolerance_key(dtype, precision, tf32)]
     else:
         floor = run_tolerance(dtype, precision, tf32)
-    result = compare(dist_state, dist_losses, ref_state, ref_losses, floor, twin_state, twin_losses)
+    result = compare(dist_state, dist_losses, ref_state, ref_losses, floor, *(twin or (None, None)),
+                     *(second_twin or (None, None)))
     # Like tensors, the loss curve is compared relative to its largest value: a per-step relative difference
     # is ill-conditioned where a converging loss approaches zero.
     scale = max(max((abs(r) for r in ref_losses), default=0.0), 1e-300)
@@ -190,7 +203,8 @@ def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_sta
                         equivalent=verdict == EQUIVALENT, claimed=not reason, reason=reason, verdict=verdict,
                         calibrated=calibrated, loss_noise=result.loss.noise,
                         param_noise=result.params.noise, floor=floor, loss_bound=result.loss.bound,
-                        param_bound=result.params.bound)
+                        param_bound=result.params.bound, second_twin=result.second_twin,
+                        wants_second_twin=calibrated and second_twin is None and result.wants_second_twin)
 
 
 def unclaimed_reason(cfg: Config) -> str:
@@ -209,7 +223,8 @@ def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
 
 def verify(cfg: Config, nproc: int | None, against: Path | None = None, twin: bool = True) -> VerifyReport:
     """Train with ``nproc`` workers and with one process, and the reference's rounding twin; compare. Runs go to
-    {out_dir}/distributed, /reference, /twin. ``twin`` False: no twin, the fixed floor alone (uncalibrated).
+    {out_dir}/distributed, /reference, /twin, and /twin2 when the run is beyond the first twin's bound (the second
+    twin, twin.py). ``twin`` False: no twin, the fixed floor alone (uncalibrated).
 
     ``against``: compare an existing run directory (e.g. written by torchrun on several nodes) instead of
     launching local workers; it must have been trained with the same config.
@@ -228,15 +243,21 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None, twin: bo
     device = ref_cfg.train.device
     if against is None and choose_device(device, 0, nproc)[0].type == "cpu":
         device = "cpu"
+    # The one-process runs read each batch as the run's ranks did and run each layer on their slices (twin.py): a
+    # run resized on the way is read as its final world size read it.
+    ranks = nproc if against is None else int(load_final(dist_dir / "final.pt")["world_size"])
     with distributed(device, ref_cfg.comm.timeout_s) as env:
         if env.world_size != 1:
             raise RuntimeError("the reference run must be a single process")
-        run(ref_cfg, env, console=False)
-        twin_dir = root / "twin" if twin else None
-        if twin_dir is not None:  # its weight gradients in as many partial sums as the run's
-            chunks = nproc if against is None else int(load_final(dist_dir / "final.pt")["world_size"])
-            train_twin(_with_out_dir(cfg, twin_dir), env, chunks=chunks)
-    return compare_runs(cfg, dist_dir, ref_dir, twin_dir)
+        train_reference(ref_cfg, env, ranks)
+        if not twin:
+            return compare_runs(cfg, dist_dir, ref_dir)
+        train_reference(_with_out_dir(cfg, root / "twin"), env, ranks, RANK_ORDER)
+        report = compare_runs(cfg, dist_dir, ref_dir, root / "twin")
+        if not report.wants_second_twin:
+            return report
+        train_reference(_with_out_dir(cfg, root / "twin2"), env, ranks, SAMPLE_ORDER)
+    return compare_runs(cfg, dist_dir, ref_dir, root / "twin", root / "twin2")
 
 
 def _check_comparable(cfg: Config, run_dir: Path) -> None:
