@@ -26,18 +26,27 @@ def _identify(offset: int, *, scale: int = 1) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(value) * scale
 
 
+def _record(pid_dir: str, child: subprocess.Popen) -> None:
+    """This rank's pid and its child's, in a file that appears whole (written aside, then renamed)."""
+    path = Path(pid_dir, f"{dist.get_rank()}.pids")
+    path.with_suffix(".tmp").write_text(f"{os.getpid()} {child.pid}")
+    path.with_suffix(".tmp").rename(path)
+
+
 def _fail_on_rank_1(pid_dir: str) -> None:
     """Rank 1 starts a grandchild and raises; rank 0 waits in a collective that rank 1 never joins."""
-    child = subprocess.Popen(["sleep", "300"])
-    Path(pid_dir, f"{dist.get_rank()}.pids").write_text(f"{os.getpid()} {child.pid}")
+    _record(pid_dir, subprocess.Popen(["sleep", "300"]))
     if dist.get_rank() == 1:
+        # Rank 0 records its processes first: raising earlier could end it before it wrote them.
+        deadline = time.monotonic() + 30
+        while not Path(pid_dir, "0.pids").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         raise ValueError("the loss is negative")  # the user's line
     dist.barrier()
 
 
 def _hang(pid_dir: str) -> None:
-    child = subprocess.Popen(["sleep", "300"])
-    Path(pid_dir, f"{dist.get_rank()}.pids").write_text(f"{os.getpid()} {child.pid}")
+    _record(pid_dir, subprocess.Popen(["sleep", "300"]))
     time.sleep(300)
 
 

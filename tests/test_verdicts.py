@@ -173,9 +173,9 @@ def test_verify_trains_the_second_twin_only_beyond_the_first_bound(tmp_path, mon
 
     monkeypatch.setattr(whole, "launch_local", fake_launch)
     monkeypatch.setattr(whole, "train_reference", fake_reference)
-    for distributed, second in ((1 + 2e-6, False), (1 + 2e-3, True)):
+    for run_scale, second in ((1 + 2e-6, False), (1 + 2e-3, True)):
         trained.clear()
-        scale["distributed"] = distributed
+        scale["distributed"] = run_scale
         cfg = load_config(None, ["train.dtype=float32", f"train.out_dir={tmp_path / str(second)}"])
         report = whole.verify(cfg, 2)
         assert trained == [None, "rank order", *(["sample order"] if second else [])]
