@@ -9,6 +9,7 @@ noise. Runs here are one process, in this process (no worker pool needed): tiny 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -173,14 +174,17 @@ def test_verify_trains_the_second_twin_only_beyond_the_first_bound(tmp_path, mon
 
     monkeypatch.setattr(whole, "launch_local", fake_launch)
     monkeypatch.setattr(whole, "train_reference", fake_reference)
-    for run_scale, second in ((1 + 2e-6, False), (1 + 2e-3, True)):
+    cfg = load_config(None, ["train.dtype=float32", f"train.out_dir={tmp_path}"])
+    for run_scale, second in ((1 + 2e-3, True), (1 + 2e-6, False)):
         trained.clear()
         scale["distributed"] = run_scale
-        cfg = load_config(None, ["train.dtype=float32", f"train.out_dir={tmp_path / str(second)}"])
+        for name in ("distributed", "reference", "twin"):  # make_run writes into a new directory
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
         report = whole.verify(cfg, 2)
         assert trained == [None, "rank order", *(["sample order"] if second else [])]
         assert report.second_twin == second and report.verdict == V.EQUIVALENT
         assert ("the larger of two twins" in report.table()) == second
+        assert (tmp_path / "twin2").exists() == second  # an earlier verify's second twin is not left to mislead
 
 
 def test_inconclusive_has_its_own_exit_code(tmp_path, monkeypatch, capsys):

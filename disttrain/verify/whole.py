@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,6 +256,7 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None, twin: bo
         train_reference(_with_out_dir(cfg, root / "twin"), env, ranks, RANK_ORDER)
         report = compare_runs(cfg, dist_dir, ref_dir, root / "twin")
         if not report.wants_second_twin:
+            shutil.rmtree(root / "twin2", ignore_errors=True)  # an earlier verify's, not this verdict's
             return report
         train_reference(_with_out_dir(cfg, root / "twin2"), env, ranks, SAMPLE_ORDER)
     return compare_runs(cfg, dist_dir, ref_dir, root / "twin", root / "twin2")
