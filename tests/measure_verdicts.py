@@ -3,13 +3,14 @@
     python -m tests.measure_verdicts [--out runs/verdicts-measure] [--only NAME ...]
     python -m tests.measure_verdicts --table [--out runs/verdicts-measure]     # re-print from the saved results
 
-Every case is trained by W processes, by one process (the reference) and by the reference's rounding twin
-(verify/twin.py), then judged as verify judges it (verify/verdict.py): distance (W vs 1), noise (twin vs
-reference), floor, verdict. Each case is run correct and with each known mistake that applies to it: comm.reduce=sum,
+Every case is trained by W processes, by one process reading each batch as the W ranks do (verify's reference), and
+by the reference's two rounding twins (verify/twin.py), then judged as verify judges it (verify/verdict.py):
+distance (W vs 1), noise (the rank-order twin vs the reference; the larger of both twins' where the run is beyond
+the first one's bound, as verify trains the second only then), floor, verdict. Each case is run correct and with each known mistake that applies to it: comm.reduce=sum,
 comm.reduce=avg on an uneven split, clipping before averaging (max_norm 0.1, below every rank's gradient norm),
 per-rank BatchNorm (models with BatchNorm), rank 0 dropping one step's all_reduce. A broken run's reference is its
 own config on one process, where the mistake cannot act: what ``disttrain verify`` of that config would compare.
-Step-wise cases are trained with a checkpoint every k steps and retrained segment by segment, each against its twin.
+Step-wise cases are trained with a checkpoint every k steps and retrained segment by segment, each against its twins.
 Results are appended to OUT/results.jsonl as they come (the table is printed from it), so an interrupted
 measurement keeps what it measured. Interrupted (Ctrl-C, SIGTERM), it closes its worker pools before it exits.
 """
