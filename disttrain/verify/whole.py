@@ -157,7 +157,10 @@ def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path, twin_dir: Path | No
                           reason=unclaimed_reason(cfg), twin=twins[0], second_twin=twins[1])
 
 
-def _final_run(run_dir: Path | None) -> tuple[dict[str, torch.Tensor], list[float]] | None:
+Run = tuple[dict[str, torch.Tensor], list[float]]  # a final state and its loss curve
+
+
+def _final_run(run_dir: Path | None) -> Run | None:
     """A run's final model state and loss curve (None: no run)."""
     if run_dir is None:
         return None
@@ -165,7 +168,6 @@ def _final_run(run_dir: Path | None) -> tuple[dict[str, torch.Tensor], list[floa
 
 
 _DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-Run = tuple[dict[str, torch.Tensor], list[float]]  # a final state and its loss curve
 
 
 def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor],
