@@ -19,6 +19,7 @@ from ..config.parse import config_from_dict
 from ..config.schema import Config
 from ..parallel.env import DistEnv
 from ..parallel.launch import launch_local_tasks
+from ..verify.drawhook import RecordDraws
 from .stop import GracefulStop, signal_name
 from .train import run
 
@@ -87,7 +88,8 @@ def train_or_stop(cfg: Config, env: DistEnv, resume: bool = False, stop_at: int 
     """``disttrain train`` on this rank: train, stopping on a signal (see the module docstring). Returns the
     signal number the run stopped for (rank 0 has printed the line that says where), or None."""
     stop = GracefulStop()
-    result = run(cfg, env, resume=resume, stop_at=stop_at, hooks=[stop])
+    # The first step's random draws: one warning if any is not keyed per sample (verify/draws.py).
+    result = run(cfg, env, resume=resume, stop_at=stop_at, hooks=[stop, RecordDraws(steps=1, warn=env.is_main)])
     if stop.signum is not None and env.is_main:
         path = checkpoint_path(cfg.train.out_dir, result.stopped_at)
         print(f"stopped by {signal_name(stop.signum)} at step {result.stopped_at}: checkpoint {path}; continue with "

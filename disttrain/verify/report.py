@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.schema import Config
-from .verdict import C, EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, combine, inconclusive_line, judge
+from .verdict import C, EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, combine
 from .whole import tolerance_key, unclaimed_reason
 
 # The longest segments for which correct and broken runs stayed separated in every regime measured, and what
@@ -34,6 +34,9 @@ class Segment:
     param_bound: float = 0.0  # max(C x noise, floor) of the parameters (0: the floor, no twin)
     loss_bound: float = 0.0  # and of the loss
     verdict: str = EQUIVALENT
+    randomness: str = ""  # draws from a process generator in the reference (draws.describe): no verdict
+    why: str = ""  # why the segment is INCONCLUSIVE (verdict.inconclusive_line)
+    mistakes: int = 0  # mistake twins retrained for this segment (mistakes.py)
 
     def __post_init__(self) -> None:
         self.param_bound = self.param_bound or self.tolerance  # no twin: the floor alone
@@ -106,11 +109,10 @@ class StepwiseReport:
                       "floor)" if noises else "not measured (--uncalibrated: the floors alone)"))
         lines.append(f"retrained {self.steps} steps in {len(self.segments)} segments in {self.seconds:.1f} s "
                      f"({self.reference_dtype} on {self.device}, {self.jobs} process{'es' if self.jobs > 1 else ''})")
-        if self.verdict == INCONCLUSIVE:
+        if self.verdict == INCONCLUSIVE and self.claimed:
             s = next(s for s in self.segments if s.verdict == INCONCLUSIVE)
-            judged = [judge("loss", s.loss_rel_diff, s.loss_noise, s.tolerance),
-                      judge("parameters", s.param_rel_diff, s.param_noise, s.tolerance)]
-            lines.append(f"verdict: {inconclusive_line(judged)} (first in {_name(s)})")
+            why = f"INCONCLUSIVE: {s.randomness}" if s.randomness else s.why or INCONCLUSIVE
+            lines.append(f"verdict: {why} (first in {_name(s)})")
         else:
             lines.append(f"verdict: {self.verdict}: {'every' if self.equivalent else 'not every'} segment of the run "
                          f"in {self.run_dir} matches one process on the global batch (margin {_margin(self.margin)})"
@@ -142,7 +144,9 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
             f"grow past the tolerance in segments of more than {limit} steps (measured: {measured}); checkpoint "
             f"every {limit} steps or fewer to separate correct from broken runs in every regime measured"
             if longest > limit and not calibrated else "")
-    verdict = NOT_EQUIVALENT if reason else combine(s.verdict for s in segments)
+    # Draws from a process generator leave no verdict at all, not even an unclaimed config's.
+    verdict = (INCONCLUSIVE if any(s.randomness for s in segments) else NOT_EQUIVALENT if reason else
+               combine(s.verdict for s in segments))
     return StepwiseReport(run_dir=str(run_dir), dtype=cfg.train.dtype, reference_dtype=reference_dtype,
                           device=device, segments=segments, equivalent=verdict == EQUIVALENT, verdict=verdict,
                           calibrated=calibrated,

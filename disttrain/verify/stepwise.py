@@ -82,8 +82,12 @@ from ..config.identity import continuation_keys, trajectory_differences
 from ..observe.runlog import read_metrics
 from ..run.train import run
 from .report import Segment, StepwiseReport, summarize
+from .drawhook import RecordDraws
+from .draws import describe
+from .mistakes import AsMistake, applicable
 from .twin import RANK_ORDER, SAMPLE_ORDER, AsRanks
-from .verdict import FLOOR, NOT_EQUIVALENT, calibrated_noise, curve_difference, judge_pair, noise
+from .verdict import (CEILING, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, Mistake, calibrated_noise, curve_difference,
+                      inconclusive_line, judge_pair, noise)
 from .whole import precision_name, relative_difference, state_difference, tolerance, tolerance_key
 
 # --------------------------------------------------------------------------- the run's segments
@@ -159,25 +163,43 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
     more as the second twin where the segment is beyond the first one's bound)."""
     target = load_checkpoint(checkpoint_path(run_dir, stop))
     ranks = int(target["world_size"])  # the segment was trained by as many ranks as its closing checkpoint records
-    result = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "reference", ranks)
+    draws = RecordDraws()
+    result = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "reference", ranks, hooks=(draws,))
     ours = _cpu(result.model.state_dict())
     diffs = state_difference(target["model"], ours)
     worst = max(diffs, key=diffs.get)
     loss = curve_difference([losses[start + i] for i in range(len(result.losses))], result.losses, loss_scale)
     optim = _optimizer_difference(_cpu_state(result.optimizer.state_dict()), target["optimizer"])
     floor = segment_floor(cfg, stop - start, twin)
+    common = dict(start=start, stop=stop, world_size=ranks, param_rel_diff=diffs[worst], worst_param=worst,
+                  loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=floor)
+    if draws.draws:  # the twins would measure the draws, not rounding: no verdict on this segment
+        return Segment(**common, passed=True, verdict=INCONCLUSIVE, randomness=describe(draws.draws))
 
-    def twin_noise(kind: str) -> dict[str, float]:
-        other = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "twin", ranks, kind)
+    def twin_noise(kind: str | None, hook: AsMistake | None = None) -> dict[str, float]:
+        other = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "twin", ranks, kind,
+                         () if hook is None else (hook,))
         return noise(_cpu(other.model.state_dict()), other.losses, ours, result.losses, loss_scale)
 
     first = twin_noise(RANK_ORDER) if twin else None
-    judged = judge_pair(loss, diffs[worst], calibrated_noise(first), floor, worst)
+    ceiling = CEILING.get(tolerance_key(cfg.train.dtype, cfg.train.precision, cfg.train.tf32)) if twin else None
+    judged = judge_pair(loss, diffs[worst], calibrated_noise(first), floor, worst, ceiling=ceiling)
+    noises = calibrated_noise(first)
     if judged.wants_second_twin:  # beyond the first twin's bound: the second twin's noise too, the larger decides
-        judged = judge_pair(loss, diffs[worst], calibrated_noise(first, twin_noise(SAMPLE_ORDER)), floor, worst, True)
-    return Segment(start=start, stop=stop, world_size=ranks, param_rel_diff=diffs[worst],
-                   worst_param=worst, loss_rel_diff=loss, optimizer_rel_diff=optim, tolerance=floor,
-                   passed=judged.verdict != NOT_EQUIVALENT, param_noise=judged.params.noise,
+        noises = calibrated_noise(first, twin_noise(SAMPLE_ORDER))
+        judged = judge_pair(loss, diffs[worst], noises, floor, worst, True, ceiling)
+    if judged.wants_mistakes:  # within the bounds: would this segment have shown the known weighting mistakes?
+        mistakes = []
+        for name in applicable(cfg, ranks):
+            hook = AsMistake(name, ranks)
+            moved = twin_noise(None, hook)
+            mistakes.append(Mistake(name, moved["loss"], moved["parameters"], hook.acted))
+            if hook.acted and moved["loss"] <= judged.loss.bound and moved["parameters"] <= judged.params.bound:
+                break
+        judged = judge_pair(loss, diffs[worst], noises, floor, worst, judged.second_twin, ceiling, mistakes)
+    why = inconclusive_line([judged.loss, judged.params], judged.mistakes) if judged.verdict == INCONCLUSIVE else ""
+    return Segment(**common, passed=judged.verdict != NOT_EQUIVALENT, why=why,
+                   mistakes=len(judged.mistakes or ()), param_noise=judged.params.noise,
                    loss_noise=judged.loss.noise, param_bound=judged.params.bound, loss_bound=judged.loss.bound,
                    verdict=judged.verdict)
 
@@ -195,7 +217,7 @@ def segment_floor(cfg: Config, k: int, twin: bool) -> float:
 
 
 def _retrain(cfg: Config, run_dir: Path, start: int, stop: int, reference_dtype: str, env: DistEnv, scratch: Path,
-             ranks: int, twin: str | None = None):
+             ranks: int, twin: str | None = None, hooks: tuple = ()):
     """Steps [start, stop) trained by this process from checkpoint ``start``, read as ``ranks`` ranks read them
     (twin.py): the reference, or a rounding twin (``twin``: twin.RANK_ORDER or twin.SAMPLE_ORDER)."""
     ref_cfg = _reference_config(cfg, str(scratch), reference_dtype, str(env.device.type))
@@ -204,7 +226,7 @@ def _retrain(cfg: Config, run_dir: Path, start: int, stop: int, reference_dtype:
     # A float64 reference continues a float32 checkpoint: load_state_dict widens every tensor exactly.
     allow = frozenset({"train.dtype"}) if reference_dtype != cfg.train.dtype else frozenset()
     return run(ref_cfg, env, console=False, resume=resume, stop_at=stop, allow=allow,
-               hooks=(AsRanks(ranks, twin),))
+               hooks=(AsRanks(ranks, twin), *hooks))
 
 
 def _cpu_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,13 @@ run is called anything but EQUIVALENT, verify trains **the second twin**: the re
 a seeded order (data/batching.py within_batch_order), which also reorders the float32 accumulation inside every
 matmul, a larger perturbation than the run's own; the larger of the two noises decides (verdict.calibrated_noise).
 
+Under ``train.compile`` each Linear/Conv runs its slices inside the compiled code of its block, as each rank runs its
+own slice. Shapes stay static there: the one-process runs compile the same code for other slice layouts (the
+reference, then its twins, then each segment), and dynamo's automatic dynamic shapes would then recompile it with the
+slice sizes as symbols, which inductor's CPU backend cannot lay out (``cannot determine truth value of Relational:
+3*s69*s87 < 3``, measured on configs/demo.yaml at W=2). Each layout gets its own static graph instead: a recompile,
+not a symbolic shape.
+
 Under gradient accumulation the second twin's order moves samples between a rank's micro-batches; the summed loss
 over a fixed divisor (run/step.py) keeps that invariant too, except for batch-norm statistics per micro-batch, a
 config whose equivalence is not claimed anyway (whole.py unclaimed_reason).
@@ -35,6 +42,8 @@ config whose equivalence is not claimed anyway (whole.py unclaimed_reason).
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from ..config.schema import Config
 from ..parallel.env import DistEnv
@@ -56,8 +65,12 @@ class AsRanks(Hook):
         if twin not in (None, *TWINS):
             raise ValueError(f"twin: {twin!r} is none of {TWINS}")
         self.ranks, self.twin = ranks, twin
+        self._dynamic: bool | None = None
 
     def on_start(self, trainer: Trainer) -> None:
+        if trainer.cfg.train.compile:  # static shapes per slice layout (see the module docstring)
+            self._dynamic = torch._dynamo.config.automatic_dynamic_shapes
+            torch._dynamo.config.automatic_dynamic_shapes = False
         batches = trainer.parts.batches
         batches.ranks = self.ranks
         batches.rank_order = tuple(reversed(range(self.ranks))) if self.twin == RANK_ORDER else None
@@ -65,14 +78,20 @@ class AsRanks(Hook):
         if self.ranks > 1 or self.twin is not None:
             chunk_weight_gradients(trainer.parts.sync.model, self.ranks, batches.rank_order)
 
+    def on_end(self, trainer: Trainer) -> None:
+        if self._dynamic is not None:
+            torch._dynamo.config.automatic_dynamic_shapes, self._dynamic = self._dynamic, None
+
 
 def train_reference(cfg: Config, env: DistEnv, ranks: int, twin: str | None = None, resume: bool | str | Path = False,
-                    stop_at: int | None = None, allow: frozenset[str] = frozenset()) -> TrainResult:
+                    stop_at: int | None = None, allow: frozenset[str] = frozenset(), hooks: tuple[Hook, ...] = ()
+                    ) -> TrainResult:
     """Train ``cfg`` in this process (``env``: world size 1) as verify's reference of a ``ranks``-rank run, or as one
-    of its rounding twins (``twin``: RANK_ORDER or SAMPLE_ORDER)."""
+    of its rounding twins (``twin``: RANK_ORDER or SAMPLE_ORDER); ``hooks`` after the one that reads as the ranks
+    (drawhook.RecordDraws, mistakes.AsMistake)."""
     if env.world_size != 1:
         raise RuntimeError("the reference and its rounding twins are one-process runs")
-    return Trainer(cfg, env, (AsRanks(ranks, twin),), console=False).run(resume, stop_at, allow)
+    return Trainer(cfg, env, (AsRanks(ranks, twin), *hooks), console=False).run(resume, stop_at, allow)
 
 
 __all__ = ["AsRanks", "train_reference", "TWIN_ORDER", "RANK_ORDER", "SAMPLE_ORDER", "TWINS"]

@@ -17,15 +17,17 @@ beyond the first twin's bound is judged again with the larger of its noise and t
 it is called anything but EQUIVALENT. The run's verdict:
 
 - NOT EQUIVALENT: a quantity is beyond MARGIN x its bound;
-- INCONCLUSIVE: a quantity lies between its bound and MARGIN x it, or no quantity is quiet enough to show a known
-  mistake (reduce=sum, the plain average on uneven slices, clipping before averaging, per-rank BatchNorm, one
-  dropped all_reduce): each one's C x noise reaches SMALLEST_MISTAKE, the smallest distance such a mistake caused;
-- EQUIVALENT: otherwise (every quantity within its bound, and at least one could have shown a mistake).
+- INCONCLUSIVE: a quantity lies between its bound and MARGIN x it; or a twin's noise is beyond what rounding reaches
+  in the dtype (CEILING: something else moves the runs apart, such as randomness disttrain does not key); or a known
+  mistake that changes this run's numbers would not have been told apart from it: its *mistake twin* (the reference
+  with the mistake emulated, mistakes.py) lies within the bound in both quantities;
+- EQUIVALENT: otherwise (every quantity within its bound, and every mistake measured on this run beyond the bound of
+  at least one quantity: that quantity decided).
 
 Without a twin (``noise`` None, ``verify --uncalibrated``) the fixed tolerances decide alone, with no margin, as verify
 judged before twins: an uncalibrated check.
 
-C, MARGIN, SMALLEST_MISTAKE and FLOOR are measured (tests/measure_verdicts.py, docs/verdicts.md). These functions
+C, MARGIN, FLOOR and CEILING are measured (tests/measure_verdicts.py, docs/verdicts.md). These functions
 need no CLI and no process group: they compare state_dicts and loss curves that are already in memory.
 """
 
@@ -44,10 +46,11 @@ EQUIVALENT, NOT_EQUIVALENT, INCONCLUSIVE = "EQUIVALENT", "NOT EQUIVALENT", "INCO
 # of it otherwise; no correct run came near MARGIN x it.
 C = 4.0  # a correct run lands within C x its twin's noise
 MARGIN = 10.0  # NOT EQUIVALENT: beyond MARGIN x the bound; between the bound and that: INCONCLUSIVE
-# The smallest distance from one device that a known mistake caused in a measured config, per quantity (comm.reduce=avg
-# on B=31 over W=2, fp16 SyncBN CNN: loss 4.6e-4, parameters 1.6e-2): a quantity whose C x noise reaches it could
-# hide such a mistake.
-SMALLEST_MISTAKE = {"loss": 4.5e-4, "parameters": 1.5e-2}
+# The most rounding can carry a twin from its reference, by dtype (None: no ceiling). float64: 1e-6, about 1e10 unit
+# roundoffs and 160x the most a correct run reached (6.1e-9, a chaotic MLP over a 100-step segment; 1.9e-10 over 300
+# steps); a GPT-2 with unkeyed attention dropout measured 1.7e-1. float32 and half precision: none, chaotic training
+# carries their rounding to order 1 (float32, 300 steps: 1.1), where no bound tells rounding from anything else.
+CEILING = {"float64": 1e-6}
 # The floor per step of training, by dtype or autocast precision: the least a verdict allows, should a twin land
 # unusually close to its reference. Whole-run verify: FLOOR; a step-wise segment of k steps: FLOOR * k.
 # tf32 (float32 on CUDA with train.tf32: 10 mantissa bits in matmuls and convolutions): fp16's floor, not measured.
@@ -91,16 +94,17 @@ class Judgement:
     noise: float | None
     floor: float
     verdict: str  # of this quantity: EQUIVALENT (within the bound), NOT EQUIVALENT (beyond MARGIN x it), or
-    # INCONCLUSIVE (in between)
+    # INCONCLUSIVE (in between, or the noise beyond the ceiling)
+    ceiling: float | None = None  # the most rounding can reach in this dtype (CEILING; None: no ceiling)
+
+    @property
+    def not_rounding(self) -> bool:
+        """True: the twin is further from the reference than rounding can carry it."""
+        return self.noise is not None and self.ceiling is not None and self.noise > self.ceiling
 
     @property
     def bound(self) -> float:
         return self.floor if self.noise is None else max(C * self.noise, self.floor)
-
-    @property
-    def sensitive(self) -> bool:
-        """True: a known mistake would stand out of this quantity's noise (no twin: assumed, as before twins)."""
-        return self.noise is None or C * self.noise < SMALLEST_MISTAKE[self.quantity]
 
     @property
     def ratio(self) -> float:
@@ -110,29 +114,66 @@ class Judgement:
         return float("inf") if self.distance > 0 else 0.0
 
 
-def judge(quantity: str, distance: float, noise: float | None, floor: float) -> Judgement:
+def judge(quantity: str, distance: float, noise: float | None, floor: float, ceiling: float | None = None
+          ) -> Judgement:
     """One quantity's verdict. Without a twin (``noise`` None) the floor alone decides, with no margin: the
-    uncalibrated check, as verify judged before twins."""
+    uncalibrated check, as verify judged before twins. A noise beyond ``ceiling`` is not rounding: INCONCLUSIVE,
+    whatever the distance (the bound is not widened to it)."""
     bound = floor if noise is None else max(C * noise, floor)
-    if distance <= bound:
+    if noise is not None and ceiling is not None and noise > ceiling:
+        verdict = INCONCLUSIVE
+    elif distance <= bound:
         verdict = EQUIVALENT
     elif noise is None or distance > MARGIN * bound:
         verdict = NOT_EQUIVALENT
     else:
         verdict = INCONCLUSIVE
-    return Judgement(quantity, distance, noise, floor, verdict)
+    return Judgement(quantity, distance, noise, floor, verdict, ceiling)
 
 
-def overall(judgements: Sequence[Judgement]) -> str:
-    """NOT EQUIVALENT if any quantity is; INCONCLUSIVE if any lies between its bound and MARGIN x it, or if no
-    quantity is quiet enough to show a known mistake (each one's C x noise reaches SMALLEST_MISTAKE); else
-    EQUIVALENT."""
+@dataclass(frozen=True)
+class Mistake:
+    """A mistake twin measured (mistakes.py): how far the mistake moved the reference, per quantity; ``acted``
+    False: it left this run's numbers unchanged (e.g. the plain average on an even split), nothing to tell apart."""
+
+    name: str
+    loss: float
+    parameters: float
+    acted: bool = True
+
+    def told_apart_by(self, judgements: Sequence[Judgement]) -> list[str]:
+        """The quantities in which this mistake lies beyond the bound (it would not have been called EQUIVALENT)."""
+        return [j.quantity for j in judgements if getattr(self, j.quantity) > j.bound]
+
+
+def overall(judgements: Sequence[Judgement], mistakes: Sequence[Mistake] | None = None) -> str:
+    """NOT EQUIVALENT if any quantity is (the noise within its ceiling); INCONCLUSIVE if any lies between its bound
+    and MARGIN x it or its noise is beyond the ceiling, or if a mistake twin that acted is within the bound of every
+    quantity; else EQUIVALENT. ``mistakes`` None: the sensitivity was not measured (not required)."""
     verdicts = {j.verdict for j in judgements}
-    if NOT_EQUIVALENT in verdicts:
+    if NOT_EQUIVALENT in verdicts and not any(j.not_rounding for j in judgements):
         return NOT_EQUIVALENT
-    if INCONCLUSIVE in verdicts or not any(j.sensitive for j in judgements):
+    if verdicts - {EQUIVALENT}:
+        return INCONCLUSIVE
+    if any(m.acted and not m.told_apart_by(judgements) for m in mistakes or ()):
         return INCONCLUSIVE
     return EQUIVALENT
+
+
+def decided_line(judgements: Sequence[Judgement], mistakes: Sequence[Mistake]) -> str:
+    """Which quantity showed that the mistakes measured on this run would stand out, and why another was blind."""
+    acted = [m for m in mistakes if m.acted]
+    if not acted:
+        return "sensitivity: no known weighting mistake changes this run's numbers"
+    seeing = [j.quantity for j in judgements if all(j.quantity in m.told_apart_by(judgements) for m in acted)]
+    blind = [(j, min(acted, key=lambda m: getattr(m, j.quantity) / j.bound)) for j in judgements
+             if j.quantity not in seeing]
+    names = ", ".join(m.name for m in acted)
+    line = f"sensitivity: decided by {' and '.join(seeing) or 'neither quantity alone'} ({names} measured on this run)"
+    for j, m in blind:
+        line += (f"; the {j.quantity} are blind: {m.name} moves them by {getattr(m, j.quantity):.2e}, within their "
+                 f"bound {j.bound:.2e}")
+    return line
 
 
 def combine(verdicts: Iterable[str]) -> str:
@@ -142,18 +183,26 @@ def combine(verdicts: Iterable[str]) -> str:
     return next((v for v in (NOT_EQUIVALENT, INCONCLUSIVE) if v in seen), EQUIVALENT)
 
 
-def inconclusive_line(judgements: Sequence[Judgement]) -> str:
-    """Why a verdict is INCONCLUSIVE, in one line: the noise, and the smallest known mistake's size."""
+def inconclusive_line(judgements: Sequence[Judgement], mistakes: Sequence[Mistake] | None = None) -> str:
+    """Why a verdict is INCONCLUSIVE, in one line: noise that is not rounding, a distance between the bound and the
+    margin, or a mistake this run would not have told apart."""
+    loud = [j for j in judgements if j.not_rounding]
+    if loud:
+        j = max(loud, key=lambda j: j.noise / j.ceiling)
+        return (f"INCONCLUSIVE: the twin is {j.noise:.2e} from the reference in the {j.quantity}, beyond the "
+                f"{j.ceiling:.0e} that rounding reaches in this dtype: something other than summation order moves "
+                "these runs apart (randomness from a process generator, a non-deterministic kernel), so no verdict")
     between = [j for j in judgements if j.verdict == INCONCLUSIVE]
     if between:
         j = max(between, key=lambda j: j.ratio)
         return (f"INCONCLUSIVE: the {j.quantity} differ by {j.distance:.2e}, {j.ratio:.3g}x the bound max({C:g} x "
                 f"noise {j.noise:.2e}, floor {j.floor:.0e}): beyond what rounding explains, but not by the {MARGIN:g}x "
                 "margin of a mistake")
-    j = min(judgements, key=lambda j: C * (j.noise or 0.0) / SMALLEST_MISTAKE[j.quantity])
-    return (f"INCONCLUSIVE: the run's own rounding noise is {j.noise:.2e} in the {j.quantity} (reference vs its "
-            f"twin); {C:g} x that reaches {SMALLEST_MISTAKE[j.quantity]:.1e}, the smallest known mistake's size, so a "
-            "mistake could hide in it (verify fewer steps, or step-wise with shorter segments)")
+    m = next(m for m in mistakes or () if m.acted and not m.told_apart_by(judgements))
+    parts = ", ".join(f"{j.quantity} {getattr(m, j.quantity):.2e} within {j.bound:.2e}" for j in judgements)
+    return (f"INCONCLUSIVE: the run's own rounding noise could hide {m.name}: on this run it moves the reference by "
+            f"{parts} (the bounds, {C:g} x the twin's noise or the floor), so it would not have been told apart "
+            "(verify fewer steps, or step-wise with shorter segments)")
 
 
 @dataclass(frozen=True)
@@ -165,13 +214,21 @@ class Comparison:
     worst_param: str
     verdict: str
     second_twin: bool = False  # the noise is the larger of two twins' (the run was beyond the first twin's bound)
+    mistakes: tuple[Mistake, ...] | None = None  # the mistake twins measured (None: not measured)
+
+    @property
+    def wants_mistakes(self) -> bool:
+        """True when the run is within its bounds and calibrated but the mistake twins have not run: before it is
+        called EQUIVALENT, they show whether this run could have told the known mistakes apart (mistakes.py)."""
+        return (self.mistakes is None and self.verdict == EQUIVALENT
+                and all(j.noise is not None for j in (self.loss, self.params)))
 
     @property
     def wants_second_twin(self) -> bool:
         """True when the first twin's noise puts a quantity beyond its bound: before a run is called anything but
         EQUIVALENT, the second twin (twin.py) measures the noise again, and the larger of the two decides."""
-        return not self.second_twin and any(j.noise is not None and j.distance > j.bound
-                                            for j in (self.loss, self.params))
+        return (not self.second_twin and not any(j.not_rounding for j in (self.loss, self.params))
+                and any(j.noise is not None and j.distance > j.bound for j in (self.loss, self.params)))
 
 
 def noise(twin_state: dict[str, torch.Tensor], twin_losses: Sequence[float], ref_state: dict[str, torch.Tensor],
@@ -192,18 +249,20 @@ def calibrated_noise(first: dict[str, float] | None, second: dict[str, float] | 
 
 
 def judge_pair(loss_distance: float, param_distance: float, noises: dict[str, float | None], floor: float,
-               worst_param: str = "", second_twin: bool = False) -> Comparison:
-    """The loss and parameter judgements and their verdict, from distances and noises already measured."""
-    loss = judge("loss", loss_distance, noises["loss"], floor)
-    params = judge("parameters", param_distance, noises["parameters"], floor)
-    return Comparison(loss=loss, params=params, worst_param=worst_param, verdict=overall([loss, params]),
-                      second_twin=second_twin)
+               worst_param: str = "", second_twin: bool = False, ceiling: float | None = None,
+               mistakes: Sequence[Mistake] | None = None) -> Comparison:
+    """The loss and parameter judgements and their verdict, from distances, noises and mistakes already measured."""
+    loss = judge("loss", loss_distance, noises["loss"], floor, ceiling)
+    params = judge("parameters", param_distance, noises["parameters"], floor, ceiling)
+    return Comparison(loss=loss, params=params, worst_param=worst_param, verdict=overall([loss, params], mistakes),
+                      second_twin=second_twin, mistakes=None if mistakes is None else tuple(mistakes))
 
 
 def compare(state: dict[str, torch.Tensor], losses: Sequence[float], ref_state: dict[str, torch.Tensor],
             ref_losses: Sequence[float], floor: float, twin_state: dict[str, torch.Tensor] | None = None,
             twin_losses: Sequence[float] | None = None, second_state: dict[str, torch.Tensor] | None = None,
-            second_losses: Sequence[float] | None = None) -> Comparison:
+            second_losses: Sequence[float] | None = None, ceiling: float | None = None,
+            mistakes: Sequence[Mistake] | None = None) -> Comparison:
     """Judge a run (``state``, ``losses``) against a reference, calibrated by the reference's twin (and by the larger
     of its noise and the second twin's, when that is given: twin.py).
 
@@ -216,10 +275,11 @@ def compare(state: dict[str, torch.Tensor], losses: Sequence[float], ref_state: 
     second = None if second_state is None or first is None else noise(second_state, second_losses, ref_state,
                                                                        ref_losses)
     return judge_pair(curve_difference(losses, ref_losses), diffs[worst] if diffs else 0.0,
-                      calibrated_noise(first, second), floor, worst, second is not None)
+                      calibrated_noise(first, second), floor, worst, second is not None, ceiling, mistakes)
 
 
-__all__ = ["EQUIVALENT", "NOT_EQUIVALENT", "INCONCLUSIVE", "C", "MARGIN", "SMALLEST_MISTAKE", "FLOOR", "EXIT_CODES",
-           "Judgement", "Comparison", "judge", "judge_pair", "overall", "combine", "compare", "noise",
+__all__ = ["EQUIVALENT", "NOT_EQUIVALENT", "INCONCLUSIVE", "C", "MARGIN", "CEILING", "FLOOR", "EXIT_CODES",
+           "Judgement", "Mistake", "Comparison", "judge", "judge_pair", "overall", "combine", "compare", "noise",
+           "decided_line",
            "calibrated_noise", "relative_difference", "state_difference",
            "curve_difference", "inconclusive_line"]

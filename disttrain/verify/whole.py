@@ -47,8 +47,12 @@ from ..errors import ConfigError
 from ..config.identity import trajectory_differences
 from ..run.tasks import launch_local
 from ..observe.runlog import read_metrics
+from .drawhook import RecordDraws
+from .draws import describe
+from .mistakes import AsMistake, applicable
 from .twin import RANK_ORDER, SAMPLE_ORDER, train_reference
-from .verdict import C, EQUIVALENT, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, compare, inconclusive_line, judge
+from .verdict import (C, CEILING, EQUIVALENT, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, Mistake, compare, decided_line,
+                      inconclusive_line, noise)
 # Where they were defined before verdicts were calibrated; stepwise.py and users' scripts import them from here.
 from .verdict import relative_difference, state_difference  # noqa: F401
 
@@ -110,6 +114,11 @@ class VerifyReport:
     c: float = C
     second_twin: bool = False  # the noise is the larger of two twins' (the run was beyond the first twin's bound)
     wants_second_twin: bool = False  # beyond the first twin's bound, and the second twin has not run yet
+    randomness: str = ""  # draws from a process generator in the reference (draws.describe): no verdict on them
+    ceiling: float | None = None  # the most rounding reaches in this dtype (verdict.CEILING)
+    mistakes: list[dict] | None = None  # the mistake twins measured: name, loss, parameters, acted (None: not run)
+    wants_mistakes: bool = False  # within the bounds, and the mistake twins have not run yet
+    why: str = ""  # the verdict line's reason (INCONCLUSIVE), or which quantity decided (EQUIVALENT)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -122,6 +131,11 @@ class VerifyReport:
                          f"  {s['rel_diff']:>9.2e}")
         if not self.claimed:
             lines.append(f"note: {self.reason}")
+        if self.randomness:
+            return "\n".join(lines + [
+                f"max relative loss difference:      {self.max_loss_rel_diff:.3e}",
+                f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
+                f"verdict: INCONCLUSIVE: {self.randomness}"])
         lines += [
             f"max relative loss difference:      {self.max_loss_rel_diff:.3e}",
             f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
@@ -132,11 +146,14 @@ class VerifyReport:
             (f"bound, max({self.c:g} x noise, floor): " if self.calibrated else "bound, the fixed tolerance: ")
             + f"loss {self.loss_bound:.3e}, parameters {self.param_bound:.3e}",
         ]
-        if self.verdict == INCONCLUSIVE:
-            judged = [judge("loss", self.max_loss_rel_diff, self.loss_noise, self.floor),
-                      judge("parameters", self.max_param_rel_diff, self.param_noise, self.floor)]
-            lines.append(f"verdict: {inconclusive_line(judged)}")
+        for m in self.mistakes or ():
+            lines.append(f"mistake twin, {m['name']}: loss {m['loss']:.3e}, parameters {m['parameters']:.3e}"
+                         + ("" if m["acted"] else " (it leaves this run's numbers unchanged)"))
+        if self.verdict == INCONCLUSIVE and self.claimed:
+            lines.append(f"verdict: {self.why}")
         else:
+            if self.why:
+                lines.append(self.why)
             match = self.verdict == EQUIVALENT
             lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} one process "
                          "on the global batch" + ("" if self.calibrated else
@@ -145,16 +162,19 @@ class VerifyReport:
 
 
 def compare_runs(cfg: Config, dist_dir: Path, ref_dir: Path, twin_dir: Path | None = None,
-                 second_twin_dir: Path | None = None) -> VerifyReport:
+                 second_twin_dir: Path | None = None, mistakes: list[Mistake] | None = None,
+                 randomness: str = "") -> VerifyReport:
     """Compare the runs in ``dist_dir`` and ``ref_dir`` (each: final.pt, metrics.jsonl), calibrated by the twin
     in ``twin_dir`` (None: the fixed tolerance alone, uncalibrated), or by the larger of its noise and the second
-    twin's in ``second_twin_dir`` (twin.py)."""
+    twin's in ``second_twin_dir`` (twin.py); ``mistakes``: the mistake twins measured (mistakes.py);
+    ``randomness``: the reference drew from a process generator (draws.describe's line): INCONCLUSIVE."""
     dist_ckpt, ref_ckpt = load_final(dist_dir / "final.pt"), load_final(ref_dir / "final.pt")
     twins = [_final_run(d) for d in (twin_dir, second_twin_dir)]
     return compare_states(dist_ckpt["world_size"], dist_ckpt["model"], ref_ckpt["model"],
                           [m["loss"] for m in read_metrics(dist_dir)], [m["loss"] for m in read_metrics(ref_dir)],
                           dtype=cfg.train.dtype, precision=cfg.train.precision, tf32=cfg.train.tf32,
-                          reason=unclaimed_reason(cfg), twin=twins[0], second_twin=twins[1])
+                          reason=unclaimed_reason(cfg), twin=twins[0], second_twin=twins[1], mistakes=mistakes,
+                          randomness=randomness)
 
 
 Run = tuple[dict[str, torch.Tensor], list[float]]  # a final state and its loss curve
@@ -173,14 +193,16 @@ _DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat1
 def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor],
                    dist_losses: list[float], ref_losses: list[float], *, dtype: str | None = None,
                    precision: str = "fp32", tf32: bool = False, rtol: float | None = None, reason: str = "",
-                   twin: Run | None = None, second_twin: Run | None = None) -> VerifyReport:
+                   twin: Run | None = None, second_twin: Run | None = None, mistakes: list[Mistake] | None = None,
+                   randomness: str = "") -> VerifyReport:
     """The verdict on two final states and their loss curves (``disttrain verify``, and disttrain.testing's
     assert_equivalent). ``dtype``: the row of the tolerance tables (default: the dtype of the state's first floating
     tensor). With a rounding twin (``twin``: its final state and loss curve, the reference in another summation
     order, twin.py) the verdict is calibrated by its distance, the run's own rounding noise, over the dtype's floor
     (verdict.py), or by the larger of its and the ``second_twin``'s, when given; without one the fixed
     whole-run tolerance decides alone (uncalibrated). ``rtol`` replaces the floor or tolerance; ``reason``: why
-    equivalence is not claimed at all."""
+    equivalence is not claimed at all; ``mistakes``: the mistake twins measured on this run (verdict.Mistake; None:
+    the sensitivity is not required); ``randomness``: why the runs draw differently (INCONCLUSIVE whatever else)."""
     if len(dist_losses) != len(ref_losses):
         raise ValueError(f"the runs logged {len(dist_losses)} and {len(ref_losses)} losses: not the same steps")
     if dtype is None:
@@ -192,14 +214,19 @@ def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_sta
         floor = FLOOR[tolerance_key(dtype, precision, tf32)]
     else:
         floor = run_tolerance(dtype, precision, tf32)
+    key = tolerance_key(dtype, precision, tf32)
+    ceiling = CEILING.get(key) if calibrated and rtol is None else None
     result = compare(dist_state, dist_losses, ref_state, ref_losses, floor, *(twin or (None, None)),
-                     *(second_twin or (None, None)))
+                     *(second_twin or (None, None)), ceiling=ceiling, mistakes=mistakes)
     # Like tensors, the loss curve is compared relative to its largest value: a per-step relative difference
     # is ill-conditioned where a converging loss approaches zero.
     scale = max(max((abs(r) for r in ref_losses), default=0.0), 1e-300)
     steps = [{"step": i, "loss_distributed": d, "loss_reference": r, "rel_diff": abs(d - r) / scale}
              for i, (d, r) in enumerate(zip(dist_losses, ref_losses, strict=True))]
-    verdict = NOT_EQUIVALENT if reason else result.verdict
+    verdict = INCONCLUSIVE if randomness else NOT_EQUIVALENT if reason else result.verdict
+    judged = [result.loss, result.params]
+    why = (inconclusive_line(judged, mistakes) if verdict == INCONCLUSIVE and not randomness else
+           decided_line(judged, mistakes) if verdict == EQUIVALENT and mistakes is not None else "")
     return VerifyReport(world_size=world_size, dtype=precision_name(dtype, precision),
                         tolerance=floor, steps=steps, max_loss_rel_diff=result.loss.distance,
                         max_param_rel_diff=result.params.distance, worst_param=result.worst_param,
@@ -207,7 +234,10 @@ def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_sta
                         calibrated=calibrated, loss_noise=result.loss.noise,
                         param_noise=result.params.noise, floor=floor, loss_bound=result.loss.bound,
                         param_bound=result.params.bound, second_twin=result.second_twin,
-                        wants_second_twin=calibrated and second_twin is None and result.wants_second_twin)
+                        wants_second_twin=calibrated and second_twin is None and result.wants_second_twin,
+                        randomness=randomness, ceiling=ceiling, why=why,
+                        mistakes=None if mistakes is None else [dataclasses.asdict(m) for m in mistakes],
+                        wants_mistakes=not randomness and not reason and result.wants_mistakes)
 
 
 def unclaimed_reason(cfg: Config) -> str:
@@ -252,16 +282,40 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None, twin: bo
     with distributed(device, ref_cfg.comm.timeout_s) as env:
         if env.world_size != 1:
             raise RuntimeError("the reference run must be a single process")
-        train_reference(ref_cfg, env, ranks)
+        draws = RecordDraws()  # every step of the reference: a draw may start late
+        train_reference(ref_cfg, env, ranks, hooks=(draws,))
+        for name in ("twin", "twin2", *(f"mistake{i}" for i in range(3))):  # an earlier verify's, not this verdict's
+            shutil.rmtree(root / name, ignore_errors=True)
+        if draws.draws:  # the twins would measure the draws, not rounding: no verdict, whatever the distance
+            return compare_runs(cfg, dist_dir, ref_dir, randomness=describe(draws.draws))
         if not twin:
             return compare_runs(cfg, dist_dir, ref_dir)
         train_reference(_with_out_dir(cfg, root / "twin"), env, ranks, RANK_ORDER)
-        report = compare_runs(cfg, dist_dir, ref_dir, root / "twin")
-        if not report.wants_second_twin:
-            shutil.rmtree(root / "twin2", ignore_errors=True)  # an earlier verify's, not this verdict's
+        twins = [root / "twin"]
+        report = compare_runs(cfg, dist_dir, ref_dir, *twins)
+        if report.wants_second_twin:
+            train_reference(_with_out_dir(cfg, root / "twin2"), env, ranks, SAMPLE_ORDER)
+            twins.append(root / "twin2")
+            report = compare_runs(cfg, dist_dir, ref_dir, *twins)
+        if not report.wants_mistakes:
             return report
-        train_reference(_with_out_dir(cfg, root / "twin2"), env, ranks, SAMPLE_ORDER)
-    return compare_runs(cfg, dist_dir, ref_dir, root / "twin", root / "twin2")
+        mistakes = mistake_twins(cfg, root, env, ranks, report)
+    return compare_runs(cfg, dist_dir, ref_dir, *twins, mistakes=mistakes)
+
+
+def mistake_twins(cfg: Config, root: Path, env, ranks: int, report: VerifyReport) -> list[Mistake]:
+    """The reference trained with each weighting mistake that applies (mistakes.py), into root/mistake0, 1, ...,
+    each measured against root/reference; it stops at the first one the run's bounds would not tell apart."""
+    ref = _final_run(root / "reference")
+    found = []
+    for i, name in enumerate(applicable(cfg, ranks)):
+        hook = AsMistake(name, ranks)
+        train_reference(_with_out_dir(cfg, root / f"mistake{i}"), env, ranks, hooks=(hook,))
+        moved = noise(*_final_run(root / f"mistake{i}"), *ref)
+        found.append(Mistake(name, moved["loss"], moved["parameters"], hook.acted))
+        if hook.acted and moved["loss"] <= report.loss_bound and moved["parameters"] <= report.param_bound:
+            break
+    return found
 
 
 def _check_comparable(cfg: Config, run_dir: Path) -> None:
