@@ -172,7 +172,7 @@ def test_report_lines_and_json(tmp_path):
 def test_verify_trains_the_second_twin_only_beyond_the_first_bound(tmp_path, monkeypatch):
     """verify(): the reference and the rank-order twin always; the sample-order twin only when the run is beyond the
     first twin's bound, and then the larger noise decides (here: EQUIVALENT after all)."""
-    from disttrain.verify import whole
+    from disttrain.verify import mistakes, whole
 
     w = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
     trained = []
@@ -187,6 +187,7 @@ def test_verify_trains_the_second_twin_only_beyond_the_first_bound(tmp_path, mon
 
     monkeypatch.setattr(whole, "launch_local", fake_launch)
     monkeypatch.setattr(whole, "train_reference", fake_reference)
+    monkeypatch.setattr(mistakes, "train_reference", fake_reference)
     cfg = load_config(None, ["train.dtype=float32", f"train.out_dir={tmp_path}"])
     for run_scale, second in ((1 + 2e-3, True), (1 + 2e-6, False)):
         trained.clear()

@@ -25,14 +25,21 @@ run by 3x its bound or more where they acted (docs/verdicts.md), and their emula
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
+from ..checkpoint.format import load_final
 from ..config.schema import Config
+from ..observe.runlog import read_metrics
+from ..parallel.env import DistEnv
 from ..data.batching import rank_parts
 from ..run.loss import IGNORE_INDEX, TOKEN_LOSSES
 from ..run.train import Hook, Trainer
+from .twin import train_reference
+from .verdict import Mistake, noise
 
 SUM, AVG, MICRO_MEANS = "comm.reduce=sum", "comm.reduce=avg", "per-micro-batch token means"
 
@@ -123,4 +130,25 @@ class AsMistake(Hook):
         return output
 
 
-__all__ = ["AsMistake", "applicable", "SUM", "AVG", "MICRO_MEANS"]
+def mistake_twins(cfg: Config, root: Path, env: DistEnv, ranks: int, bounds: tuple[float, float]) -> list[Mistake]:
+    """whole.verify's mistake twins: the reference trained with each weighting mistake that applies, into
+    root/mistake0, 1, ..., each measured against root/reference; it stops at the first one that the run's ``bounds``
+    (loss, parameters) would not tell apart."""
+    ref = _final_run(root / "reference")
+    found = []
+    for i, name in enumerate(applicable(cfg, ranks)):
+        hook = AsMistake(name, ranks)
+        train_reference(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(root / f"mistake{i}"))), env, ranks, hooks=(hook,))
+        moved = noise(*_final_run(root / f"mistake{i}"), *ref)
+        found.append(Mistake(name, moved["loss"], moved["parameters"], hook.acted))
+        if hook.acted and moved["loss"] <= bounds[0] and moved["parameters"] <= bounds[1]:
+            break
+    return found
+
+
+
+def _final_run(run_dir: Path) -> tuple[dict[str, torch.Tensor], list[float]]:
+    return load_final(run_dir / "final.pt")["model"], [r["loss"] for r in read_metrics(run_dir)]
+
+
+__all__ = ["AsMistake", "applicable", "mistake_twins", "SUM", "AVG", "MICRO_MEANS"]

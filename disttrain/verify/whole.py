@@ -49,10 +49,10 @@ from ..run.tasks import launch_local
 from ..observe.runlog import read_metrics
 from .drawhook import RecordDraws
 from .draws import describe
-from .mistakes import AsMistake, applicable
+from .mistakes import mistake_twins
 from .twin import RANK_ORDER, SAMPLE_ORDER, train_reference
 from .verdict import (C, CEILING, EQUIVALENT, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, Mistake, compare, decided_line,
-                      inconclusive_line, noise)
+                      inconclusive_line)
 # Where they were defined before verdicts were calibrated; stepwise.py and users' scripts import them from here.
 from .verdict import relative_difference, state_difference  # noqa: F401
 
@@ -299,23 +299,8 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None, twin: bo
             report = compare_runs(cfg, dist_dir, ref_dir, *twins)
         if not report.wants_mistakes:
             return report
-        mistakes = mistake_twins(cfg, root, env, ranks, report)
+        mistakes = mistake_twins(cfg, root, env, ranks, (report.loss_bound, report.param_bound))
     return compare_runs(cfg, dist_dir, ref_dir, *twins, mistakes=mistakes)
-
-
-def mistake_twins(cfg: Config, root: Path, env, ranks: int, report: VerifyReport) -> list[Mistake]:
-    """The reference trained with each weighting mistake that applies (mistakes.py), into root/mistake0, 1, ...,
-    each measured against root/reference; it stops at the first one the run's bounds would not tell apart."""
-    ref = _final_run(root / "reference")
-    found = []
-    for i, name in enumerate(applicable(cfg, ranks)):
-        hook = AsMistake(name, ranks)
-        train_reference(_with_out_dir(cfg, root / f"mistake{i}"), env, ranks, hooks=(hook,))
-        moved = noise(*_final_run(root / f"mistake{i}"), *ref)
-        found.append(Mistake(name, moved["loss"], moved["parameters"], hook.acted))
-        if hook.acted and moved["loss"] <= report.loss_bound and moved["parameters"] <= report.param_bound:
-            break
-    return found
 
 
 def _check_comparable(cfg: Config, run_dir: Path) -> None:
