@@ -11,6 +11,9 @@ comm.reduce=avg on an uneven split, clipping before averaging (max_norm 0.1, bel
 per-rank BatchNorm (models with BatchNorm), rank 0 dropping one step's all_reduce. A broken run's reference is its
 own config on one process, where the mistake cannot act: what ``disttrain verify`` of that config would compare.
 Step-wise cases are trained with a checkpoint every k steps and retrained segment by segment, each against its twins.
+Where a run is within its bounds, the mistake twins (verify/mistakes.py) measure whether it could have told the
+weighting mistakes apart, as verify does; the reference records draws from a process generator (verify/draws.py).
+The randomness cases (GPT-2 with its default attention dropout, a user's F.dropout) must come out INCONCLUSIVE.
 Results are appended to OUT/results.jsonl as they come (the table is printed from it), so an interrupted
 measurement keeps what it measured. Interrupted (Ctrl-C, SIGTERM), it closes its worker pools before it exits.
 """
@@ -29,6 +32,9 @@ import torch
 from disttrain.config import load_config
 from disttrain.parallel.env import distributed
 from disttrain.verify import verdict as V
+from disttrain.verify.drawhook import RecordDraws
+from disttrain.verify.draws import describe
+from disttrain.verify.mistakes import mistake_twins
 from disttrain.verify.stepwise import check_segments
 from disttrain.verify.twin import RANK_ORDER, SAMPLE_ORDER, train_reference
 from disttrain.verify.whole import compare_runs
@@ -45,6 +51,12 @@ RESNET = ["model.name=examples.resnet:resnet", "model.norm=syncbn",
 WHY_BF16 = ["model.name=cnn", "model.norm=syncbn", "model.hidden=16", "seed=4", "optim.lr=0.05", "optim.momentum=0.9"]
 WHY_FP16 = ["model.name=mlp", "model.hidden=32", "optim.name=adamw", "optim.lr=0.01", "clip.mode=norm",
             "clip.max_norm=1.0"]
+# Token models: GPT-2 (transformers, tiny) with its default dropout, and without attention dropout; B=31 over W=3.
+TOKENS = ["train.loss=token_cross_entropy", "data.name=tests.factories:padded_tokens", "data.num_classes=13",
+          "optim.name=adamw", "optim.lr=0.01"]
+GPT2_DROPOUT = ["model.name=tests.random_models:gpt2", "model.kwargs={width: 32, layers: 2}", *TOKENS]
+GPT2 = ["model.name=tests.random_models:gpt2", "model.kwargs={width: 32, layers: 2, attn_pdrop: 0.0}", *TOKENS]
+F_DROPOUT = ["model.name=tests.random_models:functional_dropout", "optim.lr=0.05"]
 PRECISION = {"float64": ["train.dtype=float64"], "float32": ["train.dtype=float32"],
              "bf16": ["train.dtype=float32", "train.precision=bf16"],
              "fp16": ["train.dtype=float32", "train.precision=fp16"]}
@@ -82,6 +94,15 @@ CASES = {
     "stepwise-chaotic-f32-w4-k50": (CHAOTIC, "float32", 4, 30, 100, 50),
     "stepwise-syncbn-bf16-w2-k1": (SYNCBN, "bf16", 2, 31, 12, 1),
     "stepwise-chaotic-f64-w3-k50": (CHAOTIC, "float64", 3, 31, 100, 50),
+    # Randomness disttrain does not key: INCONCLUSIVE, correct and broken alike.
+    "gpt2-dropout-f64-w3": (GPT2_DROPOUT, "float64", 3, 31, 8, None),
+    "fdropout-f32-w2": (F_DROPOUT, "float32", 2, 32, 10, None),
+    "stepwise-fdropout-f64-w2-k5": (F_DROPOUT, "float64", 2, 31, 10, 5),
+    # Sensitivity: GPT-2 without attention dropout (its nn.Dropout layers keyed), Adam, uneven token counts.
+    "gpt2-f64-w3": (GPT2, "float64", 3, 31, 8, None),
+    "gpt2-f32-w3": (GPT2, "float32", 3, 31, 8, None),
+    "gpt2-bf16-w2": (GPT2, "bf16", 2, 31, 8, None),
+    "stepwise-gpt2-f32-w3-k4": (GPT2, "float32", 3, 31, 8, 4),
 }
 
 
@@ -89,7 +110,7 @@ def broken_variants(model: list[str], world_size: int, batch: int, steps: int, k
     """name -> (extra overrides, skip): the known mistakes that can act on this case."""
     act = steps // 2 if k is None else k * (steps // k // 2)  # a dropped all_reduce: the first step of a segment
     variants = {"reduce=sum": (["comm.reduce=sum"], None)}
-    if batch % world_size:
+    if batch % world_size or "train.loss=token_cross_entropy" in model:  # token counts differ per rank
         variants["avg, uneven slices"] = (["comm.reduce=avg"], None)
     variants["clip before average"] = (["clip.mode=norm", "clip.max_norm=0.1", "clip.before_average=true",
                                         "comm.impl=allreduce"], None)
@@ -121,14 +142,20 @@ class Measure:
         row = {"case": name, "variant": variant, "precision": precision, "world_size": world_size, "batch": batch,
                "steps": steps, "k": k, "model": model[0].split("=")[1]}
         if k is None:
+            draws = RecordDraws()
             with distributed("cpu", 120) as env:
-                train_reference(self.config(base, steps, k, root / "reference"), env, world_size)
+                train_reference(self.config(base, steps, k, root / "reference"), env, world_size, hooks=(draws,))
                 for kind, name in ((RANK_ORDER, "twin"), (SAMPLE_ORDER, "twin2")):
                     train_reference(self.config(base, steps, k, root / name), env, world_size, kind)
-            first = compare_runs(cfg, root / "distributed", root / "reference", root / "twin")
-            # The second twin counts only where verify trains it: the run beyond the first twin's bound.
-            report = (compare_runs(cfg, root / "distributed", root / "reference", root / "twin", root / "twin2")
-                      if first.wants_second_twin else first)
+                row["randomness"] = describe(draws.draws) if draws.draws else ""
+                first = compare_runs(cfg, root / "distributed", root / "reference", root / "twin")
+                # The second twin counts only where verify trains it: the run beyond the first twin's bound.
+                twins = [root / "twin", root / "twin2"] if first.wants_second_twin else [root / "twin"]
+                report = compare_runs(cfg, root / "distributed", root / "reference", *twins)
+                if report.wants_mistakes:  # within the bounds: the mistake twins, as verify runs them
+                    found = mistake_twins(self.config(base, steps, k, root / "m"), root, env, world_size,
+                                          (report.loss_bound, report.param_bound))
+                    row["mistakes"] = [[m.name, m.loss, m.parameters, m.acted] for m in found]
             second = compare_runs(cfg, root / "twin2", root / "reference", root / "twin")  # its noise, shown apart
             row["items"] = [[report.max_param_rel_diff, report.param_noise, report.floor],
                             [report.max_loss_rel_diff, report.loss_noise, report.floor]]
@@ -139,6 +166,9 @@ class Measure:
             checked = check_segments(cfg, root / "distributed", segments, cfg.train.dtype)
             row["items"] = [[s.param_rel_diff, s.param_noise, s.tolerance] for s in checked]
             row["items"] += [[s.loss_rel_diff, s.loss_noise, s.tolerance] for s in checked]
+            row["segment_verdicts"] = [s.verdict for s in checked]  # with each segment's mistake twins
+            row["randomness"] = next((s.randomness for s in checked if s.randomness), "")
+            row["mistake_twins"] = sum(s.mistakes for s in checked)
         row["seconds"] = round(time.perf_counter() - started, 1)
         with open(self.out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -154,15 +184,26 @@ def judged(row: dict) -> list[list[V.Judgement]]:
     the constants of verify/verdict.py as they are now (the floors from FLOOR, not the ones recorded)."""
     items, k = row["items"], row["k"]
     floor = V.FLOOR[row["precision"]] * (k or 1)
+    ceiling = V.CEILING.get(row["precision"])
     half = len(items) // 2
-    return [[V.judge("parameters", p[0], p[1], floor), V.judge("loss", l[0], l[1], floor)]
+    return [[V.judge("parameters", p[0], p[1] if p[1] is not None else 0.0, floor, ceiling),
+             V.judge("loss", l[0], l[1] if l[1] is not None else 0.0, floor, ceiling)]
             for p, l in zip(items[:half], items[half:])]
+
+
+def mistakes_of(row: dict) -> list[V.Mistake] | None:
+    return None if "mistakes" not in row else [V.Mistake(*m) for m in row["mistakes"]]
 
 
 def verdict_of(row: dict) -> tuple[str, float]:
     """The verdict of a measured case and its largest distance / bound."""
     parts = judged(row)
-    return V.combine(V.overall(pair) for pair in parts), max(j.ratio for pair in parts for j in pair)
+    ratio = max(j.ratio for pair in parts for j in pair)
+    if row.get("randomness"):
+        return V.INCONCLUSIVE, ratio
+    if "segment_verdicts" in row:  # step-wise: each segment judged with its own mistake twins
+        return V.combine(row["segment_verdicts"]), ratio
+    return V.combine(V.overall(pair, mistakes_of(row)) for pair in parts), ratio
 
 
 def table(rows: list[dict]) -> str:
@@ -179,7 +220,7 @@ def table(rows: list[dict]) -> str:
     correct = [r for r in rows if r["variant"] == "correct"]
     broken = [r for r in rows if r["variant"] != "correct"]
     lines.append("")
-    lines.append(f"C = {V.C:g}, margin {V.MARGIN:g}, smallest known mistake {V.SMALLEST_MISTAKE}, floors {V.FLOOR}")
+    lines.append(f"C = {V.C:g}, margin {V.MARGIN:g}, floors {V.FLOOR}, ceilings {V.CEILING}")
     for label, group in (("correct", [r for r in rows if r["variant"] == "correct"]),
                          ("broken", [r for r in rows if r["variant"] != "correct"])):
         whole = [r for r in group if r["k"] is None]
@@ -207,6 +248,28 @@ SHORT = {V.EQUIVALENT: "EQ", V.NOT_EQUIVALENT: "NOT", V.INCONCLUSIVE: "INC"}
 VARIANTS = ("reduce=sum", "avg, uneven slices", "clip before average", "per-rank bn", "dropped all_reduce")
 
 
+def _noise(j: V.Judgement) -> str:
+    return "-" if j.noise is None else f"{j.noise:.1e}"
+
+
+def sensitivity(row: dict) -> str:
+    """Which quantity told each mistake twin apart (P parameters, L loss; "blind": neither), or why none ran."""
+    if row.get("randomness"):
+        return "draws"
+    if "segment_verdicts" in row:
+        return f"{row.get('mistake_twins', 0)} mistake twins"
+    mistakes = mistakes_of(row)
+    if mistakes is None:
+        return "-"
+    pair = judged(row)[0]
+    cells = []
+    for m in mistakes:
+        seen = m.told_apart_by(pair)
+        short = m.name.replace("comm.reduce=", "").replace("per-micro-batch token means", "mb-means")
+        cells.append(f"{short}: " + ("unchanged" if not m.acted else "+".join(q[0].upper() for q in seen) or "blind"))
+    return ", ".join(cells)
+
+
 def compact(rows: list[dict]) -> str:
     """One row per case: the correct run (noise, distance / bound, verdict), then each broken variant's verdict
     and distance / bound (EQ, NOT, INC; - where the mistake cannot act)."""
@@ -214,7 +277,7 @@ def compact(rows: list[dict]) -> str:
     for row in rows:
         cases.setdefault(row["case"], {})[row["variant"]] = row
     lines = ["| case | precision | W | B | steps | k | correct: loss noise | parameter noise | distance / bound | "
-             "verdict | " + " | ".join(VARIANTS) + " |", "|---" * (10 + len(VARIANTS)) + "|"]
+             "verdict | sensitivity | " + " | ".join(VARIANTS) + " |", "|---" * (11 + len(VARIANTS)) + "|"]
     order = list(CASES)
     for name, variants in sorted(cases.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         row = variants["correct"]
@@ -228,8 +291,8 @@ def compact(rows: list[dict]) -> str:
             else:
                 cells.append("-")
         lines.append(f"| {name} | {row['precision']} | {row['world_size']} | {row['batch']} | {row['steps']} | "
-                     f"{row['k'] or '-'} | {l.noise:.1e} | {p.noise:.1e} | {ratio:.2g} | {SHORT[verdict]} | "
-                     + " | ".join(cells) + " |")
+                     f"{row['k'] or '-'} | {_noise(l)} | {_noise(p)} | {ratio:.2g} | {SHORT[verdict]} | "
+                     f"{sensitivity(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -93,3 +93,18 @@ def test_mistake_twins_emulate_the_weighting_mistakes(tmp_path):
     assert hooks[SUM].acted and not hooks[AVG].acted and uneven.acted
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, even.model.state_dict()[k])
+
+
+def test_stepwise_names_a_functional_dropout_in_every_segment(pools, tmp_path):
+    """A user's F.dropout: each segment's reference records it, and the run gets no verdict (INCONCLUSIVE)."""
+    from disttrain.verify.stepwise import verify_stepwise
+
+    cfg = load_config(None, ["model.name=tests.random_models:functional_dropout", "train.global_batch_size=16",
+                             "train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=0",
+                             "data.num_samples=32", "train.dtype=float64", "train.device=cpu",
+                             f"train.out_dir={tmp_path}"])
+    pools(2).run(train_on_rank, cfg.to_dict())
+    report = verify_stepwise(cfg, tmp_path)
+    assert report.verdict == V.INCONCLUSIVE and all(s.randomness for s in report.segments)
+    last = report.table().splitlines()[-1]
+    assert last.startswith("verdict: INCONCLUSIVE: uncontrolled randomness: dropout(p=0.2) in the model's own forward")

@@ -163,7 +163,7 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
     more as the second twin where the segment is beyond the first one's bound)."""
     target = load_checkpoint(checkpoint_path(run_dir, stop))
     ranks = int(target["world_size"])  # the segment was trained by as many ranks as its closing checkpoint records
-    draws = RecordDraws()
+    draws = RecordDraws(steps=1)  # the segment's first step (recording slows a step 2-3x: drawhook.py)
     result = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "reference", ranks, hooks=(draws,))
     ours = _cpu(result.model.state_dict())
     diffs = state_difference(target["model"], ours)

@@ -282,7 +282,7 @@ def verify(cfg: Config, nproc: int | None, against: Path | None = None, twin: bo
     with distributed(device, ref_cfg.comm.timeout_s) as env:
         if env.world_size != 1:
             raise RuntimeError("the reference run must be a single process")
-        draws = RecordDraws()  # every step of the reference: a draw may start late
+        draws = RecordDraws(steps=1)  # the reference's first step (recording slows a step 2-3x: drawhook.py)
         train_reference(ref_cfg, env, ranks, hooks=(draws,))
         for name in ("twin", "twin2", *(f"mistake{i}" for i in range(3))):  # an earlier verify's, not this verdict's
             shutil.rmtree(root / name, ignore_errors=True)
