@@ -142,7 +142,7 @@ class Measure:
         row = {"case": name, "variant": variant, "precision": precision, "world_size": world_size, "batch": batch,
                "steps": steps, "k": k, "model": model[0].split("=")[1]}
         if k is None:
-            draws = RecordDraws()
+            draws = RecordDraws(steps=1)
             with distributed("cpu", 120) as env:
                 train_reference(self.config(base, steps, k, root / "reference"), env, world_size, hooks=(draws,))
                 for kind, name in ((RANK_ORDER, "twin"), (SAMPLE_ORDER, "twin2")):
