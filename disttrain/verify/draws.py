@@ -22,6 +22,7 @@ record one step (drawhook.py).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -116,6 +117,11 @@ class DrawRecorder(TorchDispatchMode):
             self._stack.pop()
 
     def __enter__(self) -> DrawRecorder:
+        # train.compile compiles blocks lazily, in the first step: torch warns that global module hooks fire once more
+        # for a compiled module's wrapper, which names nothing here (it is not among the model's modules).
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
         self._stack.clear()
         self._handles = [nn.modules.module.register_module_forward_pre_hook(self._push),
                          nn.modules.module.register_module_forward_hook(self._pop, always_call=True)]
@@ -130,6 +136,7 @@ class DrawRecorder(TorchDispatchMode):
             for handle in self._handles:
                 handle.remove()
             self._handles, self._stack = [], []
+            self._warnings.__exit__(*exc)
 
     # ------------------------------------------------------------------ the draws
 
