@@ -108,3 +108,16 @@ def test_stepwise_names_a_functional_dropout_in_every_segment(pools, tmp_path):
     assert report.verdict == V.INCONCLUSIVE and all(s.randomness for s in report.segments)
     last = report.table().splitlines()[-1]
     assert last.startswith("verdict: INCONCLUSIVE: uncontrolled randomness: dropout(p=0.2) in the model's own forward")
+
+
+def test_mistake_twin_is_the_mistaken_w_process_run(pools, tmp_path):
+    """The avg and sum mistake twins (one process) end where 3 processes with comm.reduce=avg / sum end (B=31:
+    11/10/10), to float64 rounding: the emulation is the mistake, not an approximation of it."""
+    for name, mistake in (("avg", AVG), ("sum", SUM)):
+        cfg = _mlp(tmp_path, name, "train.global_batch_size=31", "optim.lr=0.1", f"comm.reduce={name}")
+        (state, losses), *_ = pools(3).run(train_on_rank, cfg.to_dict())
+        with distributed("cpu", 60) as env:
+            twin = train_reference(_mlp(tmp_path, name + "-twin", "train.global_batch_size=31", "optim.lr=0.1"), env,
+                                   3, hooks=(AsMistake(mistake, 3),))
+        assert max(V.state_difference(twin.model.state_dict(), state).values()) < 1e-12, name
+        assert V.curve_difference(twin.losses, losses) < 1e-12
