@@ -35,6 +35,7 @@ from disttrain.verify import verdict as V
 from disttrain.verify.drawhook import RecordDraws
 from disttrain.verify.draws import describe
 from disttrain.verify.mistakes import mistake_twins
+from disttrain.verify.report import settle_sensitivity
 from disttrain.verify.stepwise import check_segments
 from disttrain.verify.twin import RANK_ORDER, SAMPLE_ORDER, train_reference
 from disttrain.verify.whole import compare_runs
@@ -164,6 +165,7 @@ class Measure:
         else:
             segments = [(s, s + k) for s in range(0, steps - k + 1, k)]
             checked = check_segments(cfg, root / "distributed", segments, cfg.train.dtype)
+            settle_sensitivity(checked)  # as verify's report does: a mistake seen in any segment is seen
             row["items"] = [[s.param_rel_diff, s.param_noise, s.tolerance] for s in checked]
             row["items"] += [[s.loss_rel_diff, s.loss_noise, s.tolerance] for s in checked]
             row["segment_verdicts"] = [s.verdict for s in checked]  # with each segment's mistake twins

@@ -37,6 +37,8 @@ class Segment:
     randomness: str = ""  # draws from a process generator in the reference (draws.describe): no verdict
     why: str = ""  # why the segment is INCONCLUSIVE (verdict.inconclusive_line)
     mistakes: int = 0  # mistake twins retrained for this segment (mistakes.py)
+    hidden: str = ""  # a mistake this segment's bounds would not tell apart (its only reason to be INCONCLUSIVE)
+    seen: tuple[str, ...] = ()  # the mistakes this segment told apart
 
     def __post_init__(self) -> None:
         self.param_bound = self.param_bound or self.tolerance  # no twin: the floor alone
@@ -128,6 +130,15 @@ def _margin(margin: float) -> str:
     return "exact" if margin == float("inf") else f"{margin:.3g}x"
 
 
+def settle_sensitivity(segments: list[Segment]) -> None:
+    """A mistake one segment could not tell apart is still shown by the run where another segment tells it apart (the
+    weighting mistakes act in every step): such a segment counts as EQUIVALENT."""
+    seen = {m for s in segments for m in s.seen}
+    for s in segments:
+        if s.verdict == INCONCLUSIVE and s.hidden and s.hidden in seen:
+            s.verdict, s.why = EQUIVALENT, ""
+
+
 def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dtype: str, device: str,
               seconds: float, jobs: int, calibrated: bool = True) -> StepwiseReport:
     """The report: the worst segment (smallest bound / error), the first one over its bound, the verdict."""
@@ -144,6 +155,7 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
             f"grow past the tolerance in segments of more than {limit} steps (measured: {measured}); checkpoint "
             f"every {limit} steps or fewer to separate correct from broken runs in every regime measured"
             if longest > limit and not calibrated else "")
+    settle_sensitivity(segments)
     # Draws from a process generator leave no verdict at all, not even an unclaimed config's.
     verdict = (INCONCLUSIVE if any(s.randomness for s in segments) else NOT_EQUIVALENT if reason else
                combine(s.verdict for s in segments))
@@ -155,4 +167,4 @@ def summarize(cfg: Config, run_dir: Path, segments: list[Segment], reference_dty
                           claimed=not reason, reason=reason, note=note)
 
 
-__all__ = ["Segment", "StepwiseReport", "summarize", "SEPARATED_UP_TO"]
+__all__ = ["Segment", "StepwiseReport", "summarize", "settle_sensitivity", "SEPARATED_UP_TO"]

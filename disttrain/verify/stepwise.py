@@ -157,10 +157,12 @@ def _optimizer_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> float
 
 
 def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dict[int, float], loss_scale: float,
-                  reference_dtype: str, env: DistEnv, scratch: Path, twin: bool = True) -> Segment:
+                  reference_dtype: str, env: DistEnv, scratch: Path, twin: bool = True,
+                  seen: set[str] | None = None) -> Segment:
     """Retrain steps [start, stop) in this process from checkpoint ``start`` and compare with checkpoint ``stop``;
     ``twin``: retrain them once more as the rounding twin (twin.py), whose distance calibrates the verdict (and once
-    more as the second twin where the segment is beyond the first one's bound)."""
+    more as the second twin where the segment is beyond the first one's bound). ``seen``: the mistakes an earlier
+    segment told apart (their twins need not run again: the run would have shown them there); grows here."""
     target = load_checkpoint(checkpoint_path(run_dir, stop))
     ranks = int(target["world_size"])  # the segment was trained by as many ranks as its closing checkpoint records
     draws = RecordDraws(steps=1)  # the segment's first step (recording slows a step 2-3x: drawhook.py)
@@ -189,16 +191,20 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
         noises = calibrated_noise(first, twin_noise(SAMPLE_ORDER))
         judged = judge_pair(loss, diffs[worst], noises, floor, worst, True, ceiling)
     if judged.wants_mistakes:  # within the bounds: would this segment have shown the known weighting mistakes?
-        mistakes = []
-        for name in applicable(cfg, ranks):
+        mistakes, seen = [], set() if seen is None else seen
+        for name in (m for m in applicable(cfg, ranks) if m not in seen):
             hook = AsMistake(name, ranks)
             moved = twin_noise(None, hook)
             mistakes.append(Mistake(name, moved["loss"], moved["parameters"], hook.acted))
             if hook.acted and moved["loss"] <= judged.loss.bound and moved["parameters"] <= judged.params.bound:
                 break
+            seen.add(name)
         judged = judge_pair(loss, diffs[worst], noises, floor, worst, judged.second_twin, ceiling, mistakes)
+    hidden = next((m.name for m in judged.mistakes or () if m.acted and not m.told_apart_by([judged.loss,
+                                                                                              judged.params])), "")
     why = inconclusive_line([judged.loss, judged.params], judged.mistakes) if judged.verdict == INCONCLUSIVE else ""
-    return Segment(**common, passed=judged.verdict != NOT_EQUIVALENT, why=why,
+    told = tuple(m.name for m in judged.mistakes or () if m.acted and m.told_apart_by([judged.loss, judged.params]))
+    return Segment(**common, passed=judged.verdict != NOT_EQUIVALENT, why=why, hidden=hidden, seen=told,
                    mistakes=len(judged.mistakes or ()), param_noise=judged.params.noise,
                    loss_noise=judged.loss.noise, param_bound=judged.params.bound, loss_bound=judged.loss.bound,
                    verdict=judged.verdict)
@@ -251,8 +257,9 @@ def check_segments(cfg: Config, run_dir: Path, segments: list[tuple[int, int]], 
     # Like verify/whole.py, the loss is compared relative to the scale of its curve: a per-step relative difference is
     # ill-conditioned where a converging loss approaches zero.
     loss_scale = max(max((abs(m["loss"]) for m in records), default=0.0), 1e-300)
+    seen: set[str] = set()  # mistakes told apart by an earlier segment: a run shows a mistake in any segment it acts in
     with tempfile.TemporaryDirectory(prefix="disttrain-stepwise-") as scratch:
-        return [check_segment(cfg, run_dir, a, b, losses, loss_scale, reference_dtype, env, Path(scratch), twin)
+        return [check_segment(cfg, run_dir, a, b, losses, loss_scale, reference_dtype, env, Path(scratch), twin, seen)
                 for a, b in segments]
 
 
