@@ -271,3 +271,21 @@ def test_compiled_reference_and_twin_equal_one_process_in_float64(tmp_path):
         assert max(V.state_difference(other.model.state_dict(), plain.model.state_dict()).values()) <= 1e-10
         assert V.curve_difference(other.losses, plain.losses) <= 1e-10
     assert torch._dynamo.config.automatic_dynamic_shapes  # restored after each run
+
+
+def test_stepwise_a_mistake_seen_in_one_segment_is_seen_by_the_run():
+    """Segment 2's bounds hide comm.reduce=sum, segment 1's showed it: the run would have shown the mistake, so
+    segment 2 counts as EQUIVALENT; a mistake no segment told apart keeps the run INCONCLUSIVE."""
+    from disttrain.verify.report import Segment, settle_sensitivity
+
+    def segment(start, verdict, hidden="", seen=()):
+        return Segment(start=start, stop=start + 1, world_size=2, param_rel_diff=0.0, worst_param="w",
+                       loss_rel_diff=0.0, optimizer_rel_diff=0.0, tolerance=1e-6, passed=True, verdict=verdict,
+                       hidden=hidden, seen=seen, why="hidden" if hidden else "")
+
+    segments = [segment(0, V.EQUIVALENT, seen=("comm.reduce=sum",)), segment(1, V.INCONCLUSIVE, "comm.reduce=sum")]
+    settle_sensitivity(segments)
+    assert [s.verdict for s in segments] == [V.EQUIVALENT, V.EQUIVALENT]
+    segments = [segment(0, V.EQUIVALENT, seen=("comm.reduce=sum",)), segment(1, V.INCONCLUSIVE, "comm.reduce=avg")]
+    settle_sensitivity(segments)
+    assert V.combine(s.verdict for s in segments) == V.INCONCLUSIVE
