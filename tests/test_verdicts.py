@@ -129,7 +129,7 @@ def test_each_verdict():
     seen = V.Mistake("comm.reduce=avg", loss=3e-5, parameters=1e-3)
     assert V.overall([quiet, quiet_params], [seen]) == V.EQUIVALENT
     decided = V.decided_line([quiet, quiet_params], [seen])
-    assert "decided by parameters" in decided and "the loss are blind" in decided
+    assert "decided by parameters" in decided and "the loss is blind" in decided
     # A mistake that leaves this run's numbers unchanged (avg on an even split) need not be told apart.
     assert V.overall([quiet, quiet_params], [V.Mistake("comm.reduce=avg", 0.0, 0.0, acted=False)]) == V.EQUIVALENT
     # A float64 twin 1e-1 from its reference is not rounding: no verdict, and the bound is not widened to it.

@@ -171,8 +171,9 @@ def decided_line(judgements: Sequence[Judgement], mistakes: Sequence[Mistake]) -
     names = ", ".join(m.name for m in acted)
     line = f"sensitivity: decided by {' and '.join(seeing) or 'neither quantity alone'} ({names} measured on this run)"
     for j, m in blind:
-        line += (f"; the {j.quantity} are blind: {m.name} moves them by {getattr(m, j.quantity):.2e}, within their "
-                 f"bound {j.bound:.2e}")
+        are, them, their = ("is", "it", "its") if j.quantity == "loss" else ("are", "them", "their")
+        line += (f"; the {j.quantity} {are} blind: {m.name} moves {them} by {getattr(m, j.quantity):.2e}, within "
+                 f"{their} bound {j.bound:.2e}")
     return line
 
 
