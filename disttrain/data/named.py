@@ -12,7 +12,8 @@ far a sequence is padded depends on how the batch is split across ranks. For a c
 padding the loss and every gradient do not: a real token attends only to the tokens before it (never to padding),
 padded positions carry no target, and a position's embedding does not depend on the length after it; what changes is
 only how many exact zeros a softmax and a matmul add (tests/test_huggingface.py: the same samples padded to
-different lengths, 1e-16 apart in float64; and a W=3 verify against one process). Padding needs the mask: items of
+two lengths, float64: the summed loss 1.2e-16 apart, every gradient within 8.3e-16 of its largest entry; and a W=3
+verify against one process). Padding needs the mask: items of
 different lengths without an ``attention_mask`` are refused. Per-sample dropout (randomness.py) on (n, T, C)
 activations draws the same mask at any padded length (element (t, c) is counter t * C + c); on attention weights
 (n, H, T, T) it would not, which is one more reason to set attention dropout to 0 (docs/language-models.md).

@@ -10,10 +10,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ..config.schema import DataConfig
+from ..config.schema import TOKEN_LOSSES, DataConfig
 from ..errors import ConfigError
 from ..factory import call_factory
-from ..config.schema import TOKEN_LOSSES
 from ..randomness import SampleKeys
 from .named import CollateError, NamedInputs, collate
 from .source import Dataset, Source

@@ -52,11 +52,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config.schema import TOKEN_LOSSES
+from ..data.named import IGNORE_INDEX
 from ..models.calling import logits_of
 from ..parallel.collectives import global_count
 from ..parallel.sync import GradSync
-
-IGNORE_INDEX = -100  # torch's and Hugging Face's ignore_index: a padded position, no target
 
 
 def loss_targets(kind: str, target: torch.Tensor) -> torch.Tensor:
