@@ -248,3 +248,4 @@ def test_unwrapped_gpt2_on_dict_data_is_equivalent_at_3_ranks_through_the_cli(tm
     expected = _hf_objective_losses(steps, batch, samples, lr)
     got = [s["loss_distributed"] for s in report["steps"]]
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+
