@@ -55,7 +55,7 @@ def _items(n: int, seed: int = 0) -> list[dict]:
 
 
 def _padded(items: list[dict], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask, labels of ``items`` padded on the right to ``length`` (written here, not disttrain's)."""
+    """input_ids, attention_mask, labels of ``items`` padded on the right to ``length`` (here, not by disttrain)."""
     ids = torch.zeros(len(items), length, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
@@ -247,5 +247,6 @@ def test_unwrapped_gpt2_on_dict_data_is_equivalent_at_3_ranks_through_the_cli(tm
     assert report["max_param_rel_diff"] <= 1e-10
     expected = _hf_objective_losses(steps, batch, samples, lr)
     got = [s["loss_distributed"] for s in report["steps"]]
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
 

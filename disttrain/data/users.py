@@ -51,7 +51,8 @@ def _checked(x: torch.Tensor | NamedInputs, y: torch.Tensor, cfg: DataConfig, dt
             raise ConfigError(f"{where} returned an 'attention_mask' that is not 0s and 1s of the shape of 'input_ids'"
                               f" {tuple(x.shape)}")
         ids, y, width = _checked(x["input_ids"], y, cfg, dtype, loss, where)
-        return NamedInputs({**x, "input_ids": ids, **({} if mask is None else {"attention_mask": mask.long()})}), y, width
+        named = NamedInputs({**x, "input_ids": ids, **({} if mask is None else {"attention_mask": mask.long()})})
+        return named, y, width
     if loss in TOKEN_LOSSES:
         return (*check_tokens(x, y, cfg.num_classes, where, loss), cfg.num_classes)
     if x.is_floating_point():
