@@ -3,8 +3,9 @@
 ``model.name`` and ``data.name`` take such a path besides the built-in names. Paths resolve like
 ``python -m``: the current directory comes first on the import path, so a module in the working directory
 imports without installing it (the ``disttrain`` console script does not put the current directory on the path
-itself). Next comes the directory of every config file read in this process (:func:`add_import_dir`, called by
-config/parse.py load_config), so a module beside the config imports wherever the command runs. Those directories
+itself). Last on the path (after installed packages) comes the directory of every config file read in this process
+(:func:`add_import_dir`, called by config/parse.py load_config), so a module beside the config imports wherever the
+command runs. Those directories
 travel in the environment (``DISTTRAIN_IMPORT_DIRS``): ``--nproc`` and verify's workers are spawned with this
 process's environment and resolve the same; under torchrun every worker reads the config itself.
 
@@ -56,16 +57,14 @@ def import_dirs() -> list[str]:
 
 
 def _importable() -> None:
-    # What `python -m` does: the current directory is importable, ahead of installed packages; the configs'
-    # directories right after it.
+    # What `python -m` does: the current directory is importable, ahead of installed packages. The configs'
+    # directories come last, so a file beside a config never shadows the standard library or an installed package.
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
-    at = next(i for i, p in enumerate(sys.path) if p in (cwd, "")) + 1
     for directory in import_dirs():
         if directory not in sys.path:
-            sys.path.insert(at, directory)
-            at += 1
+            sys.path.append(directory)
 
 
 def resolve(key: str, path: str) -> Callable[..., Any]:
