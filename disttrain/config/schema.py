@@ -22,6 +22,9 @@ import yaml
 from ..data.formats import ON_DISK
 from ..parallel.registry import STRATEGY_NAMES
 
+# train.loss: per-sample losses, then losses per target token (counted over the global batch: run/loss.py).
+TOKEN_LOSSES = ("token_cross_entropy", "causal_lm")
+LOSSES = ("cross_entropy", "mse", *TOKEN_LOSSES)
 IN_MEMORY_SAMPLES = 512  # data.num_samples of synthetic, digits and factory data when unset
 
 
@@ -156,10 +159,11 @@ class TrainConfig:
     steps: int = field(default=20, metadata=_doc("optimizer steps"))
     accumulation_steps: int = field(
         default=1, metadata=_doc("micro-batches per optimizer step on each rank; gradients communicated once"))
-    loss: Literal["cross_entropy", "mse", "token_cross_entropy"] = field(
+    loss: Literal[LOSSES] = field(
         default="cross_entropy", metadata=_doc(
             "per-sample loss: cross entropy on labels, or mse on float targets; or token_cross_entropy: logits "
-            "(N, T, V), integer targets (N, T) with -100 ignored, the mean over the global batch's target tokens"))
+            "(N, T, V), integer targets (N, T) with -100 ignored, the mean over the global batch's target tokens; "
+            "or causal_lm: the same with Hugging Face's unshifted labels (labels = input_ids), shifted in the loss"))
     token_weighting: Literal["tokens", "micro_batch_mean", "sequence_mean"] = field(
         default="tokens", metadata=_doc(
             "token_cross_entropy: tokens (each target token weighs alike: exact); for contrast micro_batch_mean (each "

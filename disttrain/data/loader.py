@@ -35,6 +35,7 @@ from ..errors import ConfigError, RunFailure
 from ..randomness import SampleKeys
 from .augment import augment_images
 from .batching import global_batch_indices, local_slice, rank_parts, within_batch_order
+from .named import concat
 from .source import Source
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, SampleKeys]
@@ -228,7 +229,7 @@ def split(batch: MicroBatch, k: int, ranks: int = 1, rank_order: tuple[int, ...]
         return [(x[s], y[s], keys.select(s)) for s in (local_slice(len(y), k, j) for j in range(k))]
     parts = {r: split((x[s], y[s], keys.select(s)), k) for r, s in rank_parts(len(y), ranks)}
     order = rank_order or range(ranks)
-    return [(torch.cat([parts[r][j][0] for r in order]), torch.cat([parts[r][j][1] for r in order]),
+    return [(concat([parts[r][j][0] for r in order]), torch.cat([parts[r][j][1] for r in order]),
              SampleKeys(keys.seed, keys.step, torch.cat([parts[r][j][2].positions for r in order])))
             for j in range(k)]
 
