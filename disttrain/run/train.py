@@ -104,8 +104,10 @@ class Trainer:
             parts.scaler.load_state_dict(state.get("scaler"))  # fp16: the loss scale, the same on every rank
         self.result = result = TrainResult(model=parts.sync.model, skipped_steps=0 if state is None else
                                            state["skipped"], start_step=start, optimizer=parts.optimizer)
+        tokens = cfg.data.name == "tokens"  # the token format: samples of data.seq_len target positions
         logger = MetricsLogger(Path(t.out_dir), env, t.log_every, t.steps, console=self.console, start_step=start,
-                               tensorboard=t.tensorboard)
+                               tensorboard=t.tensorboard, seq_len=cfg.data.seq_len,
+                               token_positions=t.global_batch_size * cfg.data.seq_len if tokens else None)
         metrics = StepMetrics(logger, env, result.losses)
         if self.flush_seconds is not None:
             metrics.flush_seconds = self.flush_seconds
@@ -129,6 +131,10 @@ class Trainer:
             final = parts.sync.state_dict()  # every rank: a sharded strategy gathers
             if env.is_main:
                 save_final(Path(t.out_dir) / "final.pt", final["model"], t.steps, cfg.to_dict(), env.world_size)
+                if self.console:  # where the run went, once: the directory a newcomer looks for next
+                    checkpoints = f", checkpoints in {checkpoint_dir(t.out_dir)}" if t.checkpoint_every else ""
+                    print(f"wrote {Path(t.out_dir) / 'final.pt'} (the model after step {t.steps}); the run directory "
+                          f"{t.out_dir} also holds metrics.jsonl and config.yaml{checkpoints}", flush=True)
         return result
 
     def _loop(self, parts: Parts, metrics: StepMetrics, checkpointer: Checkpointer, start: int, stop: int) -> None:
