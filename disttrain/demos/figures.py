@@ -24,8 +24,10 @@ def marked(index: int, points: int, **style: Any) -> dict[str, Any]:
     """``style`` with the ``index``-th series' own marker, placed on every few points and staggered by series, so
     that lines lying on top of each other (equal to the eye, different in the digits) each stay visible."""
     every = max(points // 8, 1)
-    return {"marker": MARKERS[index % len(MARKERS)], "markevery": (index % every, every), "markersize": 5,
-            "markerfacecolor": "none" if index % 2 else style.get("color"), **style}
+    hollow = index % 2 == 0  # large hollow markers around small filled ones: both show where two series meet
+    return {"marker": MARKERS[index % len(MARKERS)], "markevery": (index % every, every),
+            "markersize": 9 if hollow else 4, "markeredgewidth": 1.5 if hollow else 1.0,
+            "markerfacecolor": "none" if hollow else style.get("color"), **style}
 
 
 def label_bars(ax: Any, positions: Sequence[float], heights: Sequence[float], texts: Sequence[str],

@@ -182,11 +182,11 @@ def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, t
 def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int, bounds: dict[str, tuple[float, float]],
           kind: str) -> None:
     """Per precision: W vs one device (a bar: the larger of the loss curve's and the parameters' deviation;
-    verify's loss and parameter bounds as a dash and a dotted line across it), and one device's distance from
-    fp32."""
+    verify's loss and parameter bounds as a dash over its left half and a dotted line over its right half), and one
+    device's distance from fp32."""
     labels, values, colors = [], [], []
     for p in PRECISIONS:
-        labels.append(f"{p}\nW={w} vs 1")
+        labels.append(f"{p}\nW={w}\nvs 1")
         values.append(dev[p])
         colors.append(COLORS[p])
     for p in ("bf16", "fp16"):
@@ -195,16 +195,17 @@ def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int, bounds
         colors.append("#7f7f7f")
     shown = [max(v, 1e-17) for v in values]
     ax.bar(range(len(values)), shown, color=colors, width=0.6)
-    rule = ": max(4 x rounding noise, floor)" if kind == "bound" else ""
     for i, p in enumerate(PRECISIONS):
-        for j, (what, line) in enumerate((("loss", "--"), ("parameters", ":"))):
-            ax.hlines(bounds[p][j], i - 0.4, i + 0.4, color="black", linestyle=line, linewidth=1.4,
-                      label=f"verify's {what} {kind}{rule}" if i == 0 else None)
+        # side by side over the bar (left: loss, right: parameters), so that equal bounds do not hide each other
+        for j, (what, line) in enumerate((("loss curve", "--"), ("parameters", ":"))):
+            ax.hlines(bounds[p][j], i - 0.4 + 0.4 * j, i + 0.4 * j, color="black", linestyle=line, linewidth=1.6,
+                      label=f"{what}: verify's {kind}" if i == 0 else None)
     ax.set_yscale("log")
     ax.set_ylim(min(shown) / 30, max(shown + [b for pair in bounds.values() for b in pair]) * 30)
     label_bars(ax, range(len(values)), shown, [sci(v) for v in values], log=True)
     ax.set_xticks(range(len(values)), labels, fontsize="small")
-    ax.set_title("largest deviation (loss curve, final parameters)")
+    ax.set_title("largest deviation (loss curve, final parameters)"
+                 + ("\nverify's bound: max(4 x rounding noise, floor)" if kind == "bound" else ""))
     ax.set_ylabel("max relative difference")
     ax.grid(alpha=0.3, axis="y")
     legend_beside(ax)

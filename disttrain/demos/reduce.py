@@ -95,7 +95,7 @@ def _plot(out: Path, dist: dict[str, Path], one: Path, dev: dict[str, float], de
         scale = max(abs(v) for v in ref)
         gap_ax.plot(range(1, len(curve) + 1), [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], **style)
     ax.plot(range(1, len(ref) + 1), ref, **ONE_DEVICE)
-    loss_axes(ax, f"loss per step, B={uneven} over W={w}")
+    loss_axes(ax, f"loss per step, B={uneven} over W={w}\n(mean, avg, one device overlap: see the middle panel)")
     gap_ax.axhline(EQUAL, color="green", linestyle="--", linewidth=1, label=f"equal: <= {EQUAL:.0e}")
     axes(gap_ax, "loss difference from one device, per step\n(an exact zero is drawn at 1e-17)",
          ylabel="|loss - one device| / max loss", log=True)

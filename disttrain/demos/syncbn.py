@@ -249,10 +249,17 @@ def _plot_batch(out: Path, ev: dict, dev: dict, w: int) -> str:
     return save(fig, out, "syncbn_batch.png")
 
 
+def _tick(label: str) -> str:
+    """A table's label as a tick label of a few short lines: "disttrain\nall_gather\non gloo,\nits default"."""
+    if label.startswith("disttrain ("):
+        return label[len("disttrain ("):-1].replace(" on ", "\non ").replace(", its", ",\nits").join(("disttrain\n", ""))
+    return label.replace(" ", "\n", 1)
+
+
 def _plot_exchange(out: Path, coll: dict, errors: dict, w: int) -> str:
     fig, (count_ax, time_ax, err_ax) = new_figure(3, (15.0, 4.2))
     names = list(coll)
-    labels = [layer_label(n, coll[n]["backend"]).replace(" (", "\n(", 1).replace(", its", ",\nits") for n in names]
+    labels = [_tick(layer_label(n, coll[n]["backend"])) for n in names]
     fwd = [coll[n]["forward"] for n in names]
     bwd = [coll[n]["backward"] for n in names]
     count_ax.bar(labels, fwd, color="#1f77b4", label="forward")
@@ -264,7 +271,7 @@ def _plot_exchange(out: Path, coll: dict, errors: dict, w: int) -> str:
     label_bars(time_ax, range(len(names)), [coll[n]["ms"] for n in names], [f"{coll[n]['ms']:.1f}" for n in names])
     time_ax.set_title("forward + backward, ms per call (median)")
     err_names = list(errors)
-    err_ax.bar([n.replace(" ", "\n", 1).replace(", ", ",\n") for n in err_names], [max(errors[n], 1e-17) for n in err_names],
+    err_ax.bar([_tick(n) for n in err_names], [max(errors[n], 1e-17) for n in err_names],
                color=["#d62728", "#ff7f0e", "#1f77b4", "#1f77b4"][: len(err_names)])
     err_ax.set_yscale("log")
     label_bars(err_ax, range(len(err_names)), [max(errors[n], 1e-17) for n in err_names],

@@ -118,7 +118,8 @@ def _plot(out: Path, dist: dict[str, Path], one: Path, dev: dict[str, float], de
         ax.plot(range(1, len(curve) + 1), curve, **style)
         gap_ax.plot(range(1, len(curve) + 1), [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], **style)
     ax.plot(range(1, len(ref) + 1), ref, **ONE_DEVICE)
-    loss_axes(ax, f"logged loss per step, B={batch} over W={w}, accumulation {k}")
+    loss_axes(ax, f"logged loss per step, B={batch} over W={w}, accumulation {k}\n(the lines overlap: see the "
+                  "middle panel)")
     gap_ax.axhline(EQUAL, color="green", linestyle="--", linewidth=1, label=f"equal: <= {EQUAL:.0e}")
     axes(gap_ax, "loss difference from one device (token mean)\n(an exact zero is drawn at 1e-17)",
          ylabel="|loss - one device| / max loss", log=True)
