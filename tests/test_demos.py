@@ -305,7 +305,8 @@ def _labels_inside(fig) -> None:
 def test_bar_labels_stay_inside_the_frame_and_every_axis_is_named():
     from disttrain.demos import precision, syncbn
 
-    curves = {p: ([2.3 - 0.01 * s for s in range(10)], [2.3 - 0.01 * s for s in range(10)]) for p in precision.PRECISIONS}
+    curve = [2.3 - 0.01 * s for s in range(10)]
+    curves = {p: (curve, curve) for p in precision.PRECISIONS}
     fp16 = {"W=4": ([2.0 ** 24] * 10, [0]), "one device": ([2.0 ** 24] * 10, [0])}
     fig = precision.figure(curves, fp16, {"fp32": 1e-7, "bf16": 1e-3, "fp16": 1e-4}, {"bf16": 2e-2, "fp16": 0.9}, 4,
                            31, {p: (1e-6, 2e-6) for p in precision.PRECISIONS})

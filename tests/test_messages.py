@@ -82,7 +82,8 @@ def test_a_user_error_under_torchrun_is_said_by_local_rank_0(monkeypatch, capsys
         waits.clear()
         assert run_command(fail, quiet_wait_s=7.0) == 2
         assert waits == waited
-        assert capsys.readouterr().err == "disttrain: error: train.device=cuda but CUDA is not available on this machine\n"
+        assert capsys.readouterr().err == ("disttrain: error: train.device=cuda but CUDA is not available on this "
+                                           "machine\n")
 
 
 def test_verify_against_a_missing_run_is_one_line_without_the_header(tmp_path, capsys):

@@ -77,7 +77,8 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
         checks += [Check(f"fp16: skipped steps {skipped_w} on W={w} == {skipped_one} on one device, at least one",
                          skipped_w == skipped_one and len(skipped_w) >= 1)]
         within = {p: at_most(dev[p], tol[p]) for p in PRECISIONS}
-        summary = (f"Mixed precision does not break it: on B={batch} over W={w}, the W-process run deviates from one device by {sci(dev['fp32'])} "
+        summary = (f"Mixed precision does not break it: on B={batch} over W={w}, the W-process run deviates from one "
+                   f"device by {sci(dev['fp32'])} "
                    f"in fp32, {sci(dev['bf16'])} in bf16 and {sci(dev['fp16'])} in fp16, against the "
                    f"{sci(from_fp32['bf16'])} (bf16) and {sci(from_fp32['fp16'])} (fp16) that low precision itself "
                    f"moves one device's run; fp16 skipped steps {skipped_w} on every rank, as one device did, and its "
@@ -90,7 +91,8 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
                   "verify verdict", "one device: distance from fp32", "skipped steps", "final loss",
                   "fixed tolerance (uncalibrated)"]]
         for p in PRECISIONS:
-            table.append([p, sci(dev[p]), sci(noise[p]), f"{sci(reports[p].loss_bound)} / {sci(reports[p].param_bound)}",
+            bound = f"{sci(reports[p].loss_bound)} / {sci(reports[p].param_bound)}"
+            table.append([p, sci(dev[p]), sci(noise[p]), bound,
                           verdict[p],
                           "-" if p == "fp32" else sci(from_fp32[p]), str(metric(dist[p], "skipped")[-1]),
                           f"{losses(dist[p])[-1]:.4f}", f"{tol[p]:.0e}"])

@@ -126,7 +126,8 @@ def _when(timing: dict | None) -> str:
         return ""
     load = timing.get("load_average")
     return (f'<p class="muted">Last run: <code>{html.escape(timing.get("command", "disttrain demo"))}</code> on '
-            f'{html.escape(str(timing.get("date", "?")))}, {timing.get("seconds", 0):.0f} s on {timing.get("cpus", "?")} '
+            f'{html.escape(str(timing.get("date", "?")))}, {timing.get("seconds", 0):.0f} s on '
+            f'{timing.get("cpus", "?")} '
             f'CPUs' + (f" at a load average of {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else "")
             + " (OUT/timing.json).</p>")
 

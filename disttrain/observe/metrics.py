@@ -156,7 +156,8 @@ class MetricsLogger:
         far shorter than data.seq_len are padded; each step then computes mostly on padding)."""
         positions, self.token_positions = self.token_positions, None
         if tokens < TOKEN_USE_NOTE * positions:
-            line = (f"data: step {step + 1} has {tokens} target tokens in {positions} positions ({tokens / positions:.0%}"
+            line = (f"data: step {step + 1} has {tokens} target tokens in {positions} positions "
+                    f"({tokens / positions:.0%}"
                     f"): most documents are shorter than data.seq_len={self.seq_len} and the rest is padding; "
                     "data.pack=true or a smaller data.seq_len uses more of each step")
             if self.progress is not None:

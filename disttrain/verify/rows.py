@@ -35,7 +35,8 @@ def with_gaps(indices: list[int], total: int, lines: list[str], what: str, large
         out.append(line)
         previous = i
     if len(indices) < total:
-        out.append(f"({len(indices)} of {total} {what}s shown: the first {EDGE}, the last {EDGE} and the {WORST} with the "
+        out.append(f"({len(indices)} of {total} {what}s shown: the first {EDGE}, the last {EDGE} and the {WORST} "
+                   "with the "
                    f"largest {largest}; --json has every one)")
     return out
 

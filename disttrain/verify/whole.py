@@ -142,8 +142,9 @@ class VerifyReport:
             lines.append(f"verdict: {inconclusive_line(judged)}")
         else:
             match = self.verdict == EQUIVALENT
-            lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} "
-                         + ("one process" if r == 1 else f"{r} processes") + " on the global batch" + ("" if self.calibrated else
+            against = "one process" if r == 1 else f"{r} processes"
+            lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} {against} "
+                         "on the global batch" + ("" if self.calibrated else
                                                   " (uncalibrated: the fixed floor only, no rounding twin)"))
         return "\n".join(lines)
 
