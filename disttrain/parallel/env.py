@@ -16,9 +16,8 @@ import contextlib
 import gc
 import datetime
 import os
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -38,6 +37,9 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str | None  # None: no process group (single process)
+    # The line saying train.device=auto fell back to the CPU, on the first rank of each node (None elsewhere): the
+    # trainer prints it once the run is built, so that a user error before that stays one line.
+    note: str | None = field(default=None, compare=False)
 
     @property
     def is_distributed(self) -> bool:
@@ -205,9 +207,8 @@ def _setup(requested: str, timeout_s: float) -> tuple[DistEnv, bool]:
         device, note = choose_device(requested, local_rank, 1)
     if device.type == "cuda":  # every path: the current device is this rank's (pin threads, meshes, NCCL)
         torch.cuda.set_device(device)
-    if note and local_rank == 0:  # one line per node, on stderr: stdout may be a report (verify --json)
-        print(note, file=sys.stderr, flush=True)
-    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
+                  note=note if local_rank == 0 else None)  # one line per node
     return env, created
 
 

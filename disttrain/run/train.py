@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class Trainer:
         start = 0 if state is None else state["step"]
         self._write_run_files(state, start)
         self.parts = parts = build(cfg, env)
+        if self.console and env.note:  # device auto fell back to the CPU: said once the run is built (stderr, so
+            print(env.note, file=sys.stderr, flush=True)  # that stdout stays the run's log lines)
         if state is not None:
             parts.sync.load_state_dict({k: state[k] for k in TENSOR_KEYS} if env.is_main else None, parts.optimizer)
             parts.scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
