@@ -12,7 +12,9 @@ This module imports nothing of the project (a leaf): every other module may rais
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TextIO
 
@@ -44,17 +46,34 @@ def exit_code(exc: BaseException) -> int | None:
     return None
 
 
-def run_command(command: Callable[[], int], stream: TextIO | None = None) -> int:
-    """``command()``'s exit code; a user error or failed run prints ``disttrain: error: ...`` and its code."""
+QUIET_WAIT_S = 10.0  # how long a quiet rank leaves local rank 0 to say a user error (and torchrun to stop the group)
+
+
+def run_command(command: Callable[[], int], stream: TextIO | None = None, quiet_wait_s: float = QUIET_WAIT_S) -> int:
+    """``command()``'s exit code; a user error or failed run prints ``disttrain: error: ...`` and its code.
+
+    Under torchrun every rank meets the same user error (a bad key, ``train.device=cuda`` without a GPU): only
+    local rank 0 of each node prints it. The other ranks wait for up to ``quiet_wait_s`` first, so that rank 0 is
+    the first to exit (torchrun then stops them and reports rank 0's exit code, 2, as the root cause); a rank
+    still running after that says the error itself (rank 0 did not meet it) and exits with the same code.
+    """
     try:
         return command()
     except (ConfigError, RunFailure, KeyboardInterrupt) as exc:
         out = stream or sys.stderr
+        if isinstance(exc, ConfigError) and _quiet_rank():
+            time.sleep(quiet_wait_s)
         if isinstance(exc, KeyboardInterrupt):
             print("disttrain: interrupted", file=out)
         else:
             print(f"disttrain: error: {exc}", file=out)
         return exit_code(exc)
+
+
+def _quiet_rank() -> bool:
+    """A worker of torchrun other than the first of its node."""
+    env = os.environ
+    return "RANK" in env and "WORLD_SIZE" in env and env.get("LOCAL_RANK", "0") not in ("", "0")
 
 
 def one_line(exc: BaseException) -> str:

@@ -173,8 +173,10 @@ def _report_stop(cfg: Config, stop_at: int | None) -> None:
 
 def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool, uncalibrated: bool) -> int:
     from ..verify.verdict import EXIT_CODES
-    from ..verify.whole import verify
+    from ..verify.whole import _check_comparable, verify
 
+    if against is not None:
+        _check_comparable(cfg, against)  # a run that is not there is one line, before any header
     what = f"the run in {against}" if against else f"training with {nproc} processes"
     print(f"verify: {what} against 1 process ({cfg.train.steps} steps, global batch "
           f"{cfg.train.global_batch_size}, {cfg.train.dtype})", file=sys.stderr, flush=True)

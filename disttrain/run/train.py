@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -98,14 +99,18 @@ class Trainer:
         start = 0 if state is None else state["step"]
         self._write_run_files(state, start)
         self.parts = parts = build(cfg, env)
+        if self.console and env.note:  # device auto fell back to the CPU: said once the run is built (stderr, so
+            print(env.note, file=sys.stderr, flush=True)  # that stdout stays the run's log lines)
         if state is not None:
             parts.sync.load_state_dict({k: state[k] for k in TENSOR_KEYS} if env.is_main else None, parts.optimizer)
             parts.scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
             parts.scaler.load_state_dict(state.get("scaler"))  # fp16: the loss scale, the same on every rank
         self.result = result = TrainResult(model=parts.sync.model, skipped_steps=0 if state is None else
                                            state["skipped"], start_step=start, optimizer=parts.optimizer)
+        tokens = cfg.data.name == "tokens"  # the token format: samples of data.seq_len target positions
         logger = MetricsLogger(Path(t.out_dir), env, t.log_every, t.steps, console=self.console, start_step=start,
-                               tensorboard=t.tensorboard)
+                               tensorboard=t.tensorboard, seq_len=cfg.data.seq_len,
+                               token_positions=t.global_batch_size * cfg.data.seq_len if tokens else None)
         metrics = StepMetrics(logger, env, result.losses)
         if self.flush_seconds is not None:
             metrics.flush_seconds = self.flush_seconds
@@ -129,6 +134,10 @@ class Trainer:
             final = parts.sync.state_dict()  # every rank: a sharded strategy gathers
             if env.is_main:
                 save_final(Path(t.out_dir) / "final.pt", final["model"], t.steps, cfg.to_dict(), env.world_size)
+                if self.console:  # where the run went, once: the directory a newcomer looks for next
+                    checkpoints = f", checkpoints in {checkpoint_dir(t.out_dir)}" if t.checkpoint_every else ""
+                    print(f"wrote {Path(t.out_dir) / 'final.pt'} (the model after step {t.steps}); the run directory "
+                          f"{t.out_dir} also holds metrics.jsonl and config.yaml{checkpoints}", flush=True)
         return result
 
     def _loop(self, parts: Parts, metrics: StepMetrics, checkpointer: Checkpointer, start: int, stop: int) -> None:

@@ -48,6 +48,7 @@ from ..config.identity import trajectory_differences
 from ..run.tasks import launch_local
 from ..observe.runlog import read_metrics
 from .twin import RANK_ORDER, SAMPLE_ORDER, train_reference
+from .rows import shown_rows, with_gaps
 from .verdict import C, EQUIVALENT, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, compare, inconclusive_line, judge
 # Where they were defined before verdicts were calibrated; stepwise.py and users' scripts import them from here.
 from .verdict import relative_difference, state_difference  # noqa: F401
@@ -110,23 +111,26 @@ class VerifyReport:
     c: float = C
     second_twin: bool = False  # the noise is the larger of two twins' (the run was beyond the first twin's bound)
     wants_second_twin: bool = False  # beyond the first twin's bound, and the second twin has not run yet
+    reference_world_size: int = 1  # the run compared against (disttrain.testing may compare W=3 with W=2)
+    no_twin: str = "--uncalibrated: no rounding twin ran"  # why the noise is not measured, in the caller's terms
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def table(self) -> str:
-        w = self.world_size
-        lines = [f"{'step':>5}  {f'loss (W={w})':>20}  {'loss (W=1)':>20}  {'rel diff':>9}"]
-        for s in self.steps:
-            lines.append(f"{s['step']:>5}  {s['loss_distributed']:>20.15f}  {s['loss_reference']:>20.15f}"
-                         f"  {s['rel_diff']:>9.2e}")
+        w, r = self.world_size, self.reference_world_size
+        shown = shown_rows([s["rel_diff"] for s in self.steps])  # a long run: the ends and the worst steps
+        rows = [f"{s['step']:>5}  {s['loss_distributed']:>20.15f}  {s['loss_reference']:>20.15f}  {s['rel_diff']:>9.2e}"
+                for s in (self.steps[i] for i in shown)]
+        lines = [f"{'step':>5}  {f'loss (W={w})':>20}  {f'loss (W={r})':>20}  {'rel diff':>9}",
+                 *with_gaps(shown, len(self.steps), rows, "step")]
         if not self.claimed:
             lines.append(f"note: {self.reason}")
         lines += [
             f"max relative loss difference:      {self.max_loss_rel_diff:.3e}",
             f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
             ("rounding noise (reference vs twin): " + (f"loss {self.loss_noise:.3e}, parameters {self.param_noise:.3e}"
-             if self.calibrated else "not measured (--uncalibrated: no rounding twin ran)")
+             if self.calibrated else f"not measured ({self.no_twin})")
              + (" (the larger of two twins': the run was beyond the first one's bound)" if self.second_twin else "")),
             f"floor ({self.dtype}): {self.floor:.0e}" + ("" if self.calibrated else " (the fixed tolerance)"),
             (f"bound, max({self.c:g} x noise, floor): " if self.calibrated else "bound, the fixed tolerance: ")
@@ -138,7 +142,8 @@ class VerifyReport:
             lines.append(f"verdict: {inconclusive_line(judged)}")
         else:
             match = self.verdict == EQUIVALENT
-            lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} one process "
+            against = "one process" if r == 1 else f"{r} processes"
+            lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} {against} "
                          "on the global batch" + ("" if self.calibrated else
                                                   " (uncalibrated: the fixed floor only, no rounding twin)"))
         return "\n".join(lines)
@@ -173,7 +178,8 @@ _DTYPE_KEYS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat1
 def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_state: dict[str, torch.Tensor],
                    dist_losses: list[float], ref_losses: list[float], *, dtype: str | None = None,
                    precision: str = "fp32", tf32: bool = False, rtol: float | None = None, reason: str = "",
-                   twin: Run | None = None, second_twin: Run | None = None) -> VerifyReport:
+                   twin: Run | None = None, second_twin: Run | None = None, reference_world_size: int = 1
+                   ) -> VerifyReport:
     """The verdict on two final states and their loss curves (``disttrain verify``, and disttrain.testing's
     assert_equivalent). ``dtype``: the row of the tolerance tables (default: the dtype of the state's first floating
     tensor). With a rounding twin (``twin``: its final state and loss curve, the reference in another summation
@@ -207,7 +213,8 @@ def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_sta
                         calibrated=calibrated, loss_noise=result.loss.noise,
                         param_noise=result.params.noise, floor=floor, loss_bound=result.loss.bound,
                         param_bound=result.params.bound, second_twin=result.second_twin,
-                        wants_second_twin=calibrated and second_twin is None and result.wants_second_twin)
+                        wants_second_twin=calibrated and second_twin is None and result.wants_second_twin,
+                        reference_world_size=reference_world_size)
 
 
 def unclaimed_reason(cfg: Config) -> str:
