@@ -165,11 +165,11 @@ def _ratio_hint(m: Measurements, w: int, run: Records) -> str:
     note = " (an adaptive optimizer hides a uniform scale of the gradient in its first update)" if adaptive else ""
     if m.ratio.residual < UNIFORM and high - low <= UNIFORM * abs(mid):
         if abs(mid - w) <= UNIFORM * w:
-            return (f"the first update is x{mid:.3g} the reference's in every tensor (x{w} = W): a sum over ranks "
-                    "where the mean belongs (a loss summed over samples, or gradients summed, not averaged)")
+            return (f"the first update is x{mid:.3g} the reference's in every tensor (x{w} = W): the ranks' gradients "
+                    "are summed where one process's is a mean (a sum over ranks without the 1/W)")
         if abs(mid - 1 / w) <= UNIFORM / w:
-            return (f"the first update is x{mid:.3g} the reference's in every tensor (x1/{w}): divided by W twice "
-                    "(a double average)")
+            return (f"the first update is x{mid:.3g} the reference's in every tensor (x1/{w}): the ranks divide by W "
+                    "what one process does not (DDP's average of losses summed over samples, or a double average)")
         return f"the first update is x{mid:.3g} the reference's in every tensor: a uniform scale{note}"
     return (f"the first update is x{low:.3g} to x{high:.3g} the reference's per tensor (non-uniform, residual "
             f"{m.ratio.residual:.2f}): weights that depend on counts per rank or micro-batch (per-rank or "
