@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..verify.verdict import relative_difference, state_difference
+from ..verify.verdict import state_difference
 from .records import Records
 
 
@@ -41,7 +41,8 @@ class Replicas:
 
 @dataclass
 class Ratio:
-    """The first update (step 1 minus step 0) of the ranks against the reference's, fitted per tensor."""
+    """One step's update (its parameters minus the step before's) of the ranks against the reference's, fitted per
+    tensor. Meaningful at the first step beyond the bound: before it, both started from the same parameters."""
 
     scales: dict[str, float] = field(default_factory=dict)  # tensor -> <dW, dR> / <dR, dR>
     residual: float = 0.0  # the worst |dW - s dR| / |dW|: 0 when every tensor's update is a multiple of the reference's
@@ -52,7 +53,7 @@ class Measurements:
     rows: list[StepRow]
     data: DataFinding
     replicas: Replicas
-    ratio: Ratio
+    ratios: dict[int, Ratio]  # step -> its update's ratio
     not_updated: list[str]  # tensors the reference updated and no rank did
     names: dict[str, str]
 
@@ -62,7 +63,8 @@ def measure(run: Records, ref: Records, twins: list[Records], steps: int) -> Mea
     names = ref.names() or run.names()
     name = lambda key: names.get(key, key)  # noqa: E731
     rows, replicas = [], Replicas()
-    first = prev = prev_ref = None
+    prev = prev_ref = None
+    ratios: dict[int, Ratio] = {}
     run_changed: set[str] = set()
     ref_changed: set[str] = set()
     for step in range(steps + 1):
@@ -83,14 +85,10 @@ def measure(run: Records, ref: Records, twins: list[Records], steps: int) -> Mea
         if prev is not None:
             run_changed |= {k for k in state if not torch.equal(state[k], prev[k])}
             ref_changed |= {k for k in ref_state if not torch.equal(ref_state[k], prev_ref[k])}
-        if step == 1:
-            ratio = _ratio(state, prev, ref_state, prev_ref, name)
-        if step == 0:
-            first = state
+            ratios[step] = _ratio(state, prev, ref_state, prev_ref, name)
         prev, prev_ref = state, ref_state
-    del first
     not_updated = [name(k) for k in sorted(ref_changed - run_changed)]
-    return Measurements(rows, _data(run, ref, steps), replicas, ratio, not_updated, names)
+    return Measurements(rows, _data(run, ref, steps), replicas, ratios, not_updated, names)
 
 
 def _ratio(state: dict, start: dict, ref_state: dict, ref_start: dict, name) -> Ratio:
@@ -150,5 +148,4 @@ def first_beyond(rows: list[StepRow], bound: float) -> StepRow | None:
     return next((r for r in rows if r.step > 0 and r.distance > bound), None)
 
 
-__all__ = ["StepRow", "DataFinding", "Replicas", "Ratio", "Measurements", "measure", "first_beyond",
-           "relative_difference"]
+__all__ = ["StepRow", "DataFinding", "Replicas", "Ratio", "Measurements", "measure", "first_beyond"]

@@ -25,13 +25,14 @@ last recorded step, and no rank leaves a peer inside a collective.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import time
 import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from .samples import apply_rows, fingerprints, leaves
 
 ENV_DIR = "DISTTRAIN_CHECK_DIR"  # this process's record directory
 ENV_STEPS = "DISTTRAIN_CHECK_STEPS"  # optimizer steps to record, then exit
@@ -86,6 +87,8 @@ class _Recorder:
         self.batches = 0
         self.finished = False
         self.autocast: str | None = None  # the training forward's autocast dtype, if any
+        self.draws: Any = None  # verify's DrawRecorder over the first step (forward, backward, optimizer step)
+        self.draw_lines: tuple[str, list] = ("", [])
         self.torch = torch
 
         init = torch.optim.Optimizer.__init__
@@ -103,6 +106,8 @@ class _Recorder:
         def module_call(module: Any, *args: Any, **kwargs: Any) -> Any:
             if module.training:
                 recorder._note(module, args, kwargs)
+                if recorder.draws is None and recorder.depth == 0 and torch.is_grad_enabled():
+                    recorder._watch_draws(module)
             recorder.depth += 1
             try:
                 return call(module, *args, **kwargs)
@@ -136,13 +141,13 @@ class _Recorder:
 
     def _permuted(self, batch: Any) -> Any:
         torch = self.torch
-        sizes = {t.shape[0] for t in _leaves(batch) if isinstance(t, torch.Tensor) and t.dim() >= 1}
+        sizes = {t.shape[0] for t in leaves(batch) if isinstance(t, torch.Tensor) and t.dim() >= 1}
         self.batches += 1
         if len(sizes) != 1:
             return batch  # no common row count: left as it is (the twin is then the reference)
         n = sizes.pop()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.permute * 1_000_003 + self.batches))
-        return _apply(batch, lambda t: t[order.to(t.device)] if t.dim() >= 1 and t.shape[0] == n else t)
+        return apply_rows(batch, lambda t: t[order.to(t.device)] if t.dim() >= 1 and t.shape[0] == n else t)
 
     # -- the optimizer steps ----------------------------------------------------------------------------------
     def _index(self, opt: Any) -> int:
@@ -174,7 +179,33 @@ class _Recorder:
         if self.counts[index] == 0:
             self._save(index, 0, samples=False)
 
+    def _watch_draws(self, module: Any) -> None:
+        """Every draw from a process generator in the first step, named (verify/draws.py): a TorchDispatchMode,
+        so it costs on every op, and only the first step is watched."""
+        from ..verify.draws import DrawRecorder
+
+        self.draws = DrawRecorder(module)
+        try:
+            self.draws.__enter__()
+        except Exception:  # noqa: BLE001 (a script whose modes forbid another: the modules' view stays)
+            self.draws = False
+
+    def _stop_draws(self) -> None:
+        if not self.draws or self.draw_lines[0]:
+            return
+        from ..verify.draws import describe
+
+        try:
+            self.draws.__exit__(None, None, None)
+            found = self.draws.draws
+            self.draw_lines = (describe(found) if found else "", [(d.module, d.op, d.count, d.call, d.p)
+                                                                    for d in found])
+        except Exception:  # noqa: BLE001
+            self.draw_lines = ("", [])
+        self.draws = False
+
     def _after_step(self, opt: Any, args: tuple, kwargs: dict) -> None:
+        self._stop_draws()
         index = self._index(opt)
         self.counts[index] += 1
         self._save(index, self.counts[index], samples=index == 0)
@@ -204,6 +235,7 @@ class _Recorder:
                 "optimizers": {i: type(o()).__name__ for i, o in ((self.order.get(id(r())), r) for r in self.created)
                                if i is not None and o() is not None},
                 "group_size": dist.get_world_size() if started else 0,
+                "draws": self.draw_lines[0], "draw_list": self.draw_lines[1],
                 "autocast": self.autocast, "modules": Counter(modules), "batches_permuted": self.batches}
 
     def _finish(self, how: str) -> None:
@@ -222,60 +254,6 @@ class _Recorder:
 
     def _at_exit(self) -> None:
         self._finish("ended")
-
-
-def fingerprints(args: tuple, kwargs: dict) -> list[str]:
-    """One hash per sample (row) of a forward's inputs: every tensor with the most common leading size, each
-    row cut to the positions an ``attention_mask`` of the same shape marks."""
-    import torch
-
-    tensors = [(key, t) for key, t in _named_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
-    if not tensors:
-        return []
-    n = Counter(t.shape[0] for _, t in tensors).most_common(1)[0][0]
-    tensors = [(key, t.detach().cpu()) for key, t in tensors if t.shape[0] == n]
-    mask = kwargs.get("attention_mask")
-    mask = mask.detach().cpu().bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    out = []
-    for i in range(n):
-        h = hashlib.blake2b(digest_size=10)
-        for key, t in tensors:
-            row = t[i]
-            if mask is not None and t.shape[:2] == mask.shape:
-                row = row[mask[i]]
-            h.update(key.encode() + str(row.dtype).encode())
-            h.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        out.append(h.hexdigest())
-    return out
-
-
-def _named_leaves(obj: Any, key: str = "") -> list[tuple[str, Any]]:
-    if isinstance(obj, dict) or (hasattr(obj, "keys") and hasattr(obj, "__getitem__") and not hasattr(obj, "dim")):
-        return [leaf for k in sorted(obj.keys(), key=str) for leaf in _named_leaves(obj[k], f"{key}/{k}")]
-    if isinstance(obj, (list, tuple)):
-        return [leaf for i, v in enumerate(obj) for leaf in _named_leaves(v, f"{key}/{i}")]
-    return [(key, obj)]
-
-
-def _leaves(obj: Any) -> list[Any]:
-    return [v for _, v in _named_leaves(obj)]
-
-
-def _apply(obj: Any, fn: Any) -> Any:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict) or (hasattr(obj, "keys") and hasattr(obj, "__setitem__")):
-        for k in list(obj.keys()):
-            obj[k] = _apply(obj[k], fn)
-        return obj
-    if isinstance(obj, list):
-        return [_apply(v, fn) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_apply(v, fn) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
 
 
 def _full(p: Any) -> Any:

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 from ..verify.verdict import (EQUIVALENT, EXIT_CODES, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, Judgement,
                               inconclusive_line, judge, overall)
-from .compare import Measurements, StepRow, first_beyond
+from .compare import Measurements, Ratio, StepRow, first_beyond
 from .records import Records
 
-UNIFORM = 0.02  # a first update within 2 % of one multiple of the reference's, in every tensor: a uniform scale
+# An update is one multiple of the reference's when it leaves a residual, and its per-tensor scales spread, no more
+# than this many times the bound (rounding's share): a sum or a double average is exact to rounding in every tensor.
+UNIFORM = 100.0
 
 
 @dataclass
@@ -135,8 +137,11 @@ def _hints(run: Records, ref: Records, m: Measurements, j: Judgement, beyond: St
     if m.rows[0].distance > 0:
         hints.append(f"the initial parameters differ from the reference's by {m.rows[0].distance:.2e} "
                      f"({m.rows[0].worst}): seed the model the same way in both")
+    draws = next((meta["draws"] for meta in run.metas if meta.get("draws")), "")
     dropout = run.modules("dropout")
-    if dropout and w > 1:
+    if draws and w > 1:
+        hints.append(f"randomness per process (the first step, every rank's generator): {draws}")
+    elif dropout and w > 1:
         hints.append("randomness per process: " + ", ".join(f"{n} x {c}" for c, n in dropout.items())
                      + " in training mode draw their masks from each rank's generator, not the one device's")
     batchnorm = run.modules("batchnorm")
@@ -146,33 +151,30 @@ def _hints(run: Records, ref: Records, m: Measurements, j: Judgement, beyond: St
     if m.not_updated:
         shown = ", ".join(m.not_updated[:3]) + (f" (+{len(m.not_updated) - 3})" if len(m.not_updated) > 3 else "")
         hints.append(f"parameters no rank updated (the reference did): {shown}")
-    first = m.rows[1] if len(m.rows) > 1 else None
-    if first is not None and first.distance > j.bound and m.ratio.scales and m.data.first_step != 1:
-        hints.append(_ratio_hint(m, w, run))
-    if not hints and beyond is not None:
-        hints.append(f"the first update matches; the run leaves the reference at step {beyond.step} "
-                     f"({beyond.worst}): something that depends on state (running statistics, a schedule, "
-                     "an accumulator)")
+    ratio = m.ratios.get(beyond.step) if beyond is not None else None
+    if ratio is not None and ratio.scales and (m.data.first_step is None or m.data.first_step > beyond.step):
+        hints.append(_ratio_hint(ratio, beyond.step, w, run, max(UNIFORM * j.bound, 1e-8)))
     return hints
 
 
-def _ratio_hint(m: Measurements, w: int, run: Records) -> str:
-    scales = list(m.ratio.scales.values())
+def _ratio_hint(ratio: Ratio, step: int, w: int, run: Records, tol: float) -> str:
+    scales = list(ratio.scales.values())
     low, high = min(scales), max(scales)
     mid = sorted(scales)[len(scales) // 2]
     adaptive = any(name.startswith("Adam") or name in ("Adagrad", "RMSprop", "Adadelta")
                    for name in run.metas[0].get("optimizers", {}).values())
     note = " (an adaptive optimizer hides a uniform scale of the gradient in its first update)" if adaptive else ""
-    if m.ratio.residual < UNIFORM and high - low <= UNIFORM * abs(mid):
-        if abs(mid - w) <= UNIFORM * w:
-            return (f"the first update is x{mid:.3g} the reference's in every tensor (x{w} = W): the ranks' gradients "
+    update = "the first update" if step == 1 else f"step {step}'s update (from equal parameters)"
+    if ratio.residual <= tol and high - low <= tol * abs(mid):
+        if abs(mid - w) <= tol * w:
+            return (f"{update} is x{mid:.3g} the reference's in every tensor (x{w} = W): the ranks' gradients "
                     "are summed where one process's is a mean (a sum over ranks without the 1/W)")
-        if abs(mid - 1 / w) <= UNIFORM / w:
-            return (f"the first update is x{mid:.3g} the reference's in every tensor (x1/{w}): the ranks divide by W "
+        if abs(mid - 1 / w) <= tol / w:
+            return (f"{update} is x{mid:.3g} the reference's in every tensor (x1/{w}): the ranks divide by W "
                     "what one process does not (DDP's average of losses summed over samples, or a double average)")
-        return f"the first update is x{mid:.3g} the reference's in every tensor: a uniform scale{note}"
-    return (f"the first update is x{low:.3g} to x{high:.3g} the reference's per tensor (non-uniform, residual "
-            f"{m.ratio.residual:.2f}): weights that depend on counts per rank or micro-batch (per-rank or "
+        return f"{update} is x{mid:.3g} the reference's in every tensor: a uniform scale{note}"
+    return (f"{update} is x{low:.3g} to x{high:.3g} the reference's per tensor (non-uniform, residual "
+            f"{ratio.residual:.2f}): weights that depend on counts per rank or micro-batch (per-rank or "
             f"per-micro-batch means of uneven counts), or batch statistics per rank{note}")
 
 
