@@ -47,28 +47,28 @@ def test_samples_are_rows_and_padding_is_not_part_of_them():
 def test_plain_ddp_equivalent_in_float64_and_float32_and_a_sum_is_not(capsys):
     ok = check(capsys, "--nproc", "2", "--steps", "3", "--json", "--reference-args", "--batch 32", "--",
                str(EXAMPLES / "check_ddp.py"), "--batch", "16")
-    assert ok.returncode == 0, ok.err
-    report = json.loads(ok.out)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
     assert report["verdict"] == "EQUIVALENT" and report["data_step"] is None and report["replica_step"] is None
     assert report["kind"] == "float64" and report["twins"] == 0 and len(report["rows"]) == 4
     assert max(r["distance"] for r in report["rows"]) < 1e-13
     f32 = check(capsys, "--nproc", "2", "--steps", "3", "--json", "--reference-args", "--batch 32", "--",
                 str(EXAMPLES / "check_ddp.py"), "--batch", "16", "--dtype", "float32")
-    assert f32.returncode == 0, f32.err
-    report = json.loads(f32.out)
+    assert f32.returncode == 0, f32.stderr
+    report = json.loads(f32.stdout)
     assert report["kind"] == "float32" and report["twins"] >= 1 and report["verdict"] == "EQUIVALENT"
     bad = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args", "--batch 32", "--",
                 str(EXAMPLES / "check_ddp.py"), "--batch", "16", "--reduction", "sum")
-    assert bad.returncode == 1, bad.err
-    assert "verdict:  NOT EQUIVALENT" in bad.out and "x0.5 the reference's in every tensor (x1/2)" in bad.out
+    assert bad.returncode == 1, bad.stderr
+    assert "verdict:  NOT EQUIVALENT" in bad.stdout and "x0.5 the reference's in every tensor (x1/2)" in bad.stdout
 
 
 def test_disttrain_train_itself_is_equivalent(capsys, tmp_path):
     result = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args",
                    f"--set train.out_dir={tmp_path / 'reference'}", "--", "-m", "disttrain", "train",
                    str(ROOT / "configs" / "demo.yaml"), "--set", f"train.out_dir={tmp_path / 'ranks'}")
-    assert result.returncode == 0, result.err
-    assert "verdict:  EQUIVALENT" in result.out and "data:     EQUAL" in result.out
+    assert result.returncode == 0, result.stderr
+    assert "verdict:  EQUIVALENT" in result.stdout and "data:     EQUAL" in result.stdout
 
 
 def test_hugging_face_trainer_with_and_without_average_tokens_across_devices(capsys, tmp_path):
@@ -76,19 +76,19 @@ def test_hugging_face_trainer_with_and_without_average_tokens_across_devices(cap
     common = ["--nproc", "2", "--steps", "3", "--reference-args", "--batch 8", "--", str(EXAMPLES / "check_hf.py"),
               "--batch", "4", "--out", str(tmp_path)]
     ok = check(capsys, *common)
-    assert ok.returncode == 0, ok.out + ok.err
+    assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = check(capsys, *common, "--no-average-tokens")
-    assert bad.returncode == 1, bad.out + bad.err
-    assert "non-uniform" in bad.out and "data:     EQUAL" in bad.out
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "non-uniform" in bad.stdout and "data:     EQUAL" in bad.stdout
 
 
 def test_cause_hints_token_means_and_batchnorm(capsys):
     tokens = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args", "--batch 16", "--",
                    str(EXAMPLES / "check_token_mean.py"), "--batch", "8")
-    assert tokens.returncode == 1 and "per-rank or per-micro-batch means" in tokens.out, tokens.out + tokens.err
+    assert tokens.returncode == 1 and "per-rank or per-micro-batch means" in tokens.stdout, tokens.stdout + tokens.stderr
     bn = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args", "--batch 32", "--",
                str(EXAMPLES / "check_batchnorm.py"), "--batch", "16")
-    assert bn.returncode == 1 and "BatchNorm not synchronised: 1 x BatchNorm1d" in bn.out, bn.out + bn.err
+    assert bn.returncode == 1 and "BatchNorm not synchronised: 1 x BatchNorm1d" in bn.stdout, bn.stdout + bn.stderr
 
 
 BAD = {  # script body -> (check options, the message's part)
@@ -127,9 +127,9 @@ def test_bad_scripts_fail_in_one_line_and_leave_nothing_running(capsys, tmp_path
         script = tmp_path / f"{name}.py"
         script.write_text(textwrap.dedent(body))
         result = check(capsys, "--nproc", "2", *options, "--", str(script))
-        assert result.returncode == 2, (name, result.out, result.err)
-        lines = [line for line in result.err.splitlines() if line.startswith("disttrain: error:")]
-        assert len(lines) == 1 and message in lines[0], (name, result.err)
+        assert result.returncode == 2, (name, result.stdout, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("disttrain: error:")]
+        assert len(lines) == 1 and message in lines[0], (name, result.stderr)
         assert not _running(script), name
     assert check(capsys, "--nproc", "2", "--", str(tmp_path / "missing.py")).returncode == 2
     assert check(capsys, "--nproc", "1", "--", str(tmp_path / "short.py")).returncode == 2
