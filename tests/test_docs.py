@@ -128,7 +128,7 @@ def check_disttrain(argv: list[str], synopsis: bool) -> None:
     if command == "check":  # check's own options come before --; after it, the script and its arguments
         split = rest.index("--") if "--" in rest else len(rest)
         _options(_subparser("check"), rest[:split])
-        if synopsis:
+        if synopsis or "--" not in rest:  # a mention in prose (`disttrain check`): its options only
             return
         _parse(_cli_parser(), argv)
         target = rest[split + 1:]
