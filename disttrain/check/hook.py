@@ -164,8 +164,11 @@ class _Recorder:
     def _module_names(self) -> dict[int, str]:
         """id(parameter) -> its name in the outermost module that holds it (wrappers' prefixes removed)."""
         import gc
+        import warnings
 
-        modules = [o for o in gc.get_objects() if isinstance(o, self.torch.nn.Module)]
+        with warnings.catch_warnings():  # isinstance on every live object touches deprecated module attributes
+            warnings.simplefilter("ignore")
+            modules = [o for o in gc.get_objects() if isinstance(o, self.torch.nn.Module)]
         children = {id(c) for m in modules for c in m._modules.values() if c is not None}
         names: dict[int, str] = {}
         for root in sorted((m for m in modules if id(m) not in children),

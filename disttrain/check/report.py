@@ -129,6 +129,9 @@ def _verdict_line(verdict: str, j: Judgement, m: Measurements, judged: list[Step
 def _hints(run: Records, ref: Records, m: Measurements, j: Judgement, beyond: StepRow | None) -> list[str]:
     """What the measurements point at, strongest evidence first; nothing when the run is on the reference."""
     w, hints = run.nproc, []
+    if m.data.first_step is not None:
+        hints.append(f"the data (above): from step {m.data.first_step} the ranks and the reference trained on other "
+                     "batches; make them read the same ones before judging the arithmetic")
     groups = {meta.get("group_size", 0) for meta in run.metas}
     if groups != {w}:
         size = ", ".join(str(g) for g in sorted(groups))
