@@ -82,13 +82,22 @@ def test_hugging_face_trainer_with_and_without_average_tokens_across_devices(cap
     assert "non-uniform" in bad.stdout and "data:     EQUAL" in bad.stdout
 
 
-def test_cause_hints_token_means_and_batchnorm(capsys):
-    tokens = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args", "--batch 16", "--",
-                   str(EXAMPLES / "check_token_mean.py"), "--batch", "8")
-    assert tokens.returncode == 1 and "per-rank or per-micro-batch means" in tokens.stdout, tokens.stdout + tokens.stderr
-    bn = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args", "--batch 32", "--",
-               str(EXAMPLES / "check_batchnorm.py"), "--batch", "16")
-    assert bn.returncode == 1 and "BatchNorm not synchronised: 1 x BatchNorm1d" in bn.stdout, bn.stdout + bn.stderr
+def test_fsdp2_loop_is_equivalent(capsys):
+    result = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args", "--batch 32", "--",
+                   str(EXAMPLES / "check_fsdp.py"), "--batch", "16")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "replicas: EQUAL" in result.stdout
+
+
+def test_lightning_ddp_is_equivalent_and_one_device_with_strategy_auto_reads_other_batches(capsys):
+    pytest.importorskip("lightning")
+    script = [str(EXAMPLES / "check_lightning.py"), "--devices", "2", "--batch", "16"]
+    ok = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args", "--devices 1 --batch 32", "--", *script)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    other = check(capsys, "--nproc", "2", "--steps", "3", "--reference-args",
+                  "--devices 1 --strategy auto --batch 32", "--", *script)
+    assert other.returncode == 1, other.stdout + other.stderr
+    assert "data:     DIFFER from step 1" in other.stdout and "samples the reference never saw" in other.stdout
 
 
 BAD = {  # script body -> (check options, the message's part)

@@ -21,7 +21,7 @@ from disttrain.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUAL, DIFFERENT = 1e-10, 1e-3
-NAMES = ["reduce", "syncbn", "warmup", "clip", "precision", "scaling", "kmeans", "parallelism", "tokens"]
+NAMES = ["reduce", "syncbn", "warmup", "clip", "precision", "scaling", "kmeans", "parallelism", "tokens", "check"]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -52,7 +52,16 @@ def test_demo_all_writes_summary_results_and_plots(demos):
         for plot in entry["plots"]:
             width, height = png_size(out / name / plot)
             assert width >= 1000 and height >= 400
-    assert "9/9 claims hold" in stderr
+    assert f"{len(NAMES)}/{len(NAMES)} claims hold" in stderr
+
+
+def test_check_finds_each_script_and_names_its_cause(demos):
+    check = demos[0]["check"]
+    assert check["correct"]["verdict"] == "EQUIVALENT" and max(check["correct"]["distance"]) <= EQUAL
+    assert check["per-rank token mean"]["verdict"] == "NOT EQUIVALENT"
+    assert any("non-uniform" in h for h in check["per-rank token mean"]["hints"])
+    assert any("BatchNorm not synchronised" in h for h in check["BatchNorm per rank"]["hints"])
+    assert check["BatchNorm per rank"]["first_beyond"] == 1
 
 
 def test_tokens_only_the_global_token_mean_equals_one_device(demos):
