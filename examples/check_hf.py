@@ -23,6 +23,7 @@ parser.add_argument("--batch", type=int, default=4, help="per_device_train_batch
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--no-average-tokens", dest="average_tokens", action="store_false",
                     help="average_tokens_across_devices=False")
+parser.add_argument("--dropout", type=float, default=0.0, help="GPT-2's dropouts (its default is 0.1)")
 parser.add_argument("--out", default="runs/check_hf")
 args = parser.parse_args()
 
@@ -45,8 +46,8 @@ def collate(items: list[dict]) -> dict:
 
 
 torch.manual_seed(0)
-config = GPT2Config(vocab_size=PAD + 1, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                    embd_pdrop=0.0, attn_pdrop=0.0)
+config = GPT2Config(vocab_size=PAD + 1, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, resid_pdrop=args.dropout,
+                    embd_pdrop=args.dropout, attn_pdrop=args.dropout)
 model = GPT2LMHeadModel(config).double()
 training = TrainingArguments(
     output_dir=args.out, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-2,

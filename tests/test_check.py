@@ -120,6 +120,15 @@ BAD = {  # script body -> (check options, the message's part)
             model(torch.ones(1, 2)).sum().backward()
             opt.step()
         """, ["--steps", "6"], "a different number of times on different ranks (rank 0: 3, rank 1: 4)"),
+    "uneven_ddp": ("""
+        import os, torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(2 + int(os.environ["RANK"])):
+            model(torch.ones(1, 2)).sum().backward()
+            opt.step()
+        """, ["--steps", "5"], "different number of times on different ranks: rank 0 ended after 2 optimizer steps"),
     "short": ("""
         import torch
         model = torch.nn.Linear(2, 2)

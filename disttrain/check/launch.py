@@ -128,7 +128,8 @@ def last_line(path: Path) -> str:
         lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    return lines[-1] if lines else ""
+    line = lines[-1] if lines else ""
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def watch(runs: list[Run], timeout_s: float, script: str) -> None:
@@ -154,6 +155,13 @@ def watch(runs: list[Run], timeout_s: float, script: str) -> None:
             stop(runs)
             _, run, rank, code = failed
             line = last_line(run.logs[rank]) or f"exit code {code}"
+            early = [r for r, p in enumerate(run.procs) if p.returncode == 0 and run.ended[r] is not None
+                     and run.ended[r] <= failed[0] and not (run.out / f"rank{r}" / "done").exists()]
+            if early:  # a peer that ended its loop leaves the others alone in their next collective
+                r = early[0]
+                raise ScriptError(f"{script} steps a different number of times on different ranks: rank {r} ended "
+                                  f"after {steps_recorded(run, r)} optimizer steps, rank {rank} went on and failed "
+                                  f"after {steps_recorded(run, rank)}: {line} (output: {run.logs[rank]})")
             raise ScriptError(f"{script} failed on {run.label(rank)}: {line} (output: {run.logs[rank]})")
         if alive == 0:
             return

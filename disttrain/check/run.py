@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..verify.verdict import calibrated_noise
 from .compare import measure
 from .launch import ScriptError, script_command, start, stop, watch
 from .records import Records, check_steps
@@ -58,10 +57,8 @@ def run_check(target: list[str], nproc: int, steps: int = 10, reference_args: st
         report = build_report(script, run, ref, twins, measure(run, ref, twins, steps), 0.0)
         if twins and report.judgement["distance"] > report.bound:
             # One twin is one sample of the noise: before calling the run anything but EQUIVALENT, the larger of two
-            # twins' noises decides (verify's rule).
+            # twins' noises decides (verify's rule, verdict.calibrated_noise; measure() takes the larger per step).
             twins.append(_twin(command + extra, steps, tmp, TWIN_SEEDS[1], timeout_s, script, say))
-            noise = calibrated_noise({"loss": 0.0, "parameters": report.judgement["noise"]})
-            del noise  # the per-step maximum over both twins is what measure() takes
             report = build_report(script, run, ref, twins, measure(run, ref, twins, steps), 0.0)
         report.seconds = round(time.perf_counter() - start_time, 2)
     except ScriptError:
