@@ -34,13 +34,13 @@ def png_size(path: Path) -> tuple[int, int]:
 def demos(tmp_path_factory):
     out = tmp_path_factory.mktemp("demos")
     proc = subprocess.run([sys.executable, "-m", "disttrain", "demo", "all", "--quick", "--json", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          capture_output=True, text=True, timeout=420, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout), out, proc.stderr
 
 
-@pytest.mark.timeout(330)
+@pytest.mark.timeout(450)
 def test_demo_all_writes_summary_results_and_plots(demos):
     summary, out, stderr = demos
     assert list(summary) == NAMES

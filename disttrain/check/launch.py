@@ -107,7 +107,8 @@ def start(role: str, command: list[str], nproc: int, steps: int, out: Path, perm
         log = out / f"rank{rank}.log"
         with open(log, "wb") as handle:
             run.procs.append(subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True))
+                                              stdin=subprocess.DEVNULL, start_new_session=True,
+                                              preexec_fn=_die_with_parent))
         run.logs.append(log)
         run.ended.append(None)
     return run
@@ -194,6 +195,17 @@ def stop(runs: list[Run]) -> None:
     for run in runs:
         for proc in run.procs:
             proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before it runs the script: SIGKILL when the check's process dies (a check killed by a timeout
+    leaves no rank behind: the ranks are in sessions of their own, out of reach of a signal to the check's group)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -178,7 +178,7 @@ def _ratio_hint(ratio: Ratio, step: int, w: int, run: Records, tol: float) -> st
         return f"{update} is x{mid:.3g} the reference's in every tensor: a uniform scale{note}"
     return (f"{update} is x{low:.3g} to x{high:.3g} the reference's per tensor (non-uniform, residual "
             f"{ratio.residual:.2g}): weights that depend on counts per rank or micro-batch (per-rank or "
-            f"per-micro-batch means of uneven counts), or batch statistics per rank{note}")
+            f"per-micro-batch means of uneven counts), randomness per process, or batch statistics per rank{note}")
 
 
 __all__ = ["CheckReport", "build_report"]
