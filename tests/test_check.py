@@ -44,6 +44,46 @@ def test_samples_are_rows_and_padding_is_not_part_of_them():
     assert strip_wrappers("module._forward_module.net._orig_mod.0.weight") == "net.0.weight"
 
 
+class _Samples:
+    """Records' stand-in: samples per rank and step."""
+
+    def __init__(self, per_rank: list[list[list[str]]]):
+        self.per_rank, self.nproc = per_rank, len(per_rank)
+
+    def samples(self, rank: int, step: int) -> list[str]:
+        return self.per_rank[rank][step - 1]
+
+
+def test_data_differences_are_named():
+    from disttrain.check.compare import _data
+
+    ref = _Samples([[list("abcd"), list("efgh")]])
+    assert _data(_Samples([[list("ab"), list("ef")], [list("cd"), list("gh")]]), ref, 2).first_step is None
+    padded = _data(_Samples([[list("ab"), list("ef")], [list("bc"), list("gh")]]), ref, 2)
+    assert padded.first_step == 1 and "1 samples on more than one rank" in padded.line
+    assert "1 of the reference's samples on no rank" in padded.line
+    repeated = _data(_Samples([[list("ab"), list("ef")], [list("cc"), list("gh")]]), ref, 2)
+    assert "more often than in the reference's batch" in repeated.line
+    shuffled = _data(_Samples([[list("ae"), list("bf")], [list("cd"), list("gh")]]), ref, 2)
+    assert shuffled.first_step == 1 and "in the reference's other batches" in shuffled.line
+    smaller = _data(_Samples([[list("a"), list("e")], [list("c"), list("g")]]), ref, 2)
+    assert "differ in size" in smaller.line
+
+
+def test_the_update_ratio_names_a_sum_a_division_and_a_reweighting():
+    from types import SimpleNamespace
+
+    from disttrain.check.compare import Ratio
+    from disttrain.check.report import _ratio_hint
+
+    run = SimpleNamespace(metas=[{"optimizers": {0: "SGD"}}])
+    hint = lambda scales, residual=0.0: _ratio_hint(Ratio(scales, residual), 1, 2, run, 1e-8)  # noqa: E731
+    assert "(x2 = W)" in hint({"a": 2.0, "b": 2.0 + 1e-12})
+    assert "(x1/2)" in hint({"a": 0.5, "b": 0.5})
+    assert "non-uniform" in hint({"a": 0.995, "b": 0.998})
+    assert "non-uniform" in hint({"a": 2.0, "b": 2.0}, residual=0.3)  # the same scale, another direction
+
+
 def test_plain_ddp_equivalent_in_float64_and_float32_and_a_sum_is_not(capsys):
     ok = check(capsys, "--nproc", "2", "--steps", "3", "--json", "--reference-args", "--batch 32", "--",
                str(EXAMPLES / "check_ddp.py"), "--batch", "16")

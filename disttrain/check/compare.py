@@ -131,12 +131,16 @@ def _data(run: Records, ref: Records, steps: int) -> DataFinding:
             parts.append(f"{shared} samples on more than one rank (a sampler that does not split the data, or "
                          "pads by repeating)")
         extra = union - expected
-        elsewhere = sum(n for s, n in extra.items() if s in ref_all)
+        repeated = sum(n for s, n in extra.items() if s in expected)
+        if repeated and not shared:
+            parts.append(f"{repeated} samples more often than in the reference's batch (repeated: padding)")
+        elsewhere = sum(n for s, n in extra.items() if s not in expected and s in ref_all)
         if elsewhere:
             parts.append(f"{elsewhere} of the ranks' samples are in the reference's other batches (another order: "
                          "a shuffle per rank, or a sampler the reference does not use)")
-        if sum(extra.values()) - elsewhere:
-            parts.append(f"{sum(extra.values()) - elsewhere} samples the reference never saw in {steps} steps")
+        never = sum(n for s, n in extra.items() if s not in ref_all)
+        if never:
+            parts.append(f"{never} samples the reference never saw in {steps} steps")
         missing = sum((expected - union).values())
         if missing:
             parts.append(f"{missing} of the reference's samples on no rank")
