@@ -87,6 +87,7 @@ class _Recorder:
         self.batches = 0
         self.finished = False
         self.autocast: str | None = None  # the training forward's autocast dtype, if any
+        self.group_size: int | None = None  # the default process group's size at the first step (0: none)
         self.draws: Any = None  # verify's DrawRecorder over the first step (forward, backward, optimizer step)
         self.draw_lines: tuple[str, list] = ("", [])
         self.torch = torch
@@ -211,6 +212,9 @@ class _Recorder:
         self._stop_draws()
         index = self._index(opt)
         self.counts[index] += 1
+        if self.group_size is None:  # at the first step: a script may destroy its group before it exits
+            dist = self.torch.distributed
+            self.group_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
         self._save(index, self.counts[index], samples=index == 0)
         live = [r() for r in self.created]
         pending = [o for o in live if o is not None and id(o) not in self.order and _has_params(o)]
@@ -229,15 +233,12 @@ class _Recorder:
 
     # -- the end -------------------------------------------------------------------------------------------------
     def _meta(self, how: str) -> dict[str, Any]:
-        torch = self.torch
-        dist = torch.distributed
-        started = dist.is_available() and dist.is_initialized()
         modules = [(kind, cls, p) for kind, cls, p in self.seen.values() if kind]
         dtypes = sorted({str(p.dtype).replace("torch.", "") for keys in self.keys.values() for _, p in keys})
         return {"how": how, "steps": dict(self.counts), "names": self.names, "dtypes": dtypes,
                 "optimizers": {i: type(o()).__name__ for i, o in ((self.order.get(id(r())), r) for r in self.created)
                                if i is not None and o() is not None},
-                "group_size": dist.get_world_size() if started else 0,
+                "group_size": self.group_size or 0,
                 "draws": self.draw_lines[0], "draw_list": self.draw_lines[1],
                 "autocast": self.autocast, "modules": Counter(modules), "batches_permuted": self.batches}
 

@@ -155,7 +155,9 @@ def _hints(run: Records, ref: Records, m: Measurements, j: Judgement, beyond: St
         shown = ", ".join(m.not_updated[:3]) + (f" (+{len(m.not_updated) - 3})" if len(m.not_updated) > 3 else "")
         hints.append(f"parameters no rank updated (the reference did): {shown}")
     ratio = m.ratios.get(beyond.step) if beyond is not None else None
-    if ratio is not None and ratio.scales and (m.data.first_step is None or m.data.first_step > beyond.step):
+    apart = m.replicas.first_step is not None and m.replicas.first_step <= beyond.step if beyond else False
+    if ratio is not None and ratio.scales and not apart and (m.data.first_step is None
+                                                               or m.data.first_step > beyond.step):
         hints.append(_ratio_hint(ratio, beyond.step, w, run, max(UNIFORM * j.bound, 1e-8)))
     return hints
 
