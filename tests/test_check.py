@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -180,7 +181,8 @@ BAD = {  # script body -> (check options, the message's part)
 }
 
 
-def test_bad_scripts_fail_in_one_line_and_leave_nothing_running(capsys, tmp_path):
+def test_bad_scripts_fail_in_one_line_and_leave_nothing_running(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the output a failed check keeps for its message
     for name, (body, options, message) in BAD.items():
         script = tmp_path / f"{name}.py"
         script.write_text(textwrap.dedent(body))
