@@ -125,6 +125,19 @@ def check_disttrain(argv: list[str], synopsis: bool) -> None:
             if command == "demo":
                 assert args.name == "all" or args.name in demos.DEMOS, f"disttrain demo: no demo {args.name!r}"
         return
+    if command == "check":  # check's own options come before --; after it, the script and its arguments
+        split = rest.index("--") if "--" in rest else len(rest)
+        _options(_subparser("check"), rest[:split])
+        if synopsis or "--" not in rest:  # a mention in prose (`disttrain check`): its options only
+            return
+        _parse(_cli_parser(), argv)
+        target = rest[split + 1:]
+        assert target, "disttrain check without a script after --"
+        if target[:2] == ["-m", "disttrain"]:
+            check_disttrain(target[2:], synopsis)
+        elif target[0] != "-m":
+            assert (ROOT / target[0]).is_file(), f"no script {target[0]}"
+        return
     parser = _subparser(command)
     while rest and not rest[0].startswith("-"):  # a nested command (disttrain data export ...) has its own options
         nested = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)

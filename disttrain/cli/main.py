@@ -10,8 +10,10 @@
     disttrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
     disttrain data export digits DIR               scikit-learn's digits as an image folder (DIR/CLASS/*.png)
     disttrain data export text DIR SOURCE...       text files as byte-level tokens (data.name: tokens)
+    disttrain check --nproc W [--steps N] [--reference-args "ARGS"] [--json] -- SCRIPT.py [ARGS...]
+                                                   any training script at W ranks against one process
 
-Exit codes: 0 success; 1 verify found no equivalence (NOT EQUIVALENT), or a worker failed; 2 a user error (bad
+Exit codes: 0 success; 1 verify or check found no equivalence (NOT EQUIVALENT), or a worker failed; 2 a user error (bad
 config, impossible batch split, missing file, wrong usage), reported in one line without a traceback; 3 verify is
 INCONCLUSIVE (the run's own rounding noise is as large as a known mistake: docs/verdicts.md).
 """
@@ -32,7 +34,7 @@ from ..errors import EXIT_OK, ConfigError, run_command
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data,check}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML config file (see configs/)")
@@ -83,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sources", type=Path, nargs="*", metavar="SOURCE", help="text: text files or folders of them")
     p.add_argument("--eos", action="store_true", help="text: end every document with token 256 (vocabulary 257)")
     p.add_argument("--pattern", default="*", metavar="GLOB", help="text: the files taken from a folder (default *)")
+    p = sub.add_parser("check", help="run a training script of one's own at W ranks and as one process, compare "
+                                     "every optimizer step: the verdict (docs/check.md)")
+    p.add_argument("--nproc", type=int, required=True, metavar="W", help="ranks of the distributed run (>= 2)")
+    p.add_argument("--steps", type=int, default=10, metavar="N", help="optimizer steps to record and compare")
+    p.add_argument("--reference-args", default="", metavar="ARGS",
+                   help="appended to the script's arguments for the one process (the last value wins in argparse: "
+                        "e.g. the one-device batch size)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="end the check when no process records an optimizer step for S seconds")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the report")
+    p.add_argument("target", nargs=argparse.REMAINDER, metavar="-- SCRIPT.py|-m MODULE [ARGS...]",
+                   help="the script (or module) and its arguments, after --")
     return parser
 
 
@@ -195,6 +209,19 @@ def _verify_stepwise(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_CODES[report.verdict]
 
 
+def _check(args: argparse.Namespace) -> int:
+    from ..check import run_check
+    from ..parallel.env import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ConfigError("check starts the script's processes itself: run it directly, not under torchrun")
+    target = args.target[1:] if args.target[:1] == ["--"] else args.target
+    report = run_check(target, args.nproc, args.steps, args.reference_args, args.timeout,
+                       announce=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report.to_json() if args.json else report.table(), flush=True)
+    return report.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
@@ -216,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(args: argparse.Namespace) -> int:
     from ..parallel.env import launched_by_torchrun
 
+    if args.command == "check":
+        return _check(args)
     if args.command == "data":
         from ..data.export import export
 

@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, run_command
-from . import clip, kmeans, parallelism, precision, reduce, scaling, syncbn, tokens, warmup
+from . import check, clip, kmeans, parallelism, precision, reduce, scaling, syncbn, tokens, warmup
 from .common import Lab, Result, Settings, save_result
 
 # name -> plan(lab, out_dir) -> finish() -> Result; in the order of the report
 DEMOS: dict[str, Callable] = {m.NAME: m.plan for m in (reduce, syncbn, warmup, clip, precision, scaling, kmeans,
-                                                        parallelism, tokens)}
+                                                        parallelism, tokens, check)}
 
 
 def run_demos(names: Sequence[str], settings: Settings, log: Callable[[str], None] | None = None) -> list[Result]:
