@@ -114,7 +114,7 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
 def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
     """Resume and restart options that would otherwise fail inside every worker. True: ``--resume`` of a run
     that is already complete (its newest checkpoint is at train.steps), so there is nothing to train."""
-    from ..checkpoint.format import checkpoint_dir, checkpoint_path, newest_readable
+    from ..checkpoint.format import checkpoint_at, checkpoint_dir, newest_readable
     from ..parallel.env import launched_by_torchrun
     from ..checkpoint.resume import check_resumable
 
@@ -134,7 +134,7 @@ def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
             raise ConfigError(f"--resume: no readable checkpoint in {checkpoint_dir(cfg.train.out_dir)}")
         check_resumable(cfg, state)
         if state["step"] == cfg.train.steps:
-            print(f"run already complete: {checkpoint_path(cfg.train.out_dir, state['step'])} is step "
+            print(f"run already complete: {checkpoint_at(cfg.train.out_dir, state['step'])} is step "
                   f"{state['step']} of train.steps={cfg.train.steps}; nothing to train (raise train.steps to "
                   "continue it)", flush=True)
             return True

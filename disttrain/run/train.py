@@ -29,11 +29,11 @@ from ..checkpoint.writer import Checkpointer
 from ..checkpoint.format import checkpoint_dir, clear_checkpoints, save_final
 from ..checkpoint.format import writing
 from ..config.schema import Config
-from ..config.validate import check_world_size
+from ..config.validate import check_world_size, checkpoint_format
 from ..parallel.env import DistEnv
 from ..observe.metrics import MetricsLogger, StepMetrics
 from ..observe.tensorboard import clear_events
-from ..checkpoint.resume import TENSOR_KEYS, resume_state
+from ..checkpoint.resume import load_training_state, resume_state
 from .step import StepResult, train_step
 
 
@@ -99,7 +99,7 @@ class Trainer:
         self._write_run_files(state, start)
         self.parts = parts = build(cfg, env)
         if state is not None:
-            parts.sync.load_state_dict({k: state[k] for k in TENSOR_KEYS} if env.is_main else None, parts.optimizer)
+            load_training_state(parts.sync, parts.optimizer, state, env.is_main)  # full or sharded
             parts.scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
             parts.scaler.load_state_dict(state.get("scaler"))  # fp16: the loss scale, the same on every rank
         self.result = result = TrainResult(model=parts.sync.model, skipped_steps=0 if state is None else
@@ -109,7 +109,9 @@ class Trainer:
         metrics = StepMetrics(logger, env, result.losses)
         if self.flush_seconds is not None:
             metrics.flush_seconds = self.flush_seconds
-        checkpointer = Checkpointer(t.out_dir, t.checkpoint_every, t.keep_checkpoints, t.steps, env.is_main)
+        checkpointer = Checkpointer(t.out_dir, t.checkpoint_every, t.keep_checkpoints, t.steps, env.is_main,
+                                    sharded=checkpoint_format(cfg) == "sharded", background=t.checkpoint_async,
+                                    timeout_s=cfg.comm.timeout_s)
         finished = False
         try:
             self._call("on_start")
