@@ -10,6 +10,8 @@
     disttrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
     disttrain data export digits DIR               scikit-learn's digits as an image folder (DIR/CLASS/*.png)
     disttrain data export text DIR SOURCE...       text files as byte-level tokens (data.name: tokens)
+    disttrain checkpoint export RUN_DIR [--step S] OUT   a checkpoint's model as one file (final.pt layout)
+    disttrain checkpoint info RUN_DIR              a run's checkpoints: step, format, world size, bytes per rank
 
 Exit codes: 0 success; 1 verify found no equivalence (NOT EQUIVALENT), or a worker failed; 2 a user error (bad
 config, impossible batch split, missing file, wrong usage), reported in one line without a traceback; 3 verify is
@@ -32,7 +34,7 @@ from ..errors import EXIT_OK, ConfigError, run_command
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data,checkpoint}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML config file (see configs/)")
@@ -83,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sources", type=Path, nargs="*", metavar="SOURCE", help="text: text files or folders of them")
     p.add_argument("--eos", action="store_true", help="text: end every document with token 256 (vocabulary 257)")
     p.add_argument("--pattern", default="*", metavar="GLOB", help="text: the files taken from a folder (default *)")
+    p = sub.add_parser("checkpoint", help="a run's checkpoints, read in one process: export, info")
+    checkpoint_sub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="{export,info}")
+    p = checkpoint_sub.add_parser("export", help="write a checkpoint's model as one file with no process group: "
+                                                 "final.pt's layout, or .safetensors when OUT ends so")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (train.out_dir)")
+    p.add_argument("out", type=Path, metavar="OUT", help="the file to write (.pt, or .safetensors)")
+    p.add_argument("--step", type=int, default=None, metavar="S", help="the checkpoint of step S (default: newest)")
+    p = checkpoint_sub.add_parser("info", help="list a run's checkpoints: step, format, world size, bytes per rank")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (train.out_dir)")
     return parser
 
 
@@ -218,6 +229,12 @@ def _command(args: argparse.Namespace) -> int:
         from ..data.export import export
 
         print(export(args.dataset, args.out_dir, args.sources, args.eos, args.pattern))
+        return EXIT_OK
+    if args.command == "checkpoint":
+        from ..checkpoint import tools
+
+        print(tools.info(args.run_dir) if args.checkpoint_command == "info" else
+              tools.export(args.run_dir, args.step, args.out))
         return EXIT_OK
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
