@@ -68,7 +68,7 @@ def test_sharded_resume_is_bitwise_at_the_same_world_size_and_reshards(pools, tm
 
 
 def test_ddp_writes_the_replicated_state_once_split_over_the_ranks(pools, tmp_path):
-    cfg = _cfg([*SHARDED, "comm.impl=ddp", "model.hidden=32"], tmp_path)
+    cfg = _cfg([*SHARDED, "comm.impl=ddp", "model.hidden=64"], tmp_path)
     _segment(pools, 2, cfg, False, 3)
     manifest = read_manifest(sharded_path(tmp_path, 3))
     per_rank = bytes_per_rank(manifest)
@@ -77,7 +77,8 @@ def test_ddp_writes_the_replicated_state_once_split_over_the_ranks(pools, tmp_pa
         v.numel() * v.element_size() for s in whole["optimizer"]["state"].values() for v in s.values()
         if isinstance(v, torch.Tensor))
     assert set(per_rank) == {0, 1} and min(per_rank.values()) > 0.2 * tensor_bytes  # both ranks wrote a share
-    assert sum(per_rank.values()) < 1.3 * tensor_bytes  # once, not twice (plus torch.save's headers)
+    # Once, not once per rank (plus torch.save's headers, about 1 KB per tensor).
+    assert sum(per_rank.values()) < 1.2 * tensor_bytes
 
 
 # --------------------------------------------------------------------------- background saves write their own step
