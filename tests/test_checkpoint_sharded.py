@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -30,6 +31,7 @@ from disttrain.errors import ConfigError
 from disttrain.parallel.env import DistEnv
 from tests.common import max_rel_diff
 from tests.test_resume import RESIZE, _assert_bitwise, _cfg, _segment, train_segment
+from tests.test_stop import _storage_error, small_disk  # noqa: F401 (a fixture)
 
 SHARDED = [*RESIZE, "train.checkpoint_format=sharded", "train.steps=9"]
 
@@ -234,6 +236,16 @@ def test_bad_sharded_checkpoints_are_one_line(small_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"disttrain: error: {sharded_path(other, 2)}: checkpoint model state: features.0.weight has shape "
                    "(4, 3, 3, 3), the model's is (6, 3, 3, 3)"), err
+
+
+@pytest.mark.parametrize("background", ["true", "false"])
+def test_a_full_disk_is_one_line_and_the_newest_sharded_checkpoint_stays(capsys, tmp_path, small_disk, background):
+    err = _storage_error(capsys, tmp_path, small_disk / "run", "train.checkpoint_every=2", "train.keep_checkpoints=0",
+                         "train.steps=60", "train.checkpoint_format=sharded", f"train.checkpoint_async={background}")
+    assert re.search(r"cannot write \S+/checkpoints/step_\d{8}\S*: No space left on device \(errno 28\); newest "
+                     r"complete checkpoint: \S+/step_\d{8}$", err), err
+    newest = Path(err.rsplit(" ", 1)[1])
+    assert load_checkpoint(newest)["step"] == int(newest.name[5:]) > 0
 
 
 # --------------------------------------------------------------------------- export and info, no process group

@@ -97,8 +97,9 @@ def writing(path: str | Path, out_dir: str | Path) -> Iterator[None]:
         raise storage_error(path, out_dir, exc) from None
 
 
-def storage_error(path: str | Path, out_dir: str | Path, exc: OSError) -> StorageError:
-    reason = exc.strerror or type(exc).__name__
+def storage_error(path: str | Path, out_dir: str | Path, exc: OSError | str) -> StorageError:
+    """One line: the path, the operating system's error (or ``exc``, a reason in words), the newest checkpoint."""
+    reason = exc if isinstance(exc, str) else f"{exc.strerror or type(exc).__name__} (errno {exc.errno})"
     found = list_checkpoints(out_dir)
     newest = f"newest complete checkpoint: {found[-1][1]}" if found else "no checkpoint was written"
-    return StorageError(f"cannot write {path}: {reason} (errno {exc.errno}); {newest}")
+    return StorageError(f"cannot write {path}: {reason}; {newest}")

@@ -24,6 +24,8 @@ process with no process group, and ``disttrain checkpoint export`` writes it as 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -134,12 +136,22 @@ def write_sharded(path: Path, state: dict[str, Any], manifest: dict[str, Any] | 
 
 
 def _one_line(exc: CheckpointException, path: Path, out_dir: Path) -> StorageError:
-    for rank, (error, _) in sorted(exc.failures.items()):
+    failures = sorted(exc.failures.items())
+    for rank, (error, _) in failures:
         if isinstance(error, OSError):
             return storage_error(getattr(error, "filename", None) or path, out_dir, error)
-    rank, (error, _) = min(exc.failures.items())
-    text = str(error).strip().splitlines()
-    return StorageError(f"cannot write {path}: rank {rank}: {text[0][:160] if text else type(error).__name__}")
+    # torch's zip writer reports a short write as "unexpected pos": on a full disk, say so.
+    if _disk_full(path):
+        return storage_error(path, out_dir, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    rank, (error, _) = failures[0]
+    return storage_error(path, out_dir, f"rank {rank}: {_first_line(error)}")
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return os.statvfs(path if path.exists() else path.parent).f_bavail == 0
+    except OSError:
+        return False
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
