@@ -27,9 +27,10 @@ from tests.harness import WorkerPool
 from tests.test_resume import RESIZE, _cfg, train_segment
 
 SETTINGS = {
+    "SyncBN, float64": [],
+    "SyncBN, fp16 loss scaler, float32": ["train.dtype=float32", "train.precision=fp16", "train.loss_scale=1024"],
+    "SyncBN, per-sample dropout 0.2, float64": ["model.dropout=0.2"],
     "SyncBN, 2 loader workers, float64": ["data.workers=2", "train.log_every=100"],
-    "fp16 loss scaler, float32": ["train.dtype=float32", "train.precision=fp16", "train.loss_scale=1024"],
-    "per-sample dropout 0.2, float64": ["model.dropout=0.2"],
 }
 RESIZES = ((2, 3), (4, 2))
 
@@ -55,7 +56,8 @@ def main() -> None:
             return {} if until else torch.load(out_dir / "final.pt", weights_only=True)["model"]
         if world_size not in pools:
             pools[world_size] = WorkerPool(world_size, timeout=600)
-        return pools[world_size].run(train_segment, cfg, resume, until)[0]
+        pools[world_size].run(train_segment, cfg, resume, until)  # fsdp's own state_dict holds DTensors: read final.pt
+        return {} if until else torch.load(Path(cfg["train"]["out_dir"]) / "final.pt", weights_only=True)["model"]
 
     started = time.perf_counter()
     print("| strategy | W | setting | resumed at the other W: max rel. diff | resumed at the same W |")
@@ -71,7 +73,7 @@ def main() -> None:
                     except ConfigError as exc:  # fp16's loss scaler needs the whole gradient, which fsdp never has
                         print(f"| {impl} | {first} -> {second} | {name} | refused: {exc} | |", flush=True)
                         continue
-                    out = args.out / f"{impl}-{first}-{second}-{len(extra)}-{extra[0]}"
+                    out = args.out / f"{impl}-{first}-{second}-{list(SETTINGS).index(name)}"
                     shutil.rmtree(out, ignore_errors=True)
                     whole = on(first, _cfg(base, out / "whole"), False, None)
                     on(first, _cfg(base, out / "parts"), False, args.stop)
