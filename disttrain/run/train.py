@@ -4,8 +4,8 @@ Data flow: config -> process group (parallel/env.py) -> this rank's slice of the
 (models/) inside its gradient strategy (parallel/sync.py) -> step (step.py: forward/backward per micro-batch, gradient
 reduction, clipping of the global gradient, optimizer step), next lr (schedule.py) -> metrics reduced over ranks
 (metrics.py) -> checkpoints (checkpoint/: rank 0's whole state, or every rank's own shards) and final.pt. A run
-may start from a checkpoint (resume, elastic restart, another world size): the trajectory after step s depends only on the state at s and
-the config, never on the world size.
+may start from a checkpoint (resume, elastic restart, another world size): the trajectory after step s depends
+only on the state at s and the config, never on the world size.
 
 Hooks see the loop without changing it: a :class:`Hook` is told when the run starts, when each step starts and
 ends, and when a checkpoint is written and the run ends, and can ask the loop to stop after a step (with a
