@@ -2,10 +2,11 @@
 
     python -m tests.measure_resharding [--steps 12] [--stop 6] [--out runs/resharding-measure]
 
-For each strategy (fsdp, ddp), each resize (W=2 -> 3, 4 -> 2) and each setting (SyncBN CNN with loader workers,
-float64; the same in float32 with the fp16 loss scaler; per-sample dropout, float64): the run trained uninterrupted
-at the first W, and the same run stopped after ``--stop`` steps with a sharded checkpoint and resumed at the second
-W. Prints the largest relative difference of the final parameters, and of the same resume at the first W (bitwise
+For each strategy (fsdp, ddp), each resize (W=2 -> 3, 4 -> 2) and each setting (the SyncBN CNN of tests/test_resume.py
+in float64; in float32 with the fp16 loss scaler; with per-sample dropout; with two loader workers per rank, run
+through the CLI since a test pool's ranks cannot start processes): the run trained uninterrupted at the first W, and
+the same run stopped after ``--stop`` steps with a sharded checkpoint and resumed at the second W. Prints the
+largest relative difference of the final parameters, and of the same resume at the first W (bitwise
 expected). tests/test_checkpoint_sharded.py asserts a cheap subset.
 """
 
