@@ -148,7 +148,7 @@ def check_disttrain(argv: list[str], synopsis: bool) -> None:
     if synopsis:
         return
     args = _parse(_cli_parser(), argv)
-    if command == "data":
+    if command in ("data", "checkpoint"):  # no config file: their arguments parsed is all
         return
     assert (ROOT / args.config).is_file(), f"no config file {args.config}"
     cfg = _load(args.config, args.overrides)

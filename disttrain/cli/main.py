@@ -12,6 +12,8 @@
     disttrain data export text DIR SOURCE...       text files as byte-level tokens (data.name: tokens)
     disttrain check --nproc W [--steps N] [--reference-args "ARGS"] [--json] -- SCRIPT.py [ARGS...]
                                                    any training script at W ranks against one process
+    disttrain checkpoint export RUN_DIR [--step S] OUT   a checkpoint's model as one file (final.pt layout)
+    disttrain checkpoint info RUN_DIR              a run's checkpoints: step, format, world size, bytes per rank
 
 Exit codes: 0 success; 1 verify or check found no equivalence (NOT EQUIVALENT), or a worker failed; 2 a user error (bad
 config, impossible batch split, missing file, wrong usage), reported in one line without a traceback; 3 verify is
@@ -34,7 +36,7 @@ from ..errors import EXIT_OK, ConfigError, run_command
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data,check}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data,check,checkpoint}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML config file (see configs/)")
@@ -97,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the report")
     p.add_argument("target", nargs=argparse.REMAINDER, metavar="-- SCRIPT.py|-m MODULE [ARGS...]",
                    help="the script (or module) and its arguments, after --")
+    p = sub.add_parser("checkpoint", help="a run's checkpoints, read in one process: export, info")
+    checkpoint_sub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="{export,info}")
+    p = checkpoint_sub.add_parser("export", help="write a checkpoint's model as one file with no process group: "
+                                                 "final.pt's layout, or .safetensors when OUT ends so")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (train.out_dir)")
+    p.add_argument("out", type=Path, metavar="OUT", help="the file to write (.pt, or .safetensors)")
+    p.add_argument("--step", type=int, default=None, metavar="S", help="the checkpoint of step S (default: newest)")
+    p = checkpoint_sub.add_parser("info", help="list a run's checkpoints: step, format, world size, bytes per rank")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (train.out_dir)")
     return parser
 
 
@@ -128,7 +139,7 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
 def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
     """Resume and restart options that would otherwise fail inside every worker. True: ``--resume`` of a run
     that is already complete (its newest checkpoint is at train.steps), so there is nothing to train."""
-    from ..checkpoint.format import checkpoint_dir, checkpoint_path, newest_readable
+    from ..checkpoint.format import checkpoint_at, checkpoint_dir, newest_readable
     from ..parallel.env import launched_by_torchrun
     from ..checkpoint.resume import check_resumable
 
@@ -148,7 +159,7 @@ def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
             raise ConfigError(f"--resume: no readable checkpoint in {checkpoint_dir(cfg.train.out_dir)}")
         check_resumable(cfg, state)
         if state["step"] == cfg.train.steps:
-            print(f"run already complete: {checkpoint_path(cfg.train.out_dir, state['step'])} is step "
+            print(f"run already complete: {checkpoint_at(cfg.train.out_dir, state['step'])} is step "
                   f"{state['step']} of train.steps={cfg.train.steps}; nothing to train (raise train.steps to "
                   "continue it)", flush=True)
             return True
@@ -249,6 +260,12 @@ def _command(args: argparse.Namespace) -> int:
         from ..data.export import export
 
         print(export(args.dataset, args.out_dir, args.sources, args.eos, args.pattern))
+        return EXIT_OK
+    if args.command == "checkpoint":
+        from ..checkpoint import tools
+
+        print(tools.info(args.run_dir) if args.checkpoint_command == "info" else
+              tools.export(args.run_dir, args.step, args.out))
         return EXIT_OK
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":

@@ -192,6 +192,12 @@ class TrainConfig:
         default=100, metadata=_doc("write a resumable checkpoint every N optimizer steps and at the end; 0: never"))
     keep_checkpoints: int = field(
         default=2, metadata=_doc("keep the newest K checkpoints in out_dir/checkpoints; 0: keep all"))
+    checkpoint_format: Literal["sharded", "full"] | None = field(default=None, metadata=_doc(
+        "sharded: a directory per step, every rank writing its own part through torch.distributed.checkpoint; "
+        "full: one file of the whole state written by rank 0; null: sharded with comm.impl=fsdp, else full"))
+    checkpoint_async: bool = field(default=True, metadata=_doc(
+        "write each checkpoint in the background from a copy taken at the step (the loop waits for the copy "
+        "only); false: the loop waits until it is on disk"))
     tensorboard: bool = field(
         default=True, metadata=_doc("rank 0 writes TensorBoard events of every step to out_dir/tensorboard"))
     compile: bool = field(default=False, metadata=_doc(

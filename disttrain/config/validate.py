@@ -181,6 +181,14 @@ def _check_tokens(d: DataConfig) -> None:
         _require(tokens or not value, f"data.{key}: only for data.name=tokens, not data.name={d.name}")
 
 
+def checkpoint_format(cfg: Config) -> str:
+    """train.checkpoint_format as the run uses it: unset, sharded with comm.impl=fsdp (no rank holds the whole
+    state), full otherwise."""
+    if cfg.train.checkpoint_format is not None:
+        return cfg.train.checkpoint_format
+    return "sharded" if cfg.comm.impl == "fsdp" else "full"
+
+
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Reject batch splits that cannot work: every rank, and every micro-batch, needs at least one sample."""
     b, k = cfg.train.global_batch_size, cfg.train.accumulation_steps

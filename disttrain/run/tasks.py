@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
-from ..checkpoint.format import checkpoint_path
+from ..checkpoint.format import checkpoint_at
 from ..config.parse import config_from_dict
 from ..config.schema import Config
 from ..parallel.env import DistEnv
@@ -89,7 +89,7 @@ def train_or_stop(cfg: Config, env: DistEnv, resume: bool = False, stop_at: int 
     stop = GracefulStop()
     result = run(cfg, env, resume=resume, stop_at=stop_at, hooks=[stop])
     if stop.signum is not None and env.is_main:
-        path = checkpoint_path(cfg.train.out_dir, result.stopped_at)
+        path = checkpoint_at(cfg.train.out_dir, result.stopped_at)
         print(f"stopped by {signal_name(stop.signum)} at step {result.stopped_at}: checkpoint {path}; continue with "
               "--resume", flush=True)
     return stop.signum
