@@ -36,7 +36,8 @@ from ..errors import EXIT_OK, ConfigError, run_command
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data,check,checkpoint}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,verify,config,bench,demo,plot,data,check,checkpoint}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML config file (see configs/)")
