@@ -2,8 +2,8 @@
 (``--nproc``, verify, the demos and the benchmarks).
 
 This is the same agent torchrun runs (torch.distributed.launcher.api), with a c10d rendezvous on a free
-loopback port (port 0: the store picks it) and workers started with spawn, each with one intra-op thread
-(see one_thread_per_worker). Several tasks can share one launched group, which pays the worker start-up
+loopback port (port 0: the store picks it) and workers started as torchrun starts them (worker.py: fresh
+interpreters, each in a session of its own), each with one intra-op thread (see one_thread_per_worker). Several tasks can share one launched group, which pays the worker start-up
 (import torch) once. With ``max_restarts`` R > 0 the agent restarts the whole worker group when a worker dies
 (kill -9, OOM, an exception), up to R times; the restarted workers see TORCHELASTIC_RESTART_COUNT > 0 and
 continue from the newest checkpoint (run/train.py).
@@ -14,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import re
 import signal
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from .agentlog import restart_lines
+from .worker import ERROR, PARENT_ENV, RESULT, TASKS
 from ..errors import RunFailure
 
 
@@ -35,9 +39,9 @@ class WorkerFailure(RunFailure):
 Task = tuple[Callable[..., Any], tuple]  # (fn, args): fn(env, *args) runs on every rank
 
 
-def _run_tasks(tasks: list[Task], device: str, timeout_s: float) -> list[Any]:
-    # Runs in each spawned worker: the elastic agent has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*.
-    # One process group for all tasks, in order: the processes start (import torch) once.
+def run_tasks(tasks: list[Task], device: str, timeout_s: float) -> list[Any]:
+    """In each worker (worker.py): the elastic agent has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*. One process
+    group for all tasks, in order: the processes start (import torch) once."""
     from .env import distributed
 
     with distributed(device, timeout_s) as env:
@@ -54,25 +58,65 @@ def one_thread(env: Any) -> None:
 def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", timeout_s: float = 300.0,
                        max_restarts: int = 0, log_dir: str | Path | None = None) -> list[list[Any]]:
     """Run each task ``fn(env, *args)`` on ``nproc`` local workers, one after another in the same process
-    group; return every rank's results (``[rank][task]``). ``fn`` must be importable (workers are spawned).
-    ``max_restarts``: elastic restarts of the worker group after a failure (the tasks then run again from the
-    first). This is the one way disttrain starts local ranks: ``--nproc``, verify, the demos and the
-    benchmarks.
+    group; return every rank's results (``[rank][task]``). ``fn`` and its arguments must pickle (by reference:
+    ``fn`` importable from this process's import path). ``max_restarts``: elastic restarts of the worker group
+    after a failure (the tasks then run again from the first). This is the one way disttrain starts local ranks:
+    ``--nproc``, verify, the demos and the benchmarks.
 
-    torch's elastic agent logs every restart, signal and failure with full tracebacks; those records go to
-    ``log_dir/launcher.log`` (nowhere without a ``log_dir``), and a failure is raised as :class:`WorkerFailure`:
-    one line per failed rank (its exception, message and where it was raised), naming that file."""
+    The workers are started as torchrun starts them: fresh interpreters (worker.py), each in a session of its own,
+    signalled by the agent (it forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1 to each worker's process group)
+    and killed, process group and all, when the launch fails. torch's elastic agent logs every restart, signal and
+    failure with full tracebacks; those records go to ``log_dir/launcher.log`` (nowhere without a ``log_dir``). A
+    user error in a worker (:class:`~disttrain.errors.ConfigError`: the checks of the config's model and data, which
+    run in the workers) is raised here as it is; any other failure as :class:`WorkerFailure`: one line per failed
+    rank (its exception, message and where it was raised), naming that file."""
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
-                          monitor_interval=0.1, start_method="spawn", signals_to_handle=AGENT_SIGNALS)
+                          monitor_interval=0.1, signals_to_handle=AGENT_SIGNALS)
     log = Path(log_dir) / LAUNCHER_LOG if log_dir is not None else None
+    with tempfile.TemporaryDirectory(prefix="disttrain-launch-") as tmp:
+        exchange = Path(tmp)
+        handoff = {"sys_path": list(sys.path), "tasks": pickle.dumps(tasks), "device": device, "timeout_s": timeout_s}
+        (exchange / TASKS).write_bytes(pickle.dumps(handoff))
+        try:
+            # torch's records go to launcher.log; a failure the agent answers with a restart also gets a console line
+            with one_thread_per_worker(nproc), worker_environment(), agent_log(log), restart_lines():
+                elastic_launch(launch, sys.executable)("-m", "disttrain.parallel.worker", str(exchange))
+        except ChildFailedError as exc:
+            user_error = _user_error(exchange, nproc)
+            if user_error is not None:
+                raise user_error from None
+            raise WorkerFailure(_describe(exc, log)) from None
+        return [pickle.loads((exchange / RESULT.format(rank=rank)).read_bytes()) for rank in range(nproc)]
+
+
+def _user_error(exchange: Path, nproc: int) -> BaseException | None:
+    """The lowest rank's user error, if a worker failed with one (every rank checks the same config)."""
+    for rank in range(nproc):
+        path = exchange / ERROR.format(rank=rank)
+        if path.is_file():
+            with contextlib.suppress(Exception):
+                return pickle.loads(path.read_bytes())
+    return None
+
+
+@contextlib.contextmanager
+def worker_environment() -> Iterator[None]:
+    """What a worker needs in its environment, set for the launch only (the agent copies this process's environment
+    into each worker's): this package on its import path (``python -m disttrain.parallel.worker`` must find the same
+    disttrain as this process, also when it is not installed), and this process's id (worker.py)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", PARENT_ENV)}
+    os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [saved["PYTHONPATH"]])])
+    os.environ[PARENT_ENV] = str(os.getpid())
     try:
-        # torch's records go to launcher.log; a failure the agent answers with a restart also gets a console line
-        with one_thread_per_worker(nproc), agent_log(log), restart_lines():
-            results = elastic_launch(launch, _run_tasks)(tasks, device, timeout_s)
-    except ChildFailedError as exc:
-        raise WorkerFailure(_describe(exc, log)) from None
-    return [results[rank] for rank in range(nproc)]
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -7,9 +7,6 @@ workers; every rank runs it in the same process group.
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -29,17 +26,7 @@ def _train_task(env: Any, cfg_dict: dict[str, Any], console: bool, resume: bool 
 
 
 def _train_or_stop_task(env: Any, cfg_dict: dict[str, Any], resume: bool, stop_at: int | None) -> int | None:
-    signum = train_or_stop(config_from_dict(cfg_dict), env, resume=resume, stop_at=stop_at)
-    if signum is not None:
-        # A worker hands its return value to torch's agent through a pipe, then waits for the agent to say it has
-        # read them all. An agent that got the signal itself no longer reads: it would wait out its shutdown timeout
-        # (30 s) and kill the worker. The checkpoint is durable and the value is in the pipe by now, so leave soon.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        timer = threading.Timer(2.0, os._exit, args=(0,))
-        timer.daemon = True
-        timer.start()
-    return signum
+    return train_or_stop(config_from_dict(cfg_dict), env, resume=resume, stop_at=stop_at)
 
 
 def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = False, stop_at: int | None = None,
