@@ -143,19 +143,20 @@ def test_one_thread_per_worker_unless_the_user_says_otherwise(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
-def report_threads(tasks: list, device: str, timeout_s: float) -> list[tuple[str | None, int]]:
-    """Stands in for the training worker: what the launched process was given."""
-    return [(os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())]
+def report_threads(env) -> tuple[str | None, int, int]:
+    """A task: what the launched process was given, and the session it runs in."""
+    return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads(), os.getsid(0)
 
 
-def test_launched_workers_get_one_intra_op_thread(monkeypatch):
-    import disttrain.parallel.launch as launcher
+def test_launched_workers_get_one_intra_op_thread_and_a_session_each(monkeypatch):
+    """As torchrun starts them: one intra-op thread, and each worker in a session of its own (not the launcher's)."""
+    from disttrain.parallel.launch import launch_local_tasks
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launcher, "_run_tasks", report_threads)
-    from disttrain.run.tasks import launch_local
-
-    assert launch_local(load_config(None, []), 2) == ("1", 1)
+    (omp0, threads0, sid0), (omp1, threads1, sid1) = (r[0] for r in launch_local_tasks([(report_threads, ())], 2,
+                                                                                         "cpu"))
+    assert (omp0, threads0, omp1, threads1) == ("1", 1, "1", 1)
+    assert len({sid0, sid1, os.getsid(0)}) == 3
 
 
 # ---------------------------------------------------------------------- batched reduction of the logged loss

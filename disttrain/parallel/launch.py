@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -87,11 +88,21 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
             if user_error is not None:
                 raise user_error from None
             raise WorkerFailure(_describe(exc, log)) from None
-        return [pickle.loads((exchange / RESULT.format(rank=rank)).read_bytes()) for rank in range(nproc)]
+        except SignalException as exc:  # the agent got a signal, forwarded it and waited for the workers
+            exc.results = _results(exchange, nproc)  # what the workers that stopped at a step returned
+            raise
+        results = _results(exchange, nproc)
+        return [results[rank] for rank in range(nproc)]
+
+
+def _results(exchange: Path, nproc: int) -> dict[int, list[Any]]:
+    paths = {rank: exchange / RESULT.format(rank=rank) for rank in range(nproc)}
+    return {rank: pickle.loads(path.read_bytes()) for rank, path in paths.items() if path.is_file()}
 
 
 def _user_error(exchange: Path, nproc: int) -> BaseException | None:
-    """The lowest rank's user error, if a worker failed with one (every rank checks the same config)."""
+    """The lowest rank's user error or stop while starting, if a worker failed with one (every rank checks the same
+    config)."""
     for rank in range(nproc):
         path = exchange / ERROR.format(rank=rank)
         if path.is_file():

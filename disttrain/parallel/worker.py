@@ -4,8 +4,8 @@ torch's elastic agent starts it as torchrun starts a worker: a fresh interpreter
 busy machine's scheduler, which shares the CPU between sessions first, gives each rank a session's share, as it
 does torchrun's), with RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous in its environment. The launcher left the
 tasks in ``DIR/tasks.pkl``; the rank runs them in one process group and writes what they returned to
-``DIR/result_RANK.pkl``. A user error (:class:`~disttrain.errors.ConfigError`) goes to ``DIR/error_RANK.pkl`` as
-it is, so the launcher can report it as the one-line user error it is; every exception is also recorded in torch's
+``DIR/result_RANK.pkl``. A user error (:class:`~disttrain.errors.ConfigError`) and a stop signal before the run
+began its steps (:class:`~disttrain.errors.StoppedWhileStarting`) go to ``DIR/error_RANK.pkl`` as they are, so the launcher can report it as the one-line user error it is; every exception is also recorded in torch's
 error file (the agent reads it back as the failure's message and traceback), and none is printed here.
 
 Signals: the agent forwards the stop signals to the rank's process group (the rank and its loader workers; the
@@ -40,17 +40,23 @@ def _die_with_launcher() -> None:
 
 
 def main(exchange: str) -> None:
-    _die_with_launcher()
-    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+    from ..errors import StartupSignals, StoppedWhileStarting
 
-    errors = get_error_handler()
-    errors.initialize()
-    try:
-        _run(Path(exchange))
-    except Exception as exc:  # noqa: BLE001 -- recorded for the agent, which reports it; not printed here
-        errors.record_exception(exc)
-        sys.stdout.flush()
-        sys.exit(1)
+    _die_with_launcher()
+    with StartupSignals():  # from the first instant: a stop signal while importing torch is still one line
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        errors = get_error_handler()
+        errors.initialize()
+        try:
+            _run(Path(exchange))
+        except StoppedWhileStarting as exc:
+            _write(Path(exchange) / ERROR.format(rank=os.environ.get("RANK", "0")), exc)
+            sys.exit(128 + exc.signum)
+        except Exception as exc:  # noqa: BLE001 -- recorded for the agent, which reports it; not printed here
+            errors.record_exception(exc)
+            sys.stdout.flush()
+            sys.exit(1)
 
 
 def _run(exchange: Path) -> None:

@@ -14,6 +14,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from ..checkpoint.format import checkpoint_path
 from ..config.parse import config_from_dict
 from ..config.schema import Config
+from ..errors import StartupSignals, StoppedWhileStarting
 from ..parallel.env import DistEnv
 from ..parallel.launch import launch_local_tasks
 from .stop import GracefulStop, signal_name
@@ -48,7 +49,8 @@ def launch_training(cfg: Config, nproc: int, resume: bool = False, stop_at: int 
 
     Returns the signal number the run stopped for, or None. A signal to this process reaches the workers through
     torch's elastic agent, which forwards it and waits for them to stop (they checkpoint first); then the agent
-    raises SignalException here. A signal to the workers alone (a scheduler signalling the processes of a node)
+    raises SignalException here. One that came before the workers began their steps raises StoppedWhileStarting
+    (one line, the signal's exit code). A signal to the workers alone (a scheduler signalling the processes of a node)
     comes back as their result.
     """
     task = (_train_or_stop_task, (cfg.to_dict(), resume, stop_at))
@@ -56,7 +58,11 @@ def launch_training(cfg: Config, nproc: int, resume: bool = False, stop_at: int 
         return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts,
                                   cfg.train.out_dir)[0][0]
     except SignalException as exc:
-        return first_signal(exc)
+        signum = first_signal(exc)
+        stopped = getattr(exc, "results", {}).get(0) is not None  # rank 0 stopped at a step and said so
+        if not stopped and exc.__context__ is None:  # one signal, and the workers had not begun their steps
+            raise StoppedWhileStarting(signum) from None
+        return signum
 
 
 def first_signal(exc: SignalException) -> int:
@@ -73,8 +79,9 @@ def first_signal(exc: SignalException) -> int:
 def train_or_stop(cfg: Config, env: DistEnv, resume: bool = False, stop_at: int | None = None) -> int | None:
     """``disttrain train`` on this rank: train, stopping on a signal (see the module docstring). Returns the
     signal number the run stopped for (rank 0 has printed the line that says where), or None."""
-    stop = GracefulStop()
-    result = run(cfg, env, resume=resume, stop_at=stop_at, hooks=[stop])
+    with StartupSignals() as startup:
+        stop = GracefulStop(startup)
+        result = run(cfg, env, resume=resume, stop_at=stop_at, hooks=[stop])
     if stop.signum is not None and env.is_main:
         path = checkpoint_path(cfg.train.out_dir, result.stopped_at)
         print(f"stopped by {signal_name(stop.signum)} at step {result.stopped_at}: checkpoint {path}; continue with "
