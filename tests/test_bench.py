@@ -260,3 +260,47 @@ def test_bench_data_runs_tiny_and_reports_its_fields(pools, capsys):
     ratios = data["size_ratios"]
     assert (ratios["small"], ratios["big"]) == (200, 400) and ratios["rss_ratio"] > 0 and ratios["time_ratio"] > 0
     assert {"rss_met", "time_met", "time_limit_s"} <= ratios.keys()
+
+
+def test_one_process_runs_take_a_workers_threads_unless_the_user_chose(monkeypatch):
+    """verify's reference and twins, step-wise retraining and the demos' one-process runs stand in for W ranks: they
+    run with the threads one of those ranks would have (cores / W, at least 1), restored after; a thread count the
+    user chose (a variable, or torch.set_num_threads) is left alone."""
+    from disttrain.parallel import env
+
+    for name in env.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(env, "machine_cores", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)  # torch's default on 4 cores: one per core
+        with env.threads_of_a_worker(2) as threads:
+            assert threads == torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 4
+        with env.threads_of_a_worker(8) as threads:
+            assert threads == torch.get_num_threads() == 1
+        torch.set_num_threads(3)  # the user's own choice
+        with env.threads_of_a_worker(2) as threads:
+            assert threads == torch.get_num_threads() == 3
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        with env.threads_of_a_worker(2) as threads:
+            assert threads == torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_launch_restores_the_signal_handlers_it_found(monkeypatch):
+    """torch's agent installs handlers for the signals it forwards and keeps them; a process that launches and goes
+    on (this test session) gets its own back, so SIGTERM still ends it."""
+    import signal
+
+    from disttrain.parallel.launch import launch_local_tasks
+
+    mine = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        launch_local_tasks([(report_threads, ())], 2, "cpu")
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,7 +82,8 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
         (exchange / TASKS).write_bytes(pickle.dumps(handoff))
         try:
             # torch's records go to launcher.log; a failure the agent answers with a restart also gets a console line
-            with one_thread_per_worker(nproc), worker_environment(), agent_log(log), restart_lines():
+            with one_thread_per_worker(nproc), worker_environment(), agent_log(log), restart_lines(), \
+                    agent_signal_handlers():
                 elastic_launch(launch, sys.executable)("-m", "disttrain.parallel.worker", str(exchange))
         except ChildFailedError as exc:
             user_error = _user_error(exchange, nproc)
@@ -109,6 +111,24 @@ def _user_error(exchange: Path, nproc: int) -> BaseException | None:
             with contextlib.suppress(Exception):
                 return pickle.loads(path.read_bytes())
     return None
+
+
+@contextlib.contextmanager
+def agent_signal_handlers() -> Iterator[None]:
+    """The handlers of the signals the agent forwards, as they were before the launch: torch's agent installs its own
+    (they raise SignalException) and leaves them installed, so a process that launches and goes on (a test session,
+    verify, the demos) would no longer end on SIGTERM."""
+    names = [name for name in AGENT_SIGNALS.split(",") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {getattr(signal, name): signal.getsignal(getattr(signal, name)) for name in names}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -186,8 +206,9 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
 def _describe(exc: ChildFailedError, log: Path | None = None) -> str:
-    """One line per failed rank: its exception and message, and the innermost disttrain frame that raised it."""
-    lines = []
+    """One line per failed rank: its exception and message, and the innermost disttrain frame that raised it. A rank
+    that failed only because a peer had died (PeerFailure) is left out when a rank failed for a cause of its own."""
+    lines, consequences = [], []
     for rank, failure in sorted(exc.failures.items()):
         message, where = failure.message, ""
         if isinstance(message, dict):
@@ -200,6 +221,6 @@ def _describe(exc: ChildFailedError, log: Path | None = None) -> str:
         if not message and failure.exitcode < 0:
             message = f"killed by {signal.Signals(-failure.exitcode).name}"
         message = (message or f"exit code {failure.exitcode}").strip().splitlines()[-1]
-        lines.append(f"rank {rank}: {message}{where}")
+        (consequences if message.startswith("PeerFailure") else lines).append(f"rank {rank}: {message}{where}")
     details = f" (full log: {log})" if log is not None and log.is_file() else ""
-    return "worker failed: " + "\n  ".join(lines) + details
+    return "worker failed: " + "\n  ".join(lines or consequences) + details
