@@ -38,16 +38,7 @@ class WorkerFailure(RunFailure):
     """A worker process failed; the message names the rank and its exception in one line."""
 
 
-Task = tuple[Callable[..., Any], tuple]  # (fn, args): fn(env, *args) runs on every rank
-
-
-def run_tasks(tasks: list[Task], device: str, timeout_s: float) -> list[Any]:
-    """In each worker (worker.py): the elastic agent has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*. One process
-    group for all tasks, in order: the processes start (import torch) once."""
-    from .env import distributed
-
-    with distributed(device, timeout_s) as env:
-        return [fn(env, *args) for fn, args in tasks]
+Task = tuple[Callable[..., Any], tuple]  # (fn, args): fn(env, *args) runs on every rank (worker.run_tasks)
 
 
 def one_thread(env: Any) -> None:
@@ -70,8 +61,8 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
     and killed, process group and all, when the launch fails. torch's elastic agent logs every restart, signal and
     failure with full tracebacks; those records go to ``log_dir/launcher.log`` (nowhere without a ``log_dir``). A
     user error in a worker (:class:`~disttrain.errors.ConfigError`: the checks of the config's model and data, which
-    run in the workers) is raised here as it is; any other failure as :class:`WorkerFailure`: one line per failed
-    rank (its exception, message and where it was raised), naming that file."""
+    run in the workers) is raised here as it is; any other failure as :class:`WorkerFailure`: one line naming the
+    first rank that failed (its exception, message and where it was raised) and that file."""
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"disttrain-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts,
                           monitor_interval=0.1, signals_to_handle=AGENT_SIGNALS)
@@ -89,12 +80,24 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
             user_error = _user_error(exchange, nproc)
             if user_error is not None:
                 raise user_error from None
+            _log_tracebacks(exc, log)
             raise WorkerFailure(_describe(exc, log)) from None
         except SignalException as exc:  # the agent got a signal, forwarded it and waited for the workers
             exc.results = _results(exchange, nproc)  # what the workers that stopped at a step returned
             raise
         results = _results(exchange, nproc)
         return [results[rank] for rank in range(nproc)]
+
+
+def _log_tracebacks(exc: ChildFailedError, log: Path | None) -> None:
+    """Each failed rank's traceback (from its error file) into ``log``, beside the agent's records."""
+    if log is None:
+        return
+    with contextlib.suppress(OSError), log.open("a") as out:
+        for rank, failure in sorted(exc.failures.items()):
+            message = failure.message if isinstance(failure.message, dict) else {}
+            stack = str(message.get("extraInfo", {}).get("py_callstack", "")) or "(no traceback recorded)"
+            out.write(f"rank {rank} failed (exit code {failure.exitcode}):\n{stack.rstrip()}\n")
 
 
 def _results(exchange: Path, nproc: int) -> dict[int, list[Any]]:
@@ -206,10 +209,10 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
 def _describe(exc: ChildFailedError, log: Path | None = None) -> str:
-    """One line per failed rank: its exception and message, and the innermost disttrain frame that raised it. A rank
-    that failed only because a peer had died (PeerFailure) is left out when a rank failed for a cause of its own."""
-    lines, consequences = [], []
-    for rank, failure in sorted(exc.failures.items()):
+    """One line: the first rank that failed for a cause of its own (not only because a peer had died: PeerFailure),
+    its exception and message, and the innermost disttrain frame that raised it."""
+    lines = []
+    for rank, failure in sorted(exc.failures.items(), key=lambda item: (item[1].timestamp, item[0])):
         message, where = failure.message, ""
         if isinstance(message, dict):
             stack = str(message.get("extraInfo", {}).get("py_callstack", ""))
@@ -221,6 +224,7 @@ def _describe(exc: ChildFailedError, log: Path | None = None) -> str:
         if not message and failure.exitcode < 0:
             message = f"killed by {signal.Signals(-failure.exitcode).name}"
         message = (message or f"exit code {failure.exitcode}").strip().splitlines()[-1]
-        (consequences if message.startswith("PeerFailure") else lines).append(f"rank {rank}: {message}{where}")
+        lines.append((message.startswith("PeerFailure"), f"rank {rank}: {message}{where}"))
+    first = min(lines, key=lambda line: line[0])[1]  # (stable: the earliest of those with a cause of their own)
     details = f" (full log: {log})" if log is not None and log.is_file() else ""
-    return "worker failed: " + "\n  ".join(lines or consequences) + details
+    return f"worker failed: {first}{details}"

@@ -67,7 +67,6 @@ def _run(exchange: Path) -> None:
     tasks = pickle.loads(handoff["tasks"])
     rank = os.environ["RANK"]
     from ..errors import ConfigError
-    from .launch import run_tasks
 
     try:
         results = run_tasks(tasks, handoff["device"], handoff["timeout_s"])
@@ -75,6 +74,15 @@ def _run(exchange: Path) -> None:
         _write(exchange / ERROR.format(rank=rank), exc)
         raise
     _write(exchange / RESULT.format(rank=rank), results)
+
+
+def run_tasks(tasks: list, device: str, timeout_s: float) -> list:
+    """The elastic agent has set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*: one process group for all tasks
+    ``fn(env, *args)``, in order (the process starts, imports torch, once)."""
+    from .env import distributed
+
+    with distributed(device, timeout_s) as env:
+        return [fn(env, *args) for fn, args in tasks]
 
 
 def _write(path: Path, value: object) -> None:
