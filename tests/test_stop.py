@@ -86,7 +86,7 @@ def test_second_signal_exits_at_once():
 def test_the_first_signal_to_the_launcher_decides_the_exit_code(monkeypatch):
     """SIGTERM, then Ctrl-C while torch's agent shuts the workers down (they stop for SIGTERM and say so): the
     launcher returns SIGTERM, not the SIGINT it raised last."""
-    import disttrain.run.tasks as tasks
+    import disttrain.run.nproc as tasks
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     def agent(*args, **kwargs):

@@ -147,16 +147,17 @@ def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
     """Train; a run stopped by a signal (stop.py) exits with 128 + the signal number, as the signal would."""
-    from ..parallel.env import distributed
-    from ..run.tasks import launch_training
-    from ..run.tasks import train_or_stop
-
     if args.nproc is not None and args.nproc > 1:
+        from ..run.nproc import launch_training  # the launcher imports no training code: its workers do
+
         signum = launch_training(cfg, args.nproc, resume=args.resume, stop_at=args.stop_at,
                                  max_restarts=args.max_restarts)
         if signum is None:
             _report_stop(cfg, args.stop_at)
     else:
+        from ..parallel.env import distributed
+        from ..run.tasks import train_or_stop
+
         with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
             signum = train_or_stop(cfg, env, resume=args.resume, stop_at=args.stop_at)
             if signum is None and env.is_main:  # under torchrun every rank runs this; rank 0 wrote the checkpoint

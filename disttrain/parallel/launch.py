@@ -12,6 +12,7 @@ continue from the newest checkpoint (run/train.py).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import pickle
@@ -39,6 +40,18 @@ class WorkerFailure(RunFailure):
 
 
 Task = tuple[Callable[..., Any], tuple]  # (fn, args): fn(env, *args) runs on every rank (worker.run_tasks)
+
+
+class Named:
+    """A task's function named by its import path (``package.module:function``) and imported in the workers, so
+    the launcher need not import what only the workers run."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, *args: Any) -> Any:
+        module, name = self.path.split(":")
+        return getattr(importlib.import_module(module), name)(*args)
 
 
 def one_thread(env: Any) -> None:

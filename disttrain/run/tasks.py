@@ -1,5 +1,6 @@
 """Training as a task on ranks: ``disttrain train`` on one rank (train, stopping on a signal), and the
-``--nproc N`` launches that run it on N local workers (parallel/launch.py starts them).
+``--nproc N`` launches that run it on N local workers (parallel/launch.py starts them; nproc.py is the launcher's
+side of ``disttrain train --nproc N``).
 
 A task is ``fn(env, *args)`` with plain arguments (the resolved config as a dict), so it pickles into spawned
 workers; every rank runs it in the same process group.
@@ -9,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.distributed.elastic.multiprocessing.api import SignalException
-
 from ..checkpoint.format import checkpoint_path
 from ..config.parse import config_from_dict
 from ..config.schema import Config
-from ..errors import StartupSignals, StoppedWhileStarting
+from ..errors import StartupSignals
 from ..parallel.env import DistEnv
 from ..parallel.launch import launch_local_tasks
+from .nproc import first_signal, launch_training
 from .stop import GracefulStop, signal_name
 from .train import run
 
@@ -41,39 +41,6 @@ def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = F
     task = (_train_task, (cfg.to_dict(), console, resume, stop_at))
     return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts,
                               cfg.train.out_dir)[0][0]
-
-
-def launch_training(cfg: Config, nproc: int, resume: bool = False, stop_at: int | None = None,
-                    max_restarts: int = 0) -> int | None:
-    """``disttrain train --nproc N``: train with ``nproc`` local workers that stop on a signal (stop.py).
-
-    Returns the signal number the run stopped for, or None. A signal to this process reaches the workers through
-    torch's elastic agent, which forwards it and waits for them to stop (they checkpoint first); then the agent
-    raises SignalException here. One that came before the workers began their steps raises StoppedWhileStarting
-    (one line, the signal's exit code). A signal to the workers alone (a scheduler signalling the processes of a node)
-    comes back as their result.
-    """
-    task = (_train_or_stop_task, (cfg.to_dict(), resume, stop_at))
-    try:
-        return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts,
-                                  cfg.train.out_dir)[0][0]
-    except SignalException as exc:
-        signum = first_signal(exc)
-        stopped = getattr(exc, "results", {}).get(0) is not None  # rank 0 stopped at a step and said so
-        if not stopped and exc.__context__ is None:  # one signal, and the workers had not begun their steps
-            raise StoppedWhileStarting(signum) from None
-        return signum
-
-
-def first_signal(exc: SignalException) -> int:
-    """The first signal the launcher received (stop.py: the first signal decides). A second one while torch's
-    agent shuts the workers down raises anew inside the handling of the first, which stays its ``__context__``."""
-    signum, link = int(exc.sigval), exc.__context__
-    while link is not None:  # back to the earliest
-        if isinstance(link, SignalException):
-            signum = int(link.sigval)
-        link = link.__context__
-    return signum
 
 
 def train_or_stop(cfg: Config, env: DistEnv, resume: bool = False, stop_at: int | None = None) -> int | None:
