@@ -87,7 +87,7 @@ def launch_local_tasks(tasks: list[Task], nproc: int, device: str = "auto", time
         try:
             # torch's records go to launcher.log; a failure the agent answers with a restart also gets a console line
             with one_thread_per_worker(nproc), worker_environment(), agent_log(log), restart_lines(), \
-                    agent_signal_handlers():
+                    agent_signal_handlers(), unnamed_rendezvous_events():
                 elastic_launch(launch, sys.executable)("-m", "disttrain.parallel.worker", str(exchange))
         except ChildFailedError as exc:
             user_error = _user_error(exchange, nproc)
@@ -127,6 +127,26 @@ def _user_error(exchange: Path, nproc: int) -> BaseException | None:
             with contextlib.suppress(Exception):
                 return pickle.loads(path.read_bytes())
     return None
+
+
+@contextlib.contextmanager
+def unnamed_rendezvous_events() -> Iterator[None]:
+    """torch's c10d rendezvous names each of its events (about ten per launch) by calling ``inspect.stack()`` twice,
+    which reads the source of every frame and searches sys.modules for each: seconds of the launcher's start on a
+    busy machine (7 of the 12.6 s before the workers started, profiled at load 20), more than torchrun's default
+    static rendezvous pays. The events go to torch's event log, a NullHandler unless configured; their name is
+    all that changes here."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+    original = getattr(dynamic_rendezvous, "get_method_name", None)
+    if original is None:  # another torch: nothing to do
+        yield
+        return
+    dynamic_rendezvous.get_method_name = lambda depth=2: "rendezvous"
+    try:
+        yield
+    finally:
+        dynamic_rendezvous.get_method_name = original
 
 
 @contextlib.contextmanager
