@@ -99,6 +99,37 @@ def test_the_first_signal_to_the_launcher_decides_the_exit_code(monkeypatch):
     assert tasks.launch_training(_cfg(Path("unused")), 2) == signal.SIGTERM
 
 
+def _loader_worker(ready) -> None:  # a forked stand-in for a DataLoader worker
+    from disttrain.data.loader import LoaderWorkerInit
+
+    LoaderWorkerInit(lambda worker_id: ready.set())(0)  # the user's own worker_init_fn runs after it
+    while True:
+        time.sleep(0.05)
+
+
+def test_loader_workers_leave_the_stop_signals_to_their_rank():
+    """A loader worker ignores SIGINT, SIGUSR1 and a SIGTERM from anyone but its rank (a scheduler's signal to every
+    process); its rank's SIGTERM (DataLoader's shutdown, multiprocessing's exit) still ends it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_loader_worker, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(60)
+        for name in ("INT", "USR1", "TERM"):  # from another process, as Slurm or `kill -TERM -PGID` send them
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+        worker.join(1.0)
+        assert worker.is_alive()
+        worker.terminate()  # SIGTERM from its parent
+        worker.join(30)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+
+
 # --------------------------------------------------------------------------- a signal to the launcher
 
 def _start(args: list[str], out_dir: Path, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
