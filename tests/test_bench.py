@@ -149,12 +149,22 @@ def report_threads(env) -> tuple[str | None, int, int]:
 
 
 def test_launched_workers_get_one_intra_op_thread_and_a_session_each(monkeypatch):
-    """As torchrun starts them: one intra-op thread, and each worker in a session of its own (not the launcher's)."""
+    """As torchrun starts them: one intra-op thread, and each worker in a session of its own (not the launcher's).
+    torch's agent installs handlers for the signals it forwards and keeps them; a process that launches and goes on
+    (this test session) gets its own back, so SIGTERM still ends it."""
+    import signal
+
     from disttrain.parallel.launch import launch_local_tasks
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    (omp0, threads0, sid0), (omp1, threads1, sid1) = (r[0] for r in launch_local_tasks([(report_threads, ())], 2,
-                                                                                         "cpu"))
+    mine = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        (omp0, threads0, sid0), (omp1, threads1, sid1) = (r[0] for r in launch_local_tasks([(report_threads, ())],
+                                                                                             2, "cpu"))
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert (omp0, threads0, omp1, threads1) == ("1", 1, "1", 1)
     assert len({sid0, sid1, os.getsid(0)}) == 3
 
@@ -289,18 +299,3 @@ def test_one_process_runs_take_a_workers_threads_unless_the_user_chose(monkeypat
     finally:
         torch.set_num_threads(before)
 
-
-def test_a_launch_restores_the_signal_handlers_it_found(monkeypatch):
-    """torch's agent installs handlers for the signals it forwards and keeps them; a process that launches and goes
-    on (this test session) gets its own back, so SIGTERM still ends it."""
-    import signal
-
-    from disttrain.parallel.launch import launch_local_tasks
-
-    mine = lambda signum, frame: None  # noqa: E731
-    before = signal.signal(signal.SIGTERM, mine)
-    try:
-        launch_local_tasks([(report_threads, ())], 2, "cpu")
-        assert signal.getsignal(signal.SIGTERM) is mine
-    finally:
-        signal.signal(signal.SIGTERM, before)
