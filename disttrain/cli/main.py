@@ -31,7 +31,7 @@ from pathlib import Path
 from ..config.schema import Config
 from ..config.validate import check_world_size
 from ..config.parse import load_config
-from ..errors import EXIT_OK, ConfigError, run_command
+from ..errors import EXIT_OK, ConfigError, StartupSignals, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,9 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _preflight(nproc: int | None, cfg: Config) -> None:
+def _preflight(nproc: int | None, cfg: Config, workers_check: bool = False) -> None:
     """User errors that would otherwise surface inside workers: worker count, device, output directory, import
-    paths and what the factories return."""
+    paths and what the factories return. ``workers_check``: the workers about to start check the import paths and
+    the factories themselves (a user error there is still one line, exit 2: parallel/launch.py), so the model's
+    check forward does not delay their start."""
     from ..parallel.env import choose_device, launched_by_torchrun, local_world_size
 
     if nproc is not None:
@@ -132,6 +134,8 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
         raise ConfigError(f"train.out_dir: cannot create {out_dir}: {exc.strerror or exc}") from None
     # Users' code (model.name / data.name import paths): imported here; built here too when workers will be
     # started, since an error inside a worker is a failed worker (exit 1), not a user error (exit 2).
+    if workers_check and nproc is not None and nproc > 1:
+        return
     from ..run.build import preflight
 
     preflight(cfg, build_parts=nproc is not None)
@@ -169,16 +173,17 @@ def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
     """Train; a run stopped by a signal (stop.py) exits with 128 + the signal number, as the signal would."""
-    from ..parallel.env import distributed
-    from ..run.tasks import launch_training
-    from ..run.tasks import train_or_stop
-
     if args.nproc is not None and args.nproc > 1:
+        from ..run.nproc import launch_training  # the launcher imports no training code: its workers do
+
         signum = launch_training(cfg, args.nproc, resume=args.resume, stop_at=args.stop_at,
                                  max_restarts=args.max_restarts)
         if signum is None:
             _report_stop(cfg, args.stop_at)
     else:
+        from ..parallel.env import distributed
+        from ..run.tasks import train_or_stop
+
         with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
             signum = train_or_stop(cfg, env, resume=args.resume, stop_at=args.stop_at)
             if signum is None and env.is_main:  # under torchrun every rank runs this; rank 0 wrote the checkpoint
@@ -249,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return plot_main(argv[1:], prog="disttrain plot")
     args = _parser().parse_args(argv)
+    if args.command == "train":  # a stop signal before the run can stop at a step: one line, 128 + its number
+        with StartupSignals():
+            return run_command(lambda: _command(args))
     return run_command(lambda: _command(args))
 
 
@@ -287,7 +295,7 @@ def _command(args: argparse.Namespace) -> int:
         if args.against is None and args.nproc is None:
             args.nproc = 2
     with _no_trace_on_refusal(Path(cfg.train.out_dir)):
-        _preflight(args.nproc, cfg)
+        _preflight(args.nproc, cfg, workers_check=args.command == "train")
         complete = args.command == "train" and _preflight_train(cfg, args)
     if args.command == "train":
         if complete:

@@ -220,3 +220,42 @@ def restart_count() -> int:
     """
     value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return int(value) if value.isdigit() else 0
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_NUM_THREADS")
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a job's share, not the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def worker_threads(local_processes: int) -> int:
+    """Intra-op threads for one of ``local_processes`` processes sharing this machine's cores: cores / processes, at
+    least 1 (the launcher gives each of several workers one, as torchrun does; on 2 cores both rules agree)."""
+    return max(1, machine_cores() // max(1, local_processes))
+
+
+@contextlib.contextmanager
+def threads_of_a_worker(local_processes: int) -> Iterator[int]:
+    """torch's intra-op threads for a one-process run that stands in for ``local_processes`` ranks (verify's
+    reference and twins, step-wise retraining, the demos' one-process runs): what one of those ranks would get,
+    restored on exit. Left alone when the user chose: an ``OMP_NUM_THREADS`` (or MKL/TORCH) variable, or a
+    ``torch.set_num_threads`` that changed torch's default of one thread per core.
+
+    torch's default runs one OpenMP thread per core, and its threads spin at each parallel region's barrier: on a
+    machine busy with other jobs a thread that lost its core keeps the others spinning, and a run slows far beyond its
+    share (measured here: verify's one-process runs 13x slower under load with the default, docs/performance.md).
+    """
+    if any(name in os.environ for name in THREAD_VARIABLES) or torch.get_num_threads() != machine_cores():
+        yield torch.get_num_threads()
+        return
+    previous = torch.get_num_threads()
+    threads = worker_threads(local_processes)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)

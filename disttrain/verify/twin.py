@@ -34,10 +34,11 @@ config whose equivalence is not claimed anyway (whole.py unclaimed_reason).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..config.schema import Config
-from ..parallel.env import DistEnv
+from ..parallel.env import DistEnv, threads_of_a_worker
 from ..run.train import Hook, TrainResult, Trainer
 from .chunked import chunk_weight_gradients
 
@@ -56,14 +57,20 @@ class AsRanks(Hook):
         if twin not in (None, *TWINS):
             raise ValueError(f"twin: {twin!r} is none of {TWINS}")
         self.ranks, self.twin = ranks, twin
+        self._threads = contextlib.ExitStack()
 
     def on_start(self, trainer: Trainer) -> None:
+        # The intra-op threads one of those ranks would have (parallel/env.py), unless the user chose.
+        self._threads.enter_context(threads_of_a_worker(self.ranks))
         batches = trainer.parts.batches
         batches.ranks = self.ranks
         batches.rank_order = tuple(reversed(range(self.ranks))) if self.twin == RANK_ORDER else None
         batches.order = TWIN_ORDER if self.twin == SAMPLE_ORDER else None
         if self.ranks > 1 or self.twin is not None:
             chunk_weight_gradients(trainer.parts.sync.model, self.ranks, batches.rank_order)
+
+    def on_end(self, trainer: Trainer) -> None:
+        self._threads.close()
 
 
 def train_reference(cfg: Config, env: DistEnv, ranks: int, twin: str | None = None, resume: bool | str | Path = False,
