@@ -235,7 +235,9 @@ def assert_equivalent(fn: Callable[..., Any], world_size: int, /, *args: Any, re
         if size not in runs:
             runs[size] = _outcome(run_ranks(fn, size, *args, timeout_s=timeout_s, **kwargs)[0], size)
     (state, losses), (ref_state, ref_losses) = runs[world_size], runs[reference_world_size]
-    report = compare_states(world_size, state, ref_state, losses, ref_losses, rtol=rtol)
+    report = compare_states(world_size, state, ref_state, losses, ref_losses, rtol=rtol,
+                            reference_world_size=reference_world_size)
+    report.no_twin = "assert_equivalent runs no rounding twin: the dtype's fixed tolerance, or rtol, decides"
     if not report.equivalent:
         raise AssertionError(f"{fn.__qualname__} at {world_size} ranks does not match {reference_world_size}:\n"
                              + report.table())

@@ -143,19 +143,30 @@ def test_one_thread_per_worker_unless_the_user_says_otherwise(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
-def report_threads(tasks: list, device: str, timeout_s: float) -> list[tuple[str | None, int]]:
-    """Stands in for the training worker: what the launched process was given."""
-    return [(os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())]
+def report_threads(env) -> tuple[str | None, int, int]:
+    """A task: what the launched process was given, and the session it runs in."""
+    return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads(), os.getsid(0)
 
 
-def test_launched_workers_get_one_intra_op_thread(monkeypatch):
-    import disttrain.parallel.launch as launcher
+def test_launched_workers_get_one_intra_op_thread_and_a_session_each(monkeypatch):
+    """As torchrun starts them: one intra-op thread, and each worker in a session of its own (not the launcher's).
+    torch's agent installs handlers for the signals it forwards and keeps them; a process that launches and goes on
+    (this test session) gets its own back, so SIGTERM still ends it."""
+    import signal
+
+    from disttrain.parallel.launch import launch_local_tasks
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launcher, "_run_tasks", report_threads)
-    from disttrain.run.tasks import launch_local
-
-    assert launch_local(load_config(None, []), 2) == ("1", 1)
+    mine = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        (omp0, threads0, sid0), (omp1, threads1, sid1) = (r[0] for r in launch_local_tasks([(report_threads, ())],
+                                                                                             2, "cpu"))
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert (omp0, threads0, omp1, threads1) == ("1", 1, "1", 1)
+    assert len({sid0, sid1, os.getsid(0)}) == 3
 
 
 # ---------------------------------------------------------------------- batched reduction of the logged loss
@@ -259,3 +270,32 @@ def test_bench_data_runs_tiny_and_reports_its_fields(pools, capsys):
     ratios = data["size_ratios"]
     assert (ratios["small"], ratios["big"]) == (200, 400) and ratios["rss_ratio"] > 0 and ratios["time_ratio"] > 0
     assert {"rss_met", "time_met", "time_limit_s"} <= ratios.keys()
+
+
+def test_one_process_runs_take_a_workers_threads_unless_the_user_chose(monkeypatch):
+    """verify's reference and twins, step-wise retraining and the demos' one-process runs stand in for W ranks: they
+    run with the threads one of those ranks would have (cores / W, at least 1), restored after; a thread count the
+    user chose (a variable, or torch.set_num_threads) is left alone."""
+    from disttrain.parallel import env
+
+    for name in env.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(env, "machine_cores", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)  # torch's default on 4 cores: one per core
+        with env.threads_of_a_worker(2) as threads:
+            assert threads == torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 4
+        with env.threads_of_a_worker(8) as threads:
+            assert threads == torch.get_num_threads() == 1
+        torch.set_num_threads(3)  # the user's own choice
+        with env.threads_of_a_worker(2) as threads:
+            assert threads == torch.get_num_threads() == 3
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        with env.threads_of_a_worker(2) as threads:
+            assert threads == torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+

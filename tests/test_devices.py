@@ -78,18 +78,22 @@ def test_every_collective_sends_tensors_of_the_compute_device(pools, tmp_path):
     step 1, then ddp's and fsdp's resumed: no collective ever sends a tensor made without the compute device (the
     check of tests/devicecheck.py, which also fails on the stop request as it was; see the next test)."""
     cases = []
-    for impl in ("ddp", "allreduce", "fsdp"):
-        cases.append((_case(tmp_path / impl, f"comm.impl={impl}", "train.checkpoint_every=1"), False))
+    for impl in ("ddp", "allreduce", "fsdp", "fsdp-sharded"):
+        # fsdp: the full format (rank 0's whole tensors broadcast on resume); fsdp-sharded: DCP, each rank its own
+        sets = [f"comm.impl={impl.split('-')[0]}", "train.checkpoint_every=1",
+                f"train.checkpoint_format={'sharded' if impl.endswith('sharded') else 'full'}"]
+        cases.append((_case(tmp_path / impl, *sets), False))
         if impl != "allreduce":  # its resume is ddp's (the replicated strategies' load_state_dict)
-            cases.append((_case(tmp_path / impl, f"comm.impl={impl}", "train.checkpoint_every=1", "train.steps=3"),
-                          True))
-    ranks = pools(2).run(train_recording, cases)
+            cases.append((_case(tmp_path / impl, *sets, "train.steps=3"), True))
+    ranks = pools(2).run(train_recording, cases[:5])  # one task per strategy group: each within the pool's timeout
     ddp, ddp_resumed, allreduce, fsdp, fsdp_resumed = ranks[0]
+    sharded, sharded_resumed = pools(2).run(train_recording, cases[5:])[0]
     assert "all_reduce" in ddp and "all_gather" in ddp  # the comm hook; SyncBN's statistics
     assert "broadcast" in ddp_resumed  # the checkpoint's state, tensor by tensor
     assert "all_reduce" in allreduce
     assert {"all_gather_single", "reduce_scatter_single", "all_reduce"} <= set(fsdp)  # shards; stop request
     assert "broadcast" in fsdp_resumed
+    assert {"all_gather_single", "reduce_scatter_single"} <= set(sharded) and "broadcast" not in sharded_resumed
 
 
 def test_the_check_fails_on_a_stop_request_made_on_the_host(pools, tmp_path):

@@ -125,6 +125,19 @@ def check_disttrain(argv: list[str], synopsis: bool) -> None:
             if command == "demo":
                 assert args.name == "all" or args.name in demos.DEMOS, f"disttrain demo: no demo {args.name!r}"
         return
+    if command == "check":  # check's own options come before --; after it, the script and its arguments
+        split = rest.index("--") if "--" in rest else len(rest)
+        _options(_subparser("check"), rest[:split])
+        if synopsis or "--" not in rest:  # a mention in prose (`disttrain check`): its options only
+            return
+        _parse(_cli_parser(), argv)
+        target = rest[split + 1:]
+        assert target, "disttrain check without a script after --"
+        if target[:2] == ["-m", "disttrain"]:
+            check_disttrain(target[2:], synopsis)
+        elif target[0] != "-m":
+            assert (ROOT / target[0]).is_file(), f"no script {target[0]}"
+        return
     parser = _subparser(command)
     while rest and not rest[0].startswith("-"):  # a nested command (disttrain data export ...) has its own options
         nested = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
@@ -135,7 +148,7 @@ def check_disttrain(argv: list[str], synopsis: bool) -> None:
     if synopsis:
         return
     args = _parse(_cli_parser(), argv)
-    if command == "data":
+    if command in ("data", "checkpoint"):  # no config file: their arguments parsed is all
         return
     assert (ROOT / args.config).is_file(), f"no config file {args.config}"
     cfg = _load(args.config, args.overrides)
@@ -334,6 +347,87 @@ def missing_paths(page: Path, text: str) -> list[str]:
 def test_paths_and_imports_exist():
     failures = [failure for page in PAGES for failure in missing_paths(page, page.read_text())]
     assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- what a run writes, placeholders
+
+def shared_out_dirs(configs: list[Path]) -> list[str]:
+    """Each train.out_dir that two configs share: the second's run clears the first's checkpoints, and a later
+    verify --against reads a mixture."""
+    owners: dict[str, list[str]] = {}
+    for path in configs:
+        owners.setdefault(load_config(path, []).train.out_dir, []).append(path.name)
+    return [f"{', '.join(names)} share train.out_dir {out}" for out, names in owners.items() if len(names) > 1]
+
+
+def test_every_config_has_its_own_out_dir():
+    shared = shared_out_dirs(sorted((ROOT / "configs").glob("*.yaml")))
+    assert not shared, "\n".join(shared)
+
+
+# An HTML comment a writer left for later: invisible on the rendered page, so nobody reads it there.
+PLACEHOLDER_COMMENT = re.compile(r"<!--(?:(?!-->).)*\b(?:goes here|TODO|TBD|FIXME|XXX|to be written)\b.*?-->",
+                                 re.S | re.I)
+
+
+def placeholder_comments(page: Path, text: str) -> list[str]:
+    outside = "\n".join(line for _, line in _outside_code(text))
+    return [f"{_name(page)}: placeholder {m.group(0)[:80]!r}" for m in PLACEHOLDER_COMMENT.finditer(outside)]
+
+
+def test_no_placeholder_comments():
+    failures = [f for page in PAGES for f in placeholder_comments(page, page.read_text())]
+    assert not failures, "\n".join(failures)
+
+
+@functools.cache
+def _digits_files() -> frozenset[str]:
+    """The files `disttrain data export digits DIR` writes, relative to DIR: its own loop, with the PNG encoding
+    left out (a touch per file), so the names are exactly export's."""
+    import tempfile
+    from unittest import mock
+
+    from disttrain.data.export import export_digits
+
+    class _Touch:
+        def save(self, path: Path) -> None:
+            Path(path).touch()
+
+    with tempfile.TemporaryDirectory() as tmp, mock.patch("PIL.Image.fromarray", lambda *a, **k: _Touch()):
+        export_digits(Path(tmp))
+        return frozenset(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*.png"))
+
+
+def export_comment_paths(page: Path, text: str) -> list[str]:
+    """Paths named in the comment of a ``disttrain data export digits DIR`` command that the export does not
+    write."""
+    failures = []
+    for line, command, from_block in commands(text):
+        match = re.match(r"disttrain data export digits (\S+)\s+#(.*)", command)
+        if not (from_block and match):
+            continue
+        out_dir, comment = match.group(1).rstrip("/"), match.group(2)
+        for named in re.findall(rf"{re.escape(out_dir)}/([\w./-]+\.png)", comment):
+            if named not in _digits_files():
+                failures.append(f"{_name(page)}:{line}: {out_dir}/{named}: export digits writes no such file")
+    return failures
+
+
+def test_paths_in_export_comments_are_written_by_the_export():
+    failures = [f for page in PAGES for f in export_comment_paths(page, page.read_text())]
+    assert not failures, "\n".join(failures)
+
+
+def test_what_is_written_placeholders_and_shared_out_dirs_are_caught(tmp_path):
+    text = "```bash\ndisttrain data export digits data/d   # data/d/0/0000.png ... data/d/9/1796.png\n```\n"
+    assert export_comment_paths(README, text) == [
+        "README.md:2: data/d/9/1796.png: export digits writes no such file"]
+    assert not export_comment_paths(README, text.replace("9/1796", "8/1796"))
+    assert placeholder_comments(README, "a\n<!-- The token format's section goes here. -->\n")
+    assert not placeholder_comments(README, "```html\n<!-- TODO inside code -->\n```\n")
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("train: {out_dir: runs/same}\n")
+    assert shared_out_dirs(sorted(tmp_path.glob("*.yaml"))) == ["a.yaml, b.yaml share train.out_dir runs/same"]
 
 
 def test_reference_is_current():

@@ -88,12 +88,14 @@ def test_imagefolder_labels_resize_and_normalisation(tmp_path):
     assert len(subset) == 2
 
 
-def test_arrays_are_memory_mapped_and_read_per_batch(tmp_path):
+def test_arrays_read_exactly_the_rows_of_a_batch(tmp_path):
+    """Nothing read until a batch needs it; then exactly its rows' bytes (pread: no read-ahead, nothing mapped)."""
     root = write_arrays(tmp_path / "arr", 50)
     source = build_dataset(DataConfig(name="arrays", path=str(root), num_samples=0), "cnn", 0, torch.float64)
-    assert isinstance(source, ArraySource) and source._x is None  # nothing read until a batch needs it
+    assert isinstance(source, ArraySource) and source.bytes_read == 0
     x, y = source.fetch(np.array([7, 3, 7]))
     raw_x, raw_y = np.load(root / "x.npy"), np.load(root / "y.npy")
+    assert source.bytes_read == 3 * (raw_x[0].nbytes + raw_y[0].nbytes)
     assert torch.equal(x, torch.as_tensor(raw_x[[7, 3, 7]], dtype=torch.float64) / 255)  # uint8 -> [0, 1]
     assert y.tolist() == raw_y[[7, 3, 7]].tolist() and source.num_classes == int(raw_y.max()) + 1
     seeded = [build_dataset(DataConfig(name="arrays", path=str(root), num_samples=20), "cnn", s, torch.float64)

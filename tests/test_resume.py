@@ -148,7 +148,10 @@ def test_kill_during_checkpoint_write_never_leaves_a_torn_newest(tmp_path):
     for attempt in range(6):
         child = ctx.Process(target=_write_forever, args=(str(tmp_path),))
         child.start()
-        time.sleep(0.15 + rng.random() * 0.3)
+        deadline = time.monotonic() + 60  # a busy machine only makes the first write slower
+        while not list_checkpoints(tmp_path) and time.monotonic() < deadline and child.is_alive():
+            time.sleep(0.01)
+        time.sleep(rng.random() * 0.3)  # then a kill at a random instant, most likely during a later write
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         found = list_checkpoints(tmp_path)
@@ -280,7 +283,7 @@ def _is_worker(pid: int) -> bool:
         cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return False
-    return b"spawn_main" in cmdline or b"-m disttrain train" in cmdline
+    return b"-m disttrain.parallel.worker" in cmdline or b"-m disttrain train" in cmdline
 
 
 def _kill_after_checkpoint(proc: subprocess.Popen, out_dir: Path, timeout: float = 90) -> None:

@@ -3,6 +3,7 @@ the newest complete checkpoint intact, and a resume equal to the uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -85,7 +86,7 @@ def test_second_signal_exits_at_once():
 def test_the_first_signal_to_the_launcher_decides_the_exit_code(monkeypatch):
     """SIGTERM, then Ctrl-C while torch's agent shuts the workers down (they stop for SIGTERM and say so): the
     launcher returns SIGTERM, not the SIGINT it raised last."""
-    import disttrain.run.tasks as tasks
+    import disttrain.run.nproc as tasks
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     def agent(*args, **kwargs):
@@ -98,10 +99,41 @@ def test_the_first_signal_to_the_launcher_decides_the_exit_code(monkeypatch):
     assert tasks.launch_training(_cfg(Path("unused")), 2) == signal.SIGTERM
 
 
+def _loader_worker(ready) -> None:  # a forked stand-in for a DataLoader worker
+    from disttrain.data.loader import LoaderWorkerInit
+
+    LoaderWorkerInit(lambda worker_id: ready.set())(0)  # the user's own worker_init_fn runs after it
+    while True:
+        time.sleep(0.05)
+
+
+def test_loader_workers_leave_the_stop_signals_to_their_rank():
+    """A loader worker ignores SIGINT, SIGUSR1 and a SIGTERM from anyone but its rank (a scheduler's signal to every
+    process); its rank's SIGTERM (DataLoader's shutdown, multiprocessing's exit) still ends it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_loader_worker, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(60)
+        for name in ("INT", "USR1", "TERM"):  # from another process, as Slurm or `kill -TERM -PGID` send them
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+        worker.join(1.0)
+        assert worker.is_alive()
+        worker.terminate()  # SIGTERM from its parent
+        worker.join(30)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+
+
 # --------------------------------------------------------------------------- a signal to the launcher
 
-def _start(args: list[str], out_dir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "disttrain", "train", str(DEMO), *args],
+def _start(args: list[str], out_dir: Path, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", *launcher, "disttrain", "train", str(DEMO), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)
     deadline = time.monotonic() + 120
@@ -111,32 +143,89 @@ def _start(args: list[str], out_dir: Path) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.timeout(240)
-def test_sigterm_to_the_launcher_checkpoints_and_resume_is_bitwise(pools, tmp_path):
-    """SIGTERM to `disttrain train --nproc 2`: one line naming the step and its checkpoint, exit 143, and the
-    resumed run (W=2, bitwise) equals the uninterrupted one."""
-    stopped = tmp_path / "stopped"
-    extra = ["--set", "train.steps=3000", "--set", "train.checkpoint_every=1000", "--set", "train.log_every=1000"]
-    proc = _start(["--nproc", "2", "--set", f"train.out_dir={stopped}", "--set", "train.device=cpu", *extra],
-                  stopped)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (the launcher, its ranks, their loader workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid] + [p for child in children for p in _tree(int(child))]
+
+
+def _signal_every_process(pid: int, signum: int) -> None:
+    """What Slurm does at a time limit or on scancel: the signal to every process of the job step."""
+    for p in _tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signum)
+
+
+def _stopped_line(out: str, out_dir: Path, signame: str) -> int:
     (match,) = LINE.finditer(out)
     name, step, path = match.group(1), int(match.group(2)), Path(match.group(3))
-    assert name == "SIGTERM" and path == stopped / "checkpoints" / f"step_{step:08d}.pt" and path.is_file()
-    assert "Traceback" not in err and "death signal" not in err  # the agent's records went to launcher.log
-    # The workers left by themselves once stopped; the agent did not have to wait out its timeout and kill them.
-    assert "forcefully exiting" not in (stopped / "launcher.log").read_text()
-    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(step))  # every step up to the stop is logged, none after
+    assert name == signame and path == out_dir / "checkpoints" / f"step_{step:08d}.pt" and path.is_file()
+    return step
 
+
+def _resumed_equals_whole(pools, stopped: Path, step: int, tmp_path: Path) -> None:
     total = step + 6
-    cfg = _cfg(stopped, f"train.steps={total}", "train.checkpoint_every=1000")
+    cfg = _cfg(stopped, f"train.steps={total}", "train.checkpoint_every=1000")  # (a pool rank forks no workers)
     pools(2).run(_resume, cfg.to_dict())
     whole = _cfg(tmp_path / "whole", f"train.steps={total}")
     pools(2).run(_resume, whole.to_dict(), False)
     assert _states_equal(stopped, tmp_path / "whole")
+
+
+LONG_RUN = ["--set", "train.steps=3000", "--set", "train.checkpoint_every=1000", "--set", "train.log_every=1000",
+            "--set", "train.device=cpu", "--set", "data.workers=1"]
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_to_every_process_checkpoints_and_resume_is_bitwise(pools, tmp_path):
+    """SIGTERM to every process of `disttrain train --nproc 2` with a loader worker per rank (Slurm's time limit):
+    the workers leave the decision to their ranks, which stop at one step; one line naming the step and its
+    checkpoint, exit 143, nothing else on stderr, and the resumed run (W=2, bitwise) equals the uninterrupted one."""
+    stopped = tmp_path / "stopped"
+    proc = _start(["--nproc", "2", "--set", f"train.out_dir={stopped}", *LONG_RUN], stopped)
+    _signal_every_process(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    step = _stopped_line(out, stopped, "SIGTERM")
+    assert err == "", err  # no worker's traceback; the agent's records went to launcher.log
+    # The workers left by themselves once stopped; the agent did not have to wait out its timeout and kill them.
+    assert "forcefully exiting" not in (stopped / "launcher.log").read_text()
+    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(step))  # every step up to the stop is logged, none after
+    _resumed_equals_whole(pools, stopped, step, tmp_path)
+
+
+@pytest.mark.timeout(240)
+def test_sigusr1_to_torchruns_group_with_loader_workers_checkpoints_and_resume_is_bitwise(pools, tmp_path):
+    """SIGUSR1 to torchrun's process group (torchrun forwards it to each worker's process group, loader workers
+    included): the ranks stop at one step with a checkpoint, rank 0 says where, no resource tracker or worker
+    tracebacks; the resumed run equals the uninterrupted one bitwise."""
+    stopped = tmp_path / "stopped"
+    torchrun = ("torch.distributed.run", "--nproc_per_node", "2", "--signals_to_handle",
+                "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m")
+    proc = _start(["--set", f"train.out_dir={stopped}", *LONG_RUN], stopped, torchrun)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    step = _stopped_line(out, stopped, "SIGUSR1")
+    assert "KeyError" not in err and "resource_tracker" not in err and "pt_data_worker" not in err, err
+    _resumed_equals_whole(pools, stopped, step, tmp_path)
+
+
+@pytest.mark.timeout(180)
+def test_a_signal_while_the_workers_start_is_one_line_and_its_exit_code(tmp_path):
+    """SIGTERM to the launcher while its workers build the data (before any step): one line, exit 143."""
+    out_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "disttrain", "train", str(DEMO), "--nproc", "2",
+                             "--set", f"train.out_dir={out_dir}", "--set", "train.device=cpu",
+                             "--set", "data.name=tests.factories:signals_the_launcher"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=150, start_new_session=True)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.strip() == ("disttrain: stopped by SIGTERM during start-up, before the first step: "
+                                     "no checkpoint written"), result.stderr
+    assert not list(out_dir.glob("checkpoints/*.pt"))
 
 
 def _resume(cfg_dict: dict, resume: bool = True) -> None:
@@ -147,10 +236,10 @@ def _resume(cfg_dict: dict, resume: bool = True) -> None:
 
 @pytest.mark.timeout(180)
 def test_ctrl_c_to_the_process_group_stops_once_with_exit_130(tmp_path):
-    """Ctrl-C reaches the launcher and every worker; the agent forwards it again: still one graceful stop."""
+    """Ctrl-C reaches the launcher's process group (the workers, each in a session of its own as under torchrun, get
+    it from the launcher), with a loader worker per rank: one graceful stop."""
     out_dir = tmp_path / "run"
-    proc = _start(["--nproc", "2", "--set", f"train.out_dir={out_dir}", "--set", "train.device=cpu",
-                   "--set", "train.steps=3000", "--set", "train.log_every=1000"], out_dir)
+    proc = _start(["--nproc", "2", "--set", f"train.out_dir={out_dir}", *LONG_RUN], out_dir)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err

@@ -3,7 +3,7 @@
     disttrain bench                    list the benchmarks
     disttrain bench NAME [options]     run one; ``disttrain bench NAME --help`` for its options
 
-One module per benchmark (step, scaling, allreduce, syncbn, randomness, data, memory, launch, syncs), each with ``add_arguments(parser)``,
+One module per benchmark (step, scaling, allreduce, syncbn, randomness, data, memory, launch, checkpoint, syncs), each with ``add_arguments(parser)``,
 ``run(args, run_world) -> dict`` and ``format_table(result) -> str``; common.py holds what they share.
 A benchmark prints numbers; nothing here is a test.
 """
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "data": "data from disk: loader samples/s per worker count, step time disk vs memory, start-up vs dataset size",
     "memory": "bytes per rank (parameters, gradients, optimizer, activations), ddp vs fsdp, with/without recompute",
     "launch": "`disttrain train --nproc W` vs torchrun on one config, separate processes, alternating (paired ratio)",
+    "checkpoint": "a save's peak RSS, bytes per rank and time the loop waits: full vs sharded (DCP) vs async; resume W=2->4",
     "syncs": "host syncs per training step (tensor reads; on CUDA also torch's sync reports), per strategy and setting",
 }
 

@@ -245,7 +245,13 @@ def _table(result: dict[str, Any]) -> str:
         [str(r["world_size"]), f"{r['ms'][HAND]:.2f}", f"{r['ms']['disttrain']:.2f}", f"{r['ratio']:.3f}",
          f"{r['ms'][EVERY_STEP]:.2f}", f"{r['every_step_ratio']:.3f}",
          f"{r['page_faults_per_step']['disttrain']:.0f}, {r['page_faults_per_step'][HAND]:.0f}"]
-        for r in result["rows"]]) + _token_table(result["rows"])
+        for r in result["rows"]]) + "\n\n" + FAULTS_NOTE + _token_table(result["rows"])
+
+
+FAULTS_NOTE = ("page faults/step: minor page faults per step, the median on the rank with most: pages of memory that "
+               "the C allocator gave back to the system and the next step touches again, each zero-filled on first "
+               "touch (on the default CNN, 700-1,500 per step cost about 3 ms of a 7-8 ms step; "
+               "MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ remove them: docs/performance.md).")
 
 
 def _token_table(rows: list[dict[str, Any]]) -> str:

@@ -19,32 +19,24 @@ per-sample randomness. Nor does the world size enter the trajectory, so a checkp
 resumes on any other number of ranks. All files load with ``torch.load(path, weights_only=True)``.
 
 Every file is written atomically (files.py); writer.py decides when a checkpoint is due and writes it in the
-background; resume.py decides where a run continues.
+background; resume.py decides where a run continues. The sharded format (``train.checkpoint_format: sharded``, a
+directory per step written by every rank through torch's DCP) is sharded.py; :func:`load_checkpoint` reads either
+into the layout above, and layout.py names and lists both.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-
-from ..errors import StorageError
 from .files import atomic_save
-
-
-FORMAT = 1
-CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d{8,})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read as one; the message names the file."""
+from .layout import (CHECKPOINT_DIR, FORMAT, MARKER, CheckpointError, checkpoint_at, checkpoint_dir,
+                     checkpoint_path, is_sharded, list_checkpoints, prune, remove_checkpoint, sharded_path, writing)
+from .sharded import load_whole, read_manifest
 
 
 def save_final(path: str | Path, model: nn.Module | dict[str, torch.Tensor], step: int, config: dict[str, Any],
@@ -75,36 +67,6 @@ def _load(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable, truncated or not a torch file ({reason[:120]})") from None
 
 
-def checkpoint_dir(out_dir: str | Path) -> Path:
-    return Path(out_dir) / CHECKPOINT_DIR
-
-
-def checkpoint_path(out_dir: str | Path, step: int) -> Path:
-    return checkpoint_dir(out_dir) / f"step_{step:08d}.pt"
-
-
-@contextlib.contextmanager
-def writing(path: str | Path, out_dir: str | Path) -> Iterator[None]:
-    """Writes to ``path`` inside fail with a :class:`StorageError` of one line: the file, the operating system's
-    error, and the newest complete checkpoint of the run in ``out_dir`` (atomic writes leave it intact)."""
-    try:
-        yield
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        found = list_checkpoints(out_dir)
-        newest = f"newest complete checkpoint: {found[-1][1]}" if found else "no checkpoint was written"
-        raise StorageError(f"cannot write {path}: {reason} (errno {exc.errno}); {newest}") from None
-
-
-def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint file in ``out_dir/checkpoints``, oldest first (unread)."""
-    directory = checkpoint_dir(out_dir)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
-    return sorted(found)
-
-
 def training_state(model_and_optimizer: dict[str, Any], scheduler: Any, step: int, skipped: int,
                    config: dict[str, Any], world_size: int, scaler: dict[str, Any] | None = None) -> dict[str, Any]:
     """The resumable state after ``step`` completed optimizer steps: ``model_and_optimizer`` as the gradient
@@ -126,16 +88,16 @@ def save_checkpoint(out_dir: str | Path, state: dict[str, Any], keep: int) -> Pa
     with writing(path, out_dir):
         path.parent.mkdir(exist_ok=True)  # not out_dir itself: a vanished run directory is an error, not recreated
         atomic_save(state, path)
-    if keep > 0:
-        for _, old in list_checkpoints(out_dir)[:-keep]:
-            with contextlib.suppress(OSError):
-                old.unlink()
+    prune(out_dir, keep)
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read one resumable checkpoint; CheckpointError (one line) if it is not one."""
+    """Read one resumable checkpoint, whole; CheckpointError (one line) if it is not one. A sharded one is read in
+    this process alone (sharded.load_whole) into the same layout."""
     path = Path(path)
+    if is_sharded(path):
+        return load_whole(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = _load(path)
@@ -148,12 +110,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def read_resumable(path: str | Path) -> dict[str, Any]:
+    """What a run resumes from: a full checkpoint whole (rank 0 distributes it), or a sharded one's marker with its
+    ``path`` (every rank reads its own part: sharded.load_sharded)."""
+    return read_manifest(path) if is_sharded(path) else load_checkpoint(path)
+
+
 def newest_readable(out_dir: str | Path, warn: Callable[[str], None]) -> dict[str, Any] | None:
-    """The newest checkpoint in ``out_dir`` that loads; each unreadable newer one is reported through ``warn``
-    (one line naming it) and skipped. None when there is no readable checkpoint."""
+    """The newest checkpoint in ``out_dir`` that reads (:func:`read_resumable`); each unreadable newer one is
+    reported through ``warn`` (one line naming it) and skipped. None when there is no readable checkpoint."""
     for _, path in reversed(list_checkpoints(out_dir)):
         try:
-            return load_checkpoint(path)
+            return read_resumable(path)
         except CheckpointError as exc:
             warn(f"skipping {exc}")
     return None
@@ -163,7 +131,15 @@ def clear_checkpoints(out_dir: str | Path) -> int:
     """Delete the checkpoints of an earlier run in ``out_dir`` (a fresh run must never resume from them)."""
     removed = 0
     for _, path in list_checkpoints(out_dir):
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed += 1
+        remove_checkpoint(path)
+        removed += 1
+    directory = checkpoint_dir(out_dir)
+    for leftover in directory.glob("step_*") if directory.is_dir() else ():  # unmarked sharded saves
+        if leftover.is_dir():
+            remove_checkpoint(leftover)
     return removed
+
+
+__all__ = ["CHECKPOINT_DIR", "FORMAT", "MARKER", "CheckpointError", "checkpoint_at", "checkpoint_dir", "checkpoint_path",
+           "sharded_path", "list_checkpoints", "writing", "save_final", "load_final", "training_state",
+           "save_checkpoint", "load_checkpoint", "read_resumable", "newest_readable", "clear_checkpoints"]

@@ -4,7 +4,8 @@ A run continues from a checkpoint when asked (``--resume``, a path) or when torc
 worker group. Rank 0 picks the file, reads it and checks that it was trained with the same trajectory; the
 other ranks receive its decision (the step and config, or the error) in one broadcast, so no rank is left
 waiting in a collective that another has left. The model and optimizer tensors stay on rank 0 here: the
-gradient strategy distributes them (comm.GradSync.load_state_dict).
+gradient strategy distributes them (comm.GradSync.load_state_dict). A sharded checkpoint is decided on the same
+way from its marker, and then every rank reads its own part of the tensors (:func:`load_training_state`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .format import CheckpointError, checkpoint_dir, load_checkpoint, newest_readable
+from .format import CheckpointError, checkpoint_dir, newest_readable, read_resumable
+from .sharded import load_sharded, saved_shapes
 from ..config.schema import Config
 from ..parallel.env import DistEnv, restart_count
 from ..parallel.collectives import broadcast_from_main
+from ..parallel.sync import GradSync, check_model_state
 from ..errors import ConfigError
 from ..config.identity import continuation_keys, trajectory_differences
 
@@ -57,7 +60,7 @@ def _read(cfg: Config, resume: bool | str | Path, restarted: bool, allow: frozen
     out_dir = Path(cfg.train.out_dir)
     if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
         try:
-            state = load_checkpoint(resume)
+            state = read_resumable(resume)
         except (FileNotFoundError, CheckpointError) as exc:
             raise ConfigError(str(exc)) from None
     else:
@@ -84,4 +87,30 @@ def check_resumable(cfg: Config, state: dict, allow: frozenset[str] = frozenset(
         raise ConfigError(f"cannot resume from step {state['step']}: train.steps={cfg.train.steps} is smaller")
 
 
-__all__ = ["resume_state", "check_resumable"]
+def load_training_state(sync: GradSync, optimizer: Any, state: dict[str, Any], is_main: bool) -> None:
+    """Load the model and optimizer of ``state`` (from :func:`resume_state`) on every rank.
+
+    Full: rank 0 holds the tensors and the strategy distributes them. Sharded (``state["path"]``, on every rank):
+    every rank checks the saved shapes against the model from DCP's metadata (the same answer everywhere: a
+    checkpoint of another model is refused in one line by all ranks, before any collective), then DCP reads each
+    rank's part, resharded to this world size and strategy."""
+    path = state.get("path")
+    if path is None:
+        sync.load_state_dict({k: state[k] for k in TENSOR_KEYS} if is_main else None, optimizer)
+        return
+    try:
+        shapes = saved_shapes(path)
+    except Exception as exc:  # an unreadable .metadata: the same on every rank
+        raise ConfigError(f"{path}: unreadable DCP metadata ({type(exc).__name__})") from None
+    error = check_model_state(sync.model, {k: _Shape(v) for k, v in shapes.items()})
+    if error:
+        raise ConfigError(f"{path}: {error}")
+    load_sharded(sync.model, optimizer, path)
+
+
+class _Shape:
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+
+__all__ = ["resume_state", "check_resumable", "load_training_state"]

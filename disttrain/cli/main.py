@@ -10,8 +10,12 @@
     disttrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
     disttrain data export digits DIR               scikit-learn's digits as an image folder (DIR/CLASS/*.png)
     disttrain data export text DIR SOURCE...       text files as byte-level tokens (data.name: tokens)
+    disttrain check --nproc W [--steps N] [--reference-args "ARGS"] [--json] -- SCRIPT.py [ARGS...]
+                                                   any training script at W ranks against one process
+    disttrain checkpoint export RUN_DIR [--step S] OUT   a checkpoint's model as one file (final.pt layout)
+    disttrain checkpoint info RUN_DIR              a run's checkpoints: step, format, world size, bytes per rank
 
-Exit codes: 0 success; 1 verify found no equivalence (NOT EQUIVALENT), or a worker failed; 2 a user error (bad
+Exit codes: 0 success; 1 verify or check found no equivalence (NOT EQUIVALENT), or a worker failed; 2 a user error (bad
 config, impossible batch split, missing file, wrong usage), reported in one line without a traceback; 3 verify is
 INCONCLUSIVE (the run's own rounding noise is as large as a known mistake: docs/verdicts.md).
 """
@@ -27,12 +31,13 @@ from pathlib import Path
 from ..config.schema import Config
 from ..config.validate import check_world_size
 from ..config.parse import load_config
-from ..errors import EXIT_OK, ConfigError, run_command
+from ..errors import EXIT_OK, ConfigError, StartupSignals, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,verify,config,bench,demo,plot,data}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,verify,config,bench,demo,plot,data,check,checkpoint}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML config file (see configs/)")
@@ -83,12 +88,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sources", type=Path, nargs="*", metavar="SOURCE", help="text: text files or folders of them")
     p.add_argument("--eos", action="store_true", help="text: end every document with token 256 (vocabulary 257)")
     p.add_argument("--pattern", default="*", metavar="GLOB", help="text: the files taken from a folder (default *)")
+    p = sub.add_parser("check", help="run a training script of one's own at W ranks and as one process, compare "
+                                     "every optimizer step: the verdict (docs/check.md)")
+    p.add_argument("--nproc", type=int, required=True, metavar="W", help="ranks of the distributed run (>= 2)")
+    p.add_argument("--steps", type=int, default=10, metavar="N", help="optimizer steps to record and compare")
+    p.add_argument("--reference-args", default="", metavar="ARGS",
+                   help="appended to the script's arguments for the one process (the last value wins in argparse: "
+                        "e.g. the one-device batch size)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="end the check when no process records an optimizer step for S seconds")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the report")
+    p.add_argument("target", nargs=argparse.REMAINDER, metavar="-- SCRIPT.py|-m MODULE [ARGS...]",
+                   help="the script (or module) and its arguments, after --")
+    p = sub.add_parser("checkpoint", help="a run's checkpoints, read in one process: export, info")
+    checkpoint_sub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="{export,info}")
+    p = checkpoint_sub.add_parser("export", help="write a checkpoint's model as one file with no process group: "
+                                                 "final.pt's layout, or .safetensors when OUT ends so")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (train.out_dir)")
+    p.add_argument("out", type=Path, metavar="OUT", help="the file to write (.pt, or .safetensors)")
+    p.add_argument("--step", type=int, default=None, metavar="S", help="the checkpoint of step S (default: newest)")
+    p = checkpoint_sub.add_parser("info", help="list a run's checkpoints: step, format, world size, bytes per rank")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (train.out_dir)")
     return parser
 
 
-def _preflight(nproc: int | None, cfg: Config) -> None:
+def _preflight(nproc: int | None, cfg: Config, workers_check: bool = False) -> None:
     """User errors that would otherwise surface inside workers: worker count, device, output directory, import
-    paths and what the factories return."""
+    paths and what the factories return. ``workers_check``: the workers about to start check the import paths and
+    the factories themselves (a user error there is still one line, exit 2: parallel/launch.py), so the model's
+    check forward does not delay their start."""
     from ..parallel.env import choose_device, launched_by_torchrun, local_world_size
 
     if nproc is not None:
@@ -106,6 +134,8 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
         raise ConfigError(f"train.out_dir: cannot create {out_dir}: {exc.strerror or exc}") from None
     # Users' code (model.name / data.name import paths): imported here; built here too when workers will be
     # started, since an error inside a worker is a failed worker (exit 1), not a user error (exit 2).
+    if workers_check and nproc is not None and nproc > 1:
+        return
     from ..run.build import preflight
 
     preflight(cfg, build_parts=nproc is not None)
@@ -114,7 +144,7 @@ def _preflight(nproc: int | None, cfg: Config) -> None:
 def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
     """Resume and restart options that would otherwise fail inside every worker. True: ``--resume`` of a run
     that is already complete (its newest checkpoint is at train.steps), so there is nothing to train."""
-    from ..checkpoint.format import checkpoint_dir, checkpoint_path, newest_readable
+    from ..checkpoint.format import checkpoint_at, checkpoint_dir, newest_readable
     from ..parallel.env import launched_by_torchrun
     from ..checkpoint.resume import check_resumable
 
@@ -134,7 +164,7 @@ def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
             raise ConfigError(f"--resume: no readable checkpoint in {checkpoint_dir(cfg.train.out_dir)}")
         check_resumable(cfg, state)
         if state["step"] == cfg.train.steps:
-            print(f"run already complete: {checkpoint_path(cfg.train.out_dir, state['step'])} is step "
+            print(f"run already complete: {checkpoint_at(cfg.train.out_dir, state['step'])} is step "
                   f"{state['step']} of train.steps={cfg.train.steps}; nothing to train (raise train.steps to "
                   "continue it)", flush=True)
             return True
@@ -143,16 +173,17 @@ def _preflight_train(cfg: Config, args: argparse.Namespace) -> bool:
 
 def _train(cfg: Config, args: argparse.Namespace) -> int:
     """Train; a run stopped by a signal (stop.py) exits with 128 + the signal number, as the signal would."""
-    from ..parallel.env import distributed
-    from ..run.tasks import launch_training
-    from ..run.tasks import train_or_stop
-
     if args.nproc is not None and args.nproc > 1:
+        from ..run.nproc import launch_training  # the launcher imports no training code: its workers do
+
         signum = launch_training(cfg, args.nproc, resume=args.resume, stop_at=args.stop_at,
                                  max_restarts=args.max_restarts)
         if signum is None:
             _report_stop(cfg, args.stop_at)
     else:
+        from ..parallel.env import distributed
+        from ..run.tasks import train_or_stop
+
         with distributed(cfg.train.device, cfg.comm.timeout_s) as env:
             signum = train_or_stop(cfg, env, resume=args.resume, stop_at=args.stop_at)
             if signum is None and env.is_main:  # under torchrun every rank runs this; rank 0 wrote the checkpoint
@@ -173,8 +204,10 @@ def _report_stop(cfg: Config, stop_at: int | None) -> None:
 
 def _verify(cfg: Config, nproc: int | None, against: Path | None, as_json: bool, uncalibrated: bool) -> int:
     from ..verify.verdict import EXIT_CODES
-    from ..verify.whole import verify
+    from ..verify.whole import _check_comparable, verify
 
+    if against is not None:
+        _check_comparable(cfg, against)  # a run that is not there is one line, before any header
     what = f"the run in {against}" if against else f"training with {nproc} processes"
     print(f"verify: {what} against 1 process ({cfg.train.steps} steps, global batch "
           f"{cfg.train.global_batch_size}, {cfg.train.dtype})", file=sys.stderr, flush=True)
@@ -193,6 +226,19 @@ def _verify_stepwise(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_CODES[report.verdict]
 
 
+def _check(args: argparse.Namespace) -> int:
+    from ..check import run_check
+    from ..parallel.env import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ConfigError("check starts the script's processes itself: run it directly, not under torchrun")
+    target = args.target[1:] if args.target[:1] == ["--"] else args.target
+    report = run_check(target, args.nproc, args.steps, args.reference_args, args.timeout,
+                       announce=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report.to_json() if args.json else report.table(), flush=True)
+    return report.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
@@ -208,16 +254,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return plot_main(argv[1:], prog="disttrain plot")
     args = _parser().parse_args(argv)
+    if args.command == "train":  # a stop signal before the run can stop at a step: one line, 128 + its number
+        with StartupSignals():
+            return run_command(lambda: _command(args))
     return run_command(lambda: _command(args))
 
 
 def _command(args: argparse.Namespace) -> int:
     from ..parallel.env import launched_by_torchrun
 
+    if args.command == "check":
+        return _check(args)
     if args.command == "data":
         from ..data.export import export
 
         print(export(args.dataset, args.out_dir, args.sources, args.eos, args.pattern))
+        return EXIT_OK
+    if args.command == "checkpoint":
+        from ..checkpoint import tools
+
+        print(tools.info(args.run_dir) if args.checkpoint_command == "info" else
+              tools.export(args.run_dir, args.step, args.out))
         return EXIT_OK
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
@@ -238,7 +295,7 @@ def _command(args: argparse.Namespace) -> int:
         if args.against is None and args.nproc is None:
             args.nproc = 2
     with _no_trace_on_refusal(Path(cfg.train.out_dir)):
-        _preflight(args.nproc, cfg)
+        _preflight(args.nproc, cfg, workers_check=args.command == "train")
         complete = args.command == "train" and _preflight_train(cfg, args)
     if args.command == "train":
         if complete:

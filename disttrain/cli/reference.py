@@ -40,8 +40,8 @@ _RUN_DIR = """\
   collective, so the ranks reduce it for many steps at once, about once a second
   ([Performance](performance.md#the-logged-loss)), and before every checkpoint: console lines and records appear
   in bursts, at most about a second late, and all of them are there when the run ends.
-- `checkpoints/step_SSSSSSSS.pt` every `train.checkpoint_every` steps
-  ([Fault tolerance](fault-tolerance.md#fault-tolerance)).
+- `checkpoints/step_SSSSSSSS.pt` (`train.checkpoint_format: full`) or `checkpoints/step_SSSSSSSS/` (`sharded`)
+  every `train.checkpoint_every` steps ([Fault tolerance](fault-tolerance.md#fault-tolerance)).
 - `final.pt` at the end: `{"model": state_dict, "step": int, "config": dict, "world_size": int}`, loadable with
   `torch.load(path, weights_only=True)`.
 - `tensorboard/`: TensorBoard events of every step (`train.tensorboard`).

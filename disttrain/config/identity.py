@@ -16,9 +16,11 @@ from .schema import Config
 # data.workers and data.prefetch change who reads a batch and when, never which samples or how they are augmented.
 # comm.reshard_after_forward changes when parameters are gathered; model.recompute computes the same activations
 # twice (bitwise the same result, tests/test_fsdp.py). train.compile fuses the same operations (a rounding change,
-# as the device; float64 matches to 1e-10, tests/test_compile.py).
+# as the device; float64 matches to 1e-10, tests/test_compile.py). The checkpoint format and whether it is written
+# in the background change how the state at a step is stored, never the state (tests/test_checkpoint_sharded.py).
 EXECUTION_KEYS = frozenset({"train.out_dir", "train.log_every", "train.device", "comm.timeout_s", "comm.impl",
-                            "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints", "data.workers",
+                            "comm.bucket_mb", "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_format",
+                            "train.checkpoint_async", "data.workers",
                             "data.prefetch", "train.tensorboard", "comm.reshard_after_forward",
                             "model.recompute", "train.deterministic", "comm.force_collectives", "train.compile"})
 

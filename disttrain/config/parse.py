@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError
+from ..factory import add_import_dir
 from .schema import Config
 from .validate import validate
 
@@ -178,8 +179,11 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """defaults < YAML file at ``path`` < ``overrides`` ("section.key=value"), then validate."""
+    """defaults < YAML file at ``path`` < ``overrides`` ("section.key=value"), then validate. The file's directory
+    becomes importable for the config's ``package.module:function`` names (factory.add_import_dir)."""
     raw = read_yaml(path) if path is not None else {}
+    if path is not None:
+        add_import_dir(Path(path).parent)
     for override in overrides:
         apply_override(raw, override)
     return config_from_dict(raw)

@@ -22,6 +22,9 @@ import yaml
 from ..data.formats import ON_DISK
 from ..parallel.registry import STRATEGY_NAMES
 
+# train.loss: per-sample losses, then losses per target token (counted over the global batch: run/loss.py).
+TOKEN_LOSSES = ("token_cross_entropy", "causal_lm")
+LOSSES = ("cross_entropy", "mse", *TOKEN_LOSSES)
 IN_MEMORY_SAMPLES = 512  # data.num_samples of synthetic, digits and factory data when unset
 
 
@@ -156,10 +159,11 @@ class TrainConfig:
     steps: int = field(default=20, metadata=_doc("optimizer steps"))
     accumulation_steps: int = field(
         default=1, metadata=_doc("micro-batches per optimizer step on each rank; gradients communicated once"))
-    loss: Literal["cross_entropy", "mse", "token_cross_entropy"] = field(
+    loss: Literal[LOSSES] = field(
         default="cross_entropy", metadata=_doc(
             "per-sample loss: cross entropy on labels, or mse on float targets; or token_cross_entropy: logits "
-            "(N, T, V), integer targets (N, T) with -100 ignored, the mean over the global batch's target tokens"))
+            "(N, T, V), integer targets (N, T) with -100 ignored, the mean over the global batch's target tokens; "
+            "or causal_lm: the same with Hugging Face's unshifted labels (labels = input_ids), shifted in the loss"))
     token_weighting: Literal["tokens", "micro_batch_mean", "sequence_mean"] = field(
         default="tokens", metadata=_doc(
             "token_cross_entropy: tokens (each target token weighs alike: exact); for contrast micro_batch_mean (each "
@@ -188,6 +192,12 @@ class TrainConfig:
         default=100, metadata=_doc("write a resumable checkpoint every N optimizer steps and at the end; 0: never"))
     keep_checkpoints: int = field(
         default=2, metadata=_doc("keep the newest K checkpoints in out_dir/checkpoints; 0: keep all"))
+    checkpoint_format: Literal["sharded", "full"] | None = field(default=None, metadata=_doc(
+        "sharded: a directory per step, every rank writing its own part through torch.distributed.checkpoint; "
+        "full: one file of the whole state written by rank 0; null: sharded with comm.impl=fsdp, else full"))
+    checkpoint_async: bool = field(default=True, metadata=_doc(
+        "write each checkpoint in the background from a copy taken at the step (the loop waits for the copy "
+        "only); false: the loop waits until it is on disk"))
     tensorboard: bool = field(
         default=True, metadata=_doc("rank 0 writes TensorBoard events of every step to out_dir/tensorboard"))
     compile: bool = field(default=False, metadata=_doc(

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..data.formats import FORMATS, ON_DISK
 from ..factory import check_name, is_import_path
 from ..models.registry import MODELS
+from .schema import TOKEN_LOSSES
 
 if TYPE_CHECKING:
     from .schema import Config, DataConfig
@@ -129,24 +130,24 @@ def _check_own_code(cfg: Config) -> None:
 
 
 def _check_language_model(cfg: Config) -> None:
-    """train.loss=token_cross_entropy and model.name=gpt go together (or with users' code); the gpt's own options
-    (model.kwargs) are checked where it is built (models/gpt.py), before any worker starts."""
+    """Token losses (token_cross_entropy, causal_lm) and model.name=gpt go together (or with users' code); the gpt's
+    own options (model.kwargs) are checked where it is built (models/gpt.py), before any worker starts."""
     d, m, loss = cfg.data, cfg.model, cfg.train.loss
-    tokens = loss == "token_cross_entropy"
+    tokens = loss in TOKEN_LOSSES
     weighting = cfg.train.token_weighting
     _require(tokens or weighting == "tokens",
-             f"train.token_weighting={weighting}: only for train.loss=token_cross_entropy, not {loss}")
+             f"train.token_weighting={weighting}: only for train.loss={' or '.join(TOKEN_LOSSES)}, not {loss}")
     _require(weighting != "micro_batch_mean" or cfg.comm.reduce == "avg",
              "train.token_weighting=micro_batch_mean averages per-micro-batch token means, as DDP averages per-rank "
              f"ones: it needs comm.reduce=avg, not {cfg.comm.reduce}")
     _require(not tokens or is_import_path(d.name) or d.name == "tokens",
-             f"train.loss=token_cross_entropy needs token sequences: data.name=tokens or a data factory, not "
+             f"train.loss={loss} needs token sequences: data.name=tokens or a data factory, not "
              f"data.name={d.name}")
     _require(not tokens or is_import_path(m.name) or m.name == "gpt",
-             f"train.loss=token_cross_entropy needs a language model (model.name=gpt or a model factory); "
+             f"train.loss={loss} needs a language model (model.name=gpt or a model factory); "
              f"model.name={m.name} outputs one row per sample")
     _require(m.name != "gpt" or tokens, f"model.name=gpt outputs logits per token: it needs "
-             f"train.loss=token_cross_entropy, not train.loss={loss}")
+             f"train.loss={' or '.join(TOKEN_LOSSES)}, not train.loss={loss}")
     _require(m.name != "gpt" or m.norm == "none",
              f"model.norm={m.norm}: the gpt has its own LayerNorms (no batch statistics); use model.norm=none")
 
@@ -178,6 +179,14 @@ def _check_tokens(d: DataConfig) -> None:
     _require(d.vocab_size >= 0, f"data.vocab_size: must be >= 0 (0: what the directory records), got {d.vocab_size}")
     for key, value in (("seq_len", d.seq_len), ("vocab_size", d.vocab_size), ("pack", d.pack)):
         _require(tokens or not value, f"data.{key}: only for data.name=tokens, not data.name={d.name}")
+
+
+def checkpoint_format(cfg: Config) -> str:
+    """train.checkpoint_format as the run uses it: unset, sharded with comm.impl=fsdp (no rank holds the whole
+    state), full otherwise."""
+    if cfg.train.checkpoint_format is not None:
+        return cfg.train.checkpoint_format
+    return "sharded" if cfg.comm.impl == "fsdp" else "full"
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

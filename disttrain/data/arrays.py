@@ -1,9 +1,10 @@
 """``data.name: arrays``: DIR/x.npy (N, ...) and DIR/y.npy (N,), memory-mapped; a batch reads only its rows.
 
-Opening maps both files (``mmap_mode="r"``) and reads the labels once to check them (N integers; the inputs
-are not touched). ``fetch`` copies exactly the requested rows out of the map, so memory and start-up time do
-not grow with N. uint8 inputs are scaled to [0, 1] as they are batched; other inputs are cast to train.dtype.
-The map is reopened in each process that reads (a loader worker after fork or spawn), never pickled.
+Opening maps both files (``mmap_mode="r"``) to read their headers and reads the labels once to check them (N
+integers; the inputs are not touched). ``fetch`` reads exactly the requested rows with ``pread`` (disk.FileRows:
+nothing stays mapped, no read-ahead), so memory and start-up time do not grow with N. uint8 inputs are scaled to
+[0, 1] as they are batched; other inputs are cast to train.dtype. The files are opened in each process that reads
+(a loader worker after spawn), never pickled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from ..config.schema import DataConfig
 from ..errors import ConfigError
-from .disk import DataReadError, Normalize, data_dir, subset
+from .disk import DataReadError, FileRows, Normalize, data_dir, subset
 from .source import Source
 
 
@@ -42,8 +43,7 @@ class ArraySource(Source):
         self.dtype, self.loss = dtype, loss
         self.num_classes = self._check_targets(np.asarray(y), loss)
         self.normalize = Normalize(cfg, self._shape[0], dtype)
-        self._x: np.ndarray | None = None
-        self._y: np.ndarray | None = None
+        self._x, self._y = FileRows(self.x_path, x), FileRows(self.y_path, y)
 
     def _check_targets(self, y: np.ndarray, loss: str) -> int:
         where = f"data.path: {self.y_path}"
@@ -66,18 +66,16 @@ class ArraySource(Source):
     def input_shape(self) -> tuple[int, ...]:
         return self._shape
 
-    def __getstate__(self) -> dict:  # a loader worker reopens the maps
-        return {**self.__dict__, "_x": None, "_y": None}
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this process has read from the files so far (bench data reports them per sample)."""
+        return self._x.bytes_read + self._y.bytes_read
 
     def fetch(self, indices: np.ndarray, keys: object = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._x is None:
-            self._x, self._y = _open(self.x_path), _open(self.y_path)
         rows = self.rows[indices]
-        order = np.argsort(rows, kind="stable")  # read the file forwards, then put the rows back in batch order
         try:
-            x = np.empty((len(rows), *self._shape), dtype=self._x_dtype)
-            x[order] = self._x[rows[order]]
-            y = np.asarray(self._y[rows])
+            x = self._x.rows(rows)  # in file order, then put back in batch order
+            y = self._y.rows(rows)
         except OSError as exc:
             raise DataReadError(f"data.path: cannot read {self.x_path}: {exc}") from None
         inputs = torch.from_numpy(x)

@@ -24,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import multiprocessing
+import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from ..errors import ConfigError, RunFailure
 from ..randomness import SampleKeys
 from .augment import augment_images
 from .batching import global_batch_indices, local_slice, rank_parts, within_batch_order
+from .named import concat
 from .source import Source
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, SampleKeys]
@@ -123,7 +127,7 @@ class GlobalBatches:
         self.close()  # an earlier pass's workers
         self._loader = DataLoader(_Steps(self), batch_sampler=[[step] for step in range(start, stop)],
                                   collate_fn=_only, num_workers=self.workers, prefetch_factor=self.prefetch,
-                                  persistent_workers=True, pin_memory=cuda, worker_init_fn=_one_thread,
+                                  persistent_workers=True, pin_memory=cuda, worker_init_fn=LoaderWorkerInit(),
                                   multiprocessing_context=worker_context())
         for step, read in zip(range(start, stop), self._loader):
             if isinstance(read, _Failed):
@@ -187,7 +191,7 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     Forking a rank is safe here although gloo's threads (and, on CUDA, the driver's) are alive: the child has
     only the forking thread, and a worker never touches what those threads own. It runs :func:`read_step`
     (numpy and CPU tensors) and returns CPU tensors; it never calls torch.distributed or CUDA (pinning happens
-    in the rank), and it runs one intra-op thread (:func:`_one_thread`), so no OpenMP pool is resumed after
+    in the rank), and it runs one intra-op thread (:class:`LoaderWorkerInit`), so no OpenMP pool is resumed after
     fork. This is torch's own default on Linux, CUDA jobs included. A worker does inherit the rank's gloo
     sockets: if the rank dies, its peers see the connection close once the worker has noticed (DataLoader's
     watchdog, within seconds) or the launcher has ended the group, and comm.timeout_s bounds the wait anyway.
@@ -203,8 +207,52 @@ def _only(items: list) -> object:
     return items[0]
 
 
-def _one_thread(worker_id: int) -> None:
-    torch.set_num_threads(1)  # the workers share the cores with the ranks
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # run/stop.py stops a run on these
+
+
+class LoaderWorkerInit:
+    """A DataLoader ``worker_init_fn`` for a training rank's loader workers: one intra-op thread (the workers share
+    the cores with the ranks), the stop signals left to the rank, then the user's own ``worker_init_fn`` if any.
+
+    A signal to every process of a job (Slurm at a time limit or ``scancel``, ``kill -TERM -PGID``, torchrun's agent
+    signalling each worker's process group) reaches the loader workers too. The decision to stop belongs to the rank,
+    which stops all ranks at one step with a checkpoint (run/stop.py); a worker that died of the signal instead (torch
+    gives its workers a SIGTERM handler that re-raises it) fails its rank's next step, and the run ends without a
+    checkpoint. So a worker ignores SIGINT and SIGUSR1, and SIGTERM unless its rank sent it: the rank ends a worker
+    that does not leave by itself with SIGTERM (DataLoader's shutdown and multiprocessing's exit both do), and that
+    one must still end it. Picklable, for a DataLoader whose workers are spawned.
+    """
+
+    def __init__(self, user_init: Callable[[int], None] | None = None):
+        self.user_init = user_init
+
+    def __call__(self, worker_id: int) -> None:
+        torch.set_num_threads(1)
+        leave_stop_signals_to_parent()
+        if self.user_init is not None:
+            self.user_init(worker_id)
+
+
+def leave_stop_signals_to_parent() -> None:
+    """In a helper process of a rank: ignore the stop signals, except a SIGTERM from the parent, which ends it.
+
+    Python's handlers do not see who sent a signal, so SIGTERM is blocked and a thread takes it with
+    ``sigwaitinfo`` (which says the sender); the threads started later inherit the mask, so none of them gets it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # (not on macOS) ignore what the parent cannot tell apart
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)  # what torch's own handler does for its parent's SIGTERM
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -228,9 +276,9 @@ def split(batch: MicroBatch, k: int, ranks: int = 1, rank_order: tuple[int, ...]
         return [(x[s], y[s], keys.select(s)) for s in (local_slice(len(y), k, j) for j in range(k))]
     parts = {r: split((x[s], y[s], keys.select(s)), k) for r, s in rank_parts(len(y), ranks)}
     order = rank_order or range(ranks)
-    return [(torch.cat([parts[r][j][0] for r in order]), torch.cat([parts[r][j][1] for r in order]),
+    return [(concat([parts[r][j][0] for r in order]), torch.cat([parts[r][j][1] for r in order]),
              SampleKeys(keys.seed, keys.step, torch.cat([parts[r][j][2].positions for r in order])))
             for j in range(k)]
 
 
-__all__ = ["GlobalBatches", "MicroBatch", "split", "to_device"]
+__all__ = ["GlobalBatches", "LoaderWorkerInit", "MicroBatch", "split", "to_device"]

@@ -34,7 +34,7 @@ import torch
 
 from ..config.schema import DataConfig
 from ..errors import ConfigError
-from .disk import DataReadError, subset
+from .disk import DataReadError, FileRows, subset
 from .source import Source
 
 TOKENS, DOCUMENTS, META, NANOGPT = "tokens.npy", "documents.npy", "meta.json", "train.bin"
@@ -154,7 +154,7 @@ class TokenSource(Source):
             raise ConfigError(f"data.path: {self.file} has no sample of data.seq_len={T}: " +
                               ("fewer than T + 1 tokens" if cfg.pack else "no document of two tokens or more"))
         self.rows = subset(total, cfg, seed, str(self.file))
-        self._tokens: np.ndarray | None = None
+        self._tokens = FileRows(self.file, tokens)  # each sample's span read with pread (disk.FileRows says why)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -163,8 +163,10 @@ class TokenSource(Source):
     def input_shape(self) -> tuple[int, ...]:
         return (self.seq_len,)
 
-    def __getstate__(self) -> dict:  # a loader worker reopens the map
-        return {**self.__dict__, "_tokens": None}
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this process has read from the token file so far (bench data reports them per sample)."""
+        return self._tokens.bytes_read
 
     def spans(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The [start, stop) token positions of the samples at ``indices``: O(log D) each, no state."""
@@ -175,14 +177,12 @@ class TokenSource(Source):
         return start, np.minimum(start + self.seq_len + 1, self.stops[document])
 
     def fetch(self, indices: np.ndarray, keys: object = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._tokens is None:
-            self._tokens = _map(self.file, self.bare)
         T, V = self.seq_len, self.num_classes
         x = np.full((len(indices), T), PAD, dtype=np.int64)
         y = np.full((len(indices), T), IGNORE, dtype=np.int64)
         for i, (start, stop) in enumerate(zip(*self.spans(indices))):
             try:
-                chunk = np.asarray(self._tokens[start:stop], dtype=np.int64)
+                chunk = self._tokens.span(int(start), int(stop)).astype(np.int64)
             except OSError as exc:
                 raise DataReadError(f"data.path: cannot read {self.file}: {exc}") from None
             if len(chunk) and (chunk.max() >= V or chunk.min() < 0):

@@ -1,16 +1,20 @@
 """Users' data by import path (``data.name: package.module:function``): ``function(num_samples, seed, **kwargs)``
-returns (x, y) tensors or arrays, or a map-style dataset of (x, y) pairs; what it returns is checked here, in one
-line naming the factory."""
+returns (x, y) tensors or arrays, or a map-style dataset of (x, y) pairs or of dicts (``input_ids``, ``labels``,
+optional ``attention_mask``: Hugging Face's items, a ``datasets.Dataset`` included; named.py collates them); what it
+returns is checked here, in one line naming the factory."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from ..config.schema import DataConfig
+from ..config.schema import TOKEN_LOSSES, DataConfig
 from ..errors import ConfigError
 from ..factory import call_factory
 from ..randomness import SampleKeys
+from .named import CollateError, NamedInputs, collate
 from .source import Dataset, Source
 
 
@@ -34,14 +38,23 @@ def from_factory(cfg: DataConfig, seed: int, dtype: torch.dtype, loss: str) -> S
                               f"{cfg.num_samples}")
         return MapSource(out, cfg, dtype, loss, where)
     raise ConfigError(f"{where} returned {type(out).__name__}; expected (x, y) tensors or a map-style dataset "
-                      "of (x, y) pairs")
+                      "of (x, y) pairs or of dicts with 'input_ids' and 'labels'")
 
 
-def _checked(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, dtype: torch.dtype, loss: str, where: str
-             ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(x, y) in the run's types, checked against train.loss and data.num_classes; the model's output width."""
-    if loss == "token_cross_entropy":
-        return (*check_tokens(x, y, cfg.num_classes, where), cfg.num_classes)
+def _checked(x: torch.Tensor | NamedInputs, y: torch.Tensor, cfg: DataConfig, dtype: torch.dtype, loss: str,
+             where: str) -> tuple[torch.Tensor | NamedInputs, torch.Tensor, int]:
+    """(x, y) in the run's types, checked against train.loss and data.num_classes; the model's output width.
+    Named inputs: ``input_ids`` is checked as x, ``attention_mask`` as 0s and 1s of its shape."""
+    if isinstance(x, NamedInputs):
+        mask = x.get("attention_mask")
+        if mask is not None and (mask.shape != x.shape or not bool(((mask == 0) | (mask == 1)).all())):
+            raise ConfigError(f"{where} returned an 'attention_mask' that is not 0s and 1s of the shape of 'input_ids'"
+                              f" {tuple(x.shape)}")
+        ids, y, width = _checked(x["input_ids"], y, cfg, dtype, loss, where)
+        named = NamedInputs({**x, "input_ids": ids, **({} if mask is None else {"attention_mask": mask.long()})})
+        return named, y, width
+    if loss in TOKEN_LOSSES:
+        return (*check_tokens(x, y, cfg.num_classes, where, loss), cfg.num_classes)
     if x.is_floating_point():
         x = x.to(dtype)  # integer inputs (token ids, say) are kept as they are
     if loss == "mse":
@@ -60,16 +73,17 @@ def _checked(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, dtype: torch.dty
     return x, y.long(), cfg.num_classes
 
 
-def check_tokens(x: torch.Tensor, y: torch.Tensor, vocab_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def check_tokens(x: torch.Tensor, y: torch.Tensor, vocab_size: int, where: str, loss: str = "token_cross_entropy"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids ``x`` and targets ``y``, both integer (N, T), as int64: every input in [0, V), every target in
     [0, V) or -100 (ignored). Each violation is a one-line ConfigError naming ``where``."""
     for name, t in (("x", x), ("y", y)):
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() != 2:
             raise ConfigError(f"{where} returned {name} of dtype {t.dtype} and shape {tuple(t.shape)}; "
-                              "train.loss=token_cross_entropy needs integer token ids of shape (N, T)")
+                              f"train.loss={loss} needs integer token ids of shape (N, T)")
     if x.shape != y.shape:
         raise ConfigError(f"{where} returned x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}; "
-                          "train.loss=token_cross_entropy needs one target per input token")
+                          f"train.loss={loss} needs one target per input token")
     bad_x = (x < 0) | (x >= vocab_size)
     if bad_x.any():
         raise ConfigError(f"{where} returned an input token {int(x[bad_x][0])} outside [0, {vocab_size}) (the "
@@ -82,7 +96,7 @@ def check_tokens(x: torch.Tensor, y: torch.Tensor, vocab_size: int, where: str) 
 
 
 class MapSource(Source):
-    """A map-style dataset (``__len__``, ``__getitem__(i) -> (x, y)``), read a batch at a time.
+    """A map-style dataset (``__len__``, ``__getitem__(i) -> (x, y)`` or a dict: named.py), read a batch at a time.
 
     A dataset with ``getitem_keyed(i, keys)`` is called with each sample's keys instead (a SampleKeys of one
     sample: seed, step and its position in the global batch), so its own random transforms can draw from
@@ -105,16 +119,23 @@ class MapSource(Source):
     def input_shape(self) -> tuple[int, ...]:
         return self._shape
 
-    def _read(self, indices: np.ndarray, keys: SampleKeys | None) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
+    def _read(self, indices: np.ndarray, keys: SampleKeys | None) -> tuple[torch.Tensor | NamedInputs, torch.Tensor]:
+        items = []
         for j, i in enumerate(indices.tolist()):
             if self.keyed and keys is not None:
-                item = self.dataset.getitem_keyed(i, keys.select(slice(j, j + 1)))
+                items.append(self.dataset.getitem_keyed(i, keys.select(slice(j, j + 1))))
             else:
-                item = self.dataset[i]
+                items.append(self.dataset[i])
+        if isinstance(items[0], Mapping):
+            try:
+                return collate(items, indices.tolist())
+            except CollateError as exc:
+                raise ConfigError(f"{self.where} returned a dataset whose {exc}") from None
+        xs, ys = [], []
+        for i, item in zip(indices.tolist(), items):
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
                 raise ConfigError(f"{self.where} returned a dataset whose item {i} is {type(item).__name__}, not an "
-                                  "(x, y) pair")
+                                  "(x, y) pair or a dict")
             xs.append(torch.as_tensor(item[0]))
             ys.append(torch.as_tensor(item[1]))
         try:

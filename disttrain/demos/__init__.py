@@ -14,24 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, run_command
-from . import clip, kmeans, parallelism, precision, reduce, scaling, syncbn, tokens, warmup
+from . import check, clip, kmeans, parallelism, precision, reduce, scaling, syncbn, tokens, warmup
 from .common import Lab, Result, Settings, save_result
 
 # name -> plan(lab, out_dir) -> finish() -> Result; in the order of the report
 DEMOS: dict[str, Callable] = {m.NAME: m.plan for m in (reduce, syncbn, warmup, clip, precision, scaling, kmeans,
-                                                        parallelism, tokens)}
+                                                        parallelism, tokens, check)}
 
 
 def run_demos(names: Sequence[str], settings: Settings, log: Callable[[str], None] | None = None) -> list[Result]:
     """Run the named demos (their runs share worker groups); write results, summary.json and report.html."""
     from .report import write_report, write_section
 
+    start, load = time.perf_counter(), _load_average()
     lab = Lab(settings, log)
     finishers = []
     for name in names:
@@ -44,8 +46,33 @@ def run_demos(names: Sequence[str], settings: Settings, log: Callable[[str], Non
         save_result(result, settings.out / result.name)
         write_section(result, settings)
     summary = merge_summary(settings.out / "summary.json", {r.name: r.to_dict() for r in results})
+    write_timing(settings, names, time.perf_counter() - start, load, lab.seconds)
     write_report(settings.out, summary)
     return results
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not every platform has one
+        return None
+
+
+def write_timing(settings: Settings, names: Sequence[str], seconds: float, load_at_start: float | None,
+                 per_demo: dict[str, float]) -> Path:
+    """OUT/timing.json: what this run took and on how busy a machine, the numbers to compare with the docs' (which
+    name their own date and load): on a shared machine the time follows the load."""
+    from .report import TIMING
+
+    which = "all" if list(names) == list(DEMOS) else " ".join(names)
+    end = _load_average()
+    timing = {"command": f"disttrain demo {which} --nproc {settings.nproc}" + (" --quick" if settings.quick else ""),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(seconds, 1),
+              "cpus": os.cpu_count(), "load_average": None if None in (load_at_start, end) else [load_at_start, end],
+              "seconds_per_demo": {k: round(v, 1) for k, v in per_demo.items()}}
+    path = settings.out / TIMING
+    path.write_text(json.dumps(timing, indent=2) + "\n")
+    return path
 
 
 def merge_summary(path: Path, entries: dict[str, dict]) -> dict[str, dict]:

@@ -27,7 +27,7 @@ from ..run.build import build_data_and_model
 from ..checkpoint.format import load_final
 from ..config.schema import Config
 from ..config.parse import config_from_dict, load_config
-from ..parallel.env import DistEnv, distributed
+from ..parallel.env import DistEnv, distributed, threads_of_a_worker
 from ..parallel.launch import launch_local_tasks, one_thread
 from ..observe.runlog import read_metrics
 from ..run.train import run
@@ -115,11 +115,12 @@ class Lab:
         return run_dir
 
     def run_all(self) -> None:
+        largest = max(self._work, default=1)
         for world_size in sorted(self._work, reverse=True):
             work = self._work.pop(world_size)
             start = time.perf_counter()
-            if world_size == 1:
-                with distributed("cpu", TIMEOUT_S) as env:
+            if world_size == 1:  # against the largest group: the threads one of its ranks had (parallel/env.py)
+                with distributed("cpu", TIMEOUT_S) as env, threads_of_a_worker(largest):
                     values = [_timed(env, fn, args) for fn, args, _ in work]
             else:
                 # W workers share the machine's cores: one intra-op thread each.

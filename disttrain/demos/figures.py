@@ -10,13 +10,37 @@ from typing import Any
 from ..observe.plot import finite, new_figure, save_figure
 from .common import DIFFERENT, EQUAL
 
-__all__ = ["COLORS", "ONE_DEVICE", "axes", "deviation_bars", "finite", "legend_beside", "loss_axes", "new_figure",
-           "save"]
+__all__ = ["COLORS", "ONE_DEVICE", "axes", "deviation_bars", "finite", "label_bars", "legend_beside", "loss_axes",
+           "marked", "new_figure", "save"]
 
 COLORS = {"mean": "#1f77b4", "avg": "#ff7f0e", "sum": "#d62728", "max": "#9467bd", "bn": "#d62728",
           "syncbn": "#1f77b4", "none": "#d62728", "after": "#1f77b4", "before": "#ff7f0e", "warmup": "#1f77b4"}
 ONE_DEVICE = {"color": "black", "linewidth": 4.0, "alpha": 0.25, "label": "one device", "zorder": 2}
 FLOOR = 1e-17  # an exact zero on a log axis
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def marked(index: int, points: int, **style: Any) -> dict[str, Any]:
+    """``style`` with the ``index``-th series' own marker, placed on every few points and staggered by series, so
+    that lines lying on top of each other (equal to the eye, different in the digits) each stay visible."""
+    every = max(points // 8, 1)
+    hollow = index % 2 == 0  # large hollow markers around small filled ones: both show where two series meet
+    return {"marker": MARKERS[index % len(MARKERS)], "markevery": (index % every, every),
+            "markersize": 9 if hollow else 4, "markeredgewidth": 1.5 if hollow else 1.0,
+            "markerfacecolor": "none" if hollow else style.get("color"), **style}
+
+
+def label_bars(ax: Any, positions: Sequence[float], heights: Sequence[float], texts: Sequence[str],
+               log: bool = False) -> None:
+    """Each bar's value above it, and room above the tallest label inside the frame."""
+    for x, h, text in zip(positions, heights, texts):
+        ax.annotate(text, (x, h), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
+                    textcoords="offset points")
+    low, high = ax.get_ylim()
+    top = max([h for h in heights if math.isfinite(h)], default=high)
+    # about a tenth of the axis above the tallest bar, in the axis' own scale
+    room = max(top / low, 10.0) ** 0.12 if log and low > 0 else 1.12
+    ax.set_ylim(low, max(high, top * room))
 
 
 def axes(ax: Any, title: str, xlabel: str | None = "step", ylabel: str | None = None, log: bool = False,
@@ -59,6 +83,9 @@ def deviation_bars(ax: Any, labels: Sequence[str], values: Sequence[float], colo
     for i, (v, s) in enumerate(zip(values, shown)):
         ax.annotate(f"{v:.1e}" if math.isfinite(v) else "diverged", (i, s), ha="center", va="bottom",
                     fontsize="small", xytext=(0, 2), textcoords="offset points")
+    if any(v <= FLOOR for v in values):
+        ax.annotate(f"an exact zero is drawn at {FLOOR:.0e}", (0.99, 0.01), xycoords="axes fraction", ha="right",
+                    va="bottom", fontsize="x-small", color="#555")
     ax.axhline(EQUAL, color="green", linestyle="--", linewidth=1, label=f"equal: <= {EQUAL:.0e}")
     ax.axhline(DIFFERENT, color="red", linestyle=":", linewidth=1, label=f"different: >= {DIFFERENT:.0e}")
     ax.set_yscale("log")

@@ -23,7 +23,7 @@ from ..verify.twin import RANK_ORDER, SAMPLE_ORDER, train_reference
 from ..verify.verdict import NOT_EQUIVALENT
 from ..verify.whole import compare_runs, run_tolerance
 from .common import Check, Lab, Result, at_most, config, deviation, losses, metric, sci
-from .figures import ONE_DEVICE, axes, legend_beside, loss_axes, new_figure, save
+from .figures import ONE_DEVICE, axes, label_bars, legend_beside, loss_axes, marked, new_figure, save
 
 NAME = "precision"
 QUESTION = "Does mixed precision (bf16, fp16 with loss scaling) break the equivalence with one device?"
@@ -34,6 +34,7 @@ CLAIM = ("in fp32 verify finds the W-process run EQUIVALENT to one device; in bf
 FRACTION = 0.2  # "small against the precision's own effect"
 PRECISIONS = ("fp32", "bf16", "fp16")
 COLORS = {"fp32": "#1f77b4", "bf16": "#2ca02c", "fp16": "#d62728"}
+LINES = {"fp32": "-", "bf16": "--", "fp16": ":"}
 INIT_SCALE = 2.0 ** 24  # too large for these gradients: the first fp16 steps overflow
 
 
@@ -76,7 +77,8 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
         checks += [Check(f"fp16: skipped steps {skipped_w} on W={w} == {skipped_one} on one device, at least one",
                          skipped_w == skipped_one and len(skipped_w) >= 1)]
         within = {p: at_most(dev[p], tol[p]) for p in PRECISIONS}
-        summary = (f"No: on B={batch} over W={w}, the W-process run deviates from one device by {sci(dev['fp32'])} "
+        summary = (f"Mixed precision does not break it: on B={batch} over W={w}, the W-process run deviates from one "
+                   f"device by {sci(dev['fp32'])} "
                    f"in fp32, {sci(dev['bf16'])} in bf16 and {sci(dev['fp16'])} in fp16, against the "
                    f"{sci(from_fp32['bf16'])} (bf16) and {sci(from_fp32['fp16'])} (fp16) that low precision itself "
                    f"moves one device's run; fp16 skipped steps {skipped_w} on every rank, as one device did, and its "
@@ -85,12 +87,15 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
                    + (" INCONCLUSIVE: the precision's own rounding over this run is as large as the smallest known "
                       "mistake, so whole-run verify cannot rule one out (step-wise verification with short segments "
                       "can)." if "INCONCLUSIVE" in verdict.values() else ""))
-        table = [["precision", f"deviation W={w} vs one", "rounding noise (twin)", "fixed tolerance",
-                  "verify verdict", "one device: distance from fp32", "skipped steps", "final loss"]]
+        table = [["precision", f"deviation W={w} vs one", "rounding noise (twin)", "verify's bound: loss / parameters",
+                  "verify verdict", "one device: distance from fp32", "skipped steps", "final loss",
+                  "fixed tolerance (uncalibrated)"]]
         for p in PRECISIONS:
-            table.append([p, sci(dev[p]), sci(noise[p]), f"{tol[p]:.0e}", verdict[p],
+            bound = f"{sci(reports[p].loss_bound)} / {sci(reports[p].param_bound)}"
+            table.append([p, sci(dev[p]), sci(noise[p]), bound,
+                          verdict[p],
                           "-" if p == "fp32" else sci(from_fp32[p]), str(metric(dist[p], "skipped")[-1]),
-                          f"{losses(dist[p])[-1]:.4f}"])
+                          f"{losses(dist[p])[-1]:.4f}", f"{tol[p]:.0e}"])
         bounds = {p: (reports[p].loss_bound, reports[p].param_bound) for p in PRECISIONS}
         plots = [_plot(out, dist, one, dev, from_fp32, w, batch, bounds)]
         return Result(
@@ -142,9 +147,12 @@ def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, t
     from matplotlib.lines import Line2D
 
     fig, (loss_ax, gap_ax, scale_ax, bars) = new_figure(2, (14.0, 8.4), nrows=2)
+    # fp32 and bf16 lie within 1e-2 of each other in the loss: each precision has its own line style and marker.
+    styles = {p: marked(i, len(curves[p][0]), color=COLORS[p], linestyle=LINES[p], zorder=3)
+              for i, p in enumerate(curves)}
     for p, (curve, ref) in curves.items():
         steps = range(1, len(curve) + 1)
-        loss_ax.plot(steps, curve, color=COLORS[p], zorder=3)
+        loss_ax.plot(steps, curve, **styles[p])
         loss_ax.plot(steps, ref, **{**ONE_DEVICE, "color": COLORS[p]})
         scale = max(abs(v) for v in ref)
         # A step where the two losses are equal has no place on a log axis: the line breaks there.
@@ -153,7 +161,8 @@ def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, t
         gap_ax.axhline(bounds[p][0], color=COLORS[p], linestyle="--", linewidth=1,
                        label=f"{p}: verify's loss {kind} {bounds[p][0]:.1e}")
     loss_axes(loss_ax, f"loss per step, B={batch} over W={w}")
-    legend_beside(loss_ax, [Line2D([], [], color=COLORS[p], label=f"W={w}, {p}") for p in curves]
+    legend_beside(loss_ax, [Line2D([], [], **{k: v for k, v in styles[p].items() if k != "markevery"},
+                                   label=f"W={w}, {p}") for p in curves]
                   + [Line2D([], [], **{**ONE_DEVICE, "color": "grey"})])
     axes(gap_ax, f"W={w} vs one device, per step (equal: no point)", ylabel="|loss - one device| / max loss",
          log=True, legend=False)
@@ -168,16 +177,18 @@ def figure(curves: dict[str, tuple[list[float], list[float]]], fp16: dict[str, t
                             {"marker": "x", "s": 50, "color": "black"}))
     axes(scale_ax, "fp16 loss scale (marked: step skipped, overflow)", ylabel="loss scale", log=True, legend=False)
     legend_beside(scale_ax)
-    _bars(bars, dev, from_fp32, w, {p: max(b) for p, b in bounds.items()}, kind)
+    _bars(bars, dev, from_fp32, w, bounds, kind)
     return fig
 
 
-def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int, bound: dict[str, float], kind: str) -> None:
-    """Per precision: W vs one device (a bar, verify's bound a dash across it), and one device's distance from
-    fp32."""
+def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int, bounds: dict[str, tuple[float, float]],
+          kind: str) -> None:
+    """Per precision: W vs one device (a bar: the larger of the loss curve's and the parameters' deviation;
+    verify's loss and parameter bounds as a dash over its left half and a dotted line over its right half), and one
+    device's distance from fp32."""
     labels, values, colors = [], [], []
     for p in PRECISIONS:
-        labels.append(f"{p}\nW={w} vs 1")
+        labels.append(f"{p}\nW={w}\nvs 1")
         values.append(dev[p])
         colors.append(COLORS[p])
     for p in ("bf16", "fp16"):
@@ -186,16 +197,17 @@ def _bars(ax, dev: dict[str, float], from_fp32: dict[str, float], w: int, bound:
         colors.append("#7f7f7f")
     shown = [max(v, 1e-17) for v in values]
     ax.bar(range(len(values)), shown, color=colors, width=0.6)
-    for i, v in enumerate(values):
-        ax.annotate(sci(v), (i, shown[i]), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
-                    textcoords="offset points")
     for i, p in enumerate(PRECISIONS):
-        ax.hlines(bound[p], i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1.2,
-                  label=(f"verify's {kind}" + (": max(4 x rounding noise, floor)" if kind == "bound" else "")) if i == 0
-                  else None)
+        # side by side over the bar (left: loss, right: parameters), so that equal bounds do not hide each other
+        for j, (what, line) in enumerate((("loss curve", "--"), ("parameters", ":"))):
+            ax.hlines(bounds[p][j], i - 0.4 + 0.4 * j, i + 0.4 * j, color="black", linestyle=line, linewidth=1.6,
+                      label=f"{what}: verify's {kind}" if i == 0 else None)
     ax.set_yscale("log")
-    ax.set_ylim(min(shown) / 30, max(shown + list(bound.values())) * 30)
+    ax.set_ylim(min(shown) / 30, max(shown + [b for pair in bounds.values() for b in pair]) * 30)
+    label_bars(ax, range(len(values)), shown, [sci(v) for v in values], log=True)
     ax.set_xticks(range(len(values)), labels, fontsize="small")
-    ax.set_title("largest deviation (loss curve, final parameters)")
+    ax.set_title("largest deviation (loss curve, final parameters)"
+                 + ("\nverify's bound: max(4 x rounding noise, floor)" if kind == "bound" else ""))
+    ax.set_ylabel("max relative difference")
     ax.grid(alpha=0.3, axis="y")
     legend_beside(ax)

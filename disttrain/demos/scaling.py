@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, evaluate, losses, sci
-from .figures import ONE_DEVICE, axes, loss_axes, new_figure, save
+from .figures import ONE_DEVICE, axes, label_bars, loss_axes, new_figure, save
 
 NAME = "scaling"
 QUESTION = "Is N processes with B/N samples each really one device with B?"
@@ -140,9 +140,8 @@ def _plot(out: Path, fixed: dict, per_rank: dict, ev: dict, sizes: list[int], st
     bar_ax.bar(range(len(keys)), [ev[k] for k in keys],
                color=["#7f7f7f" if w == 1 else colors.get(w, "#8c564b") for w, _ in keys],
                alpha=1.0, hatch=None)
-    for i, k in enumerate(keys):
-        bar_ax.annotate(f"{ev[k]:.3g}", (i, ev[k]), ha="center", va="bottom", fontsize="small")
     bar_ax.set_xticks(range(len(keys)), labels)
     axes(bar_ax, f"full-data loss after {PER_RANK * top * steps} samples", xlabel="run", ylabel="loss", log=True,
          legend=False)
+    label_bars(bar_ax, range(len(keys)), [ev[k] for k in keys], [f"{ev[k]:.3g}" for k in keys], log=True)
     return save(fig, out, "scaling.png")

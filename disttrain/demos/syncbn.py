@@ -27,9 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..data.batching import local_slice
 from ..parallel.env import DistEnv
-from ..parallel.syncbn import COLLECTIVES, SyncBatchNorm
+from ..parallel.syncbn import COLLECTIVES, SyncBatchNorm, collective_for
 from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, evaluate, sci
-from .figures import COLORS, ONE_DEVICE, axes, new_figure, save
+from .figures import COLORS, ONE_DEVICE, axes, label_bars, new_figure, save
 
 # The SyncBN benchmark's layers and timing loop (`disttrain bench syncbn`): the demo measures with its code.
 from ..bench.common import time_calls as _time_calls
@@ -49,7 +49,21 @@ CLAIM = ("SyncBatchNorm equals one device at every per-rank batch size while per
 PER_RANK = (2, 4, 8, 16)
 CHANNELS, BENCH_SHAPE = 64, (16, 64, 16, 16)  # per-rank input of the timing: ResNet-like activations
 NUMERICS_SHAPE, MEAN, STD = (8, 16, 8, 8), 1e4, 1e-2  # per rank
-SCHEMES = {"all_gather": "all_gather, gloo", "all_reduce": "all_reduce, NCCL"}  # disttrain's two collectives
+
+
+def scheme_label(scheme: str, backend: str) -> str:
+    """disttrain's SyncBatchNorm with one of its two collectives, named with the backend it ran on here and whether
+    that backend chooses it (on NCCL it is all_reduce, on gloo all_gather)."""
+    return f"disttrain ({scheme} on {backend}{', its default' if collective_for(backend) == scheme else ''})"
+
+
+def layer_label(name: str, backend: str) -> str:
+    """A layer of the syncbn benchmark as the demo's table and figure name it: disttrain's with its collective."""
+    if name == "disttrain":
+        return scheme_label(collective_for(backend), backend)
+    if name == "disttrain all_reduce":
+        return scheme_label("all_reduce", backend)
+    return name
 
 
 class _CountCollectives(TorchDispatchMode):
@@ -66,7 +80,8 @@ class _CountCollectives(TorchDispatchMode):
 
 
 def collectives_task(env: DistEnv, iters: int) -> dict[str, dict[str, Any]]:
-    """On every rank: each benchmark layer's collectives (forward, backward) and median ms per call."""
+    """On every rank: each benchmark layer's collectives (forward, backward), median ms per call and the backend
+    it ran on."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(env.rank)
     x = torch.randn(BENCH_SHAPE, generator=g).requires_grad_()
@@ -80,7 +95,7 @@ def collectives_task(env: DistEnv, iters: int) -> dict[str, dict[str, Any]]:
             y.backward(dy)
         time_calls(layer, x, dy, 3)  # warm-up
         out[name] = {"forward": sum(fwd.ops.values()), "backward": sum(bwd.ops.values()),
-                     "ops": dict(fwd.ops + bwd.ops), "times": []}
+                     "ops": dict(fwd.ops + bwd.ops), "times": [], "backend": str(env.backend)}
     # Interleaved rounds, as the benchmark does, so that load from elsewhere hits every layer alike.
     for _ in range(3):
         for name, layer in layers.items():
@@ -99,14 +114,14 @@ def numerics_data(world_size: int) -> torch.Tensor:
 
 def variance_task(env: DistEnv) -> dict[str, list[float]]:
     """disttrain's SyncBatchNorm on this rank's slice of the global batch: the unbiased variance it computes
-    (running_var after one step with momentum 1), for both of its collective schemes."""
+    (running_var after one step with momentum 1), for both of its collective schemes, by label (scheme_label)."""
     x = numerics_data(env.world_size)[local_slice(env.world_size * NUMERICS_SHAPE[0], env.world_size, env.rank)]
     out = {}
     for scheme in COLLECTIVES:
         layer = SyncBatchNorm(NUMERICS_SHAPE[1], momentum=1.0)
         layer.collective = scheme
         layer(x)
-        out[scheme] = layer.running_var.double().tolist()
+        out[scheme_label(scheme, str(env.backend))] = layer.running_var.double().tolist()
     return out
 
 
@@ -153,9 +168,10 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
         ref = reference_variances(w)
         errors = {"naive E[x^2]-E[x]^2": relative_error(ref["naive"], ref["exact"]),
                   "torch BatchNorm2d": relative_error(ref["torch"], ref["exact"]),
-                  **{f"disttrain ({SCHEMES[s]})": relative_error(torch.tensor(v, dtype=torch.float64), ref["exact"])
-                     for s, v in variances.value.items()}}
-        ours = errors[f"disttrain ({SCHEMES['all_gather']})"]  # the scheme SyncBatchNorm uses on gloo
+                  **{label: relative_error(torch.tensor(v, dtype=torch.float64), ref["exact"])
+                     for label, v in variances.value.items()}}
+        backend = coll["disttrain"]["backend"]
+        ours = errors[layer_label("disttrain", backend)]  # the scheme SyncBatchNorm chooses on this backend
         checks = [
             Check(f"SyncBN deviation from one device {sci(max(dev[b, 'syncbn'] for b in PER_RANK))} <= {EQUAL:.0e} "
                   f"at every per-rank batch", all(at_most(dev[b, "syncbn"], EQUAL) for b in PER_RANK)),
@@ -167,7 +183,7 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
                   f"{_calls(coll['two-pass'])}",
                   (coll["disttrain"]["forward"], coll["disttrain"]["backward"]) == (1, 1)
                   and (coll["two-pass"]["forward"], coll["two-pass"]["backward"]) == (2, 2)),
-            Check(f"variance error: disttrain on gloo {sci(ours)} <= 1e-05, naive {sci(errors['naive E[x^2]-E[x]^2'])} >= 1e-01",
+            Check(f"variance error: disttrain on {backend} {sci(ours)} <= 1e-05, naive {sci(errors['naive E[x^2]-E[x]^2'])} >= 1e-01",
                   at_most(ours, 1e-5) and at_least(errors["naive E[x^2]-E[x]^2"], 1e-1)),
         ]
         summary = (f"SyncBatchNorm equals one device at 2 to 16 samples per rank (deviation <= "
@@ -185,7 +201,7 @@ def plan(lab: Lab, out: Path) -> Callable[[], Result]:
                                 sci(dev[b, "bn"]), sci(dev[b, "syncbn"])])
         exchange_table = [["layer (forward + backward)", "collectives", "which", "ms per call"]]
         for name, entry in coll.items():
-            exchange_table.append([name, _calls(entry), ", ".join(f"{v} {k}" for k, v in entry["ops"].items()) or "-",
+            exchange_table.append([layer_label(name, entry["backend"]), _calls(entry), ", ".join(f"{v} {k}" for k, v in entry["ops"].items()) or "-",
                                    f"{entry['ms']:.2f}"])
         error_table = [["variance computed by", "relative error"]] + [[k, sci(v)] for k, v in errors.items()]
         plots = [_plot_batch(out, ev, dev, w), _plot_exchange(out, coll, errors, w)]
@@ -233,10 +249,17 @@ def _plot_batch(out: Path, ev: dict, dev: dict, w: int) -> str:
     return save(fig, out, "syncbn_batch.png")
 
 
+def _tick(label: str) -> str:
+    """A table's label as a tick label of a few short lines: "disttrain\nall_gather\non gloo,\nits default"."""
+    if label.startswith("disttrain ("):
+        return label[len("disttrain ("):-1].replace(" on ", "\non ").replace(", its", ",\nits").join(("disttrain\n", ""))
+    return label.replace(" ", "\n", 1)
+
+
 def _plot_exchange(out: Path, coll: dict, errors: dict, w: int) -> str:
     fig, (count_ax, time_ax, err_ax) = new_figure(3, (15.0, 4.2))
     names = list(coll)
-    labels = [n.replace(" ", "\n", 1) for n in names]
+    labels = [_tick(layer_label(n, coll[n]["backend"])) for n in names]
     fwd = [coll[n]["forward"] for n in names]
     bwd = [coll[n]["backward"] for n in names]
     count_ax.bar(labels, fwd, color="#1f77b4", label="forward")
@@ -245,15 +268,14 @@ def _plot_exchange(out: Path, coll: dict, errors: dict, w: int) -> str:
     count_ax.yaxis.get_major_locator().set_params(integer=True)
     count_ax.legend(fontsize="small")
     time_ax.bar(labels, [coll[n]["ms"] for n in names], color="#7f7f7f")
-    for i, n in enumerate(names):
-        time_ax.annotate(f"{coll[n]['ms']:.1f}", (i, coll[n]["ms"]), ha="center", va="bottom", fontsize="small")
+    label_bars(time_ax, range(len(names)), [coll[n]["ms"] for n in names], [f"{coll[n]['ms']:.1f}" for n in names])
     time_ax.set_title("forward + backward, ms per call (median)")
     err_names = list(errors)
-    err_ax.bar([n.replace(" ", "\n", 1).replace(", ", ",\n") for n in err_names], [max(errors[n], 1e-17) for n in err_names],
+    err_ax.bar([_tick(n) for n in err_names], [max(errors[n], 1e-17) for n in err_names],
                color=["#d62728", "#ff7f0e", "#1f77b4", "#1f77b4"][: len(err_names)])
-    for i, n in enumerate(err_names):
-        err_ax.annotate(sci(errors[n]), (i, max(errors[n], 1e-17)), ha="center", va="bottom", fontsize="small")
     err_ax.set_yscale("log")
+    label_bars(err_ax, range(len(err_names)), [max(errors[n], 1e-17) for n in err_names],
+               [sci(errors[n]) for n in err_names], log=True)
     err_ax.set_title(f"variance error, data mean {MEAN:g}, std {STD:g} (float32)")
     for ax, xlabel, ylabel in ((count_ax, "SyncBatchNorm scheme", "collectives"),
                                (time_ax, "SyncBatchNorm scheme", "ms per layer call"),

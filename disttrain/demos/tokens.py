@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data.tokens import write_tokens
 from .common import DIFFERENT, EQUAL, Check, Lab, Result, at_least, at_most, config, deviation, losses, sci
-from .figures import ONE_DEVICE, axes, deviation_bars, loss_axes, new_figure, save
+from .figures import ONE_DEVICE, axes, deviation_bars, loss_axes, marked, new_figure, save
 
 NAME = "tokens"
 QUESTION = "With variable-length sequences, what does averaging mean?"
@@ -108,17 +108,21 @@ def _plot(out: Path, dist: dict[str, Path], one: Path, dev: dict[str, float], de
     fig, (ax, gap_ax, bars) = new_figure(3, (15.0, 4.2))
     ref = losses(one)
     scale = max(abs(v) for v in ref)
-    for name in WAYS:
+    # The four weightings move the loss by 1e-2 at most: each has its own marker on the left, and the middle panel
+    # draws the differences from one device.
+    for i, name in enumerate(WAYS):
         curve = losses(dist[name])
         label = f"W={w}, {name}" + (" (its own loss)" if name == "sequence_mean" else "")
-        style = {"color": COLORS[name], "label": label, "zorder": 3,
-                 "linestyle": "--" if name == "tokens" else "-", "linewidth": 2.2 if name == "tokens" else 1.4}
+        style = marked(i, len(curve), color=COLORS[name], label=label, zorder=3,
+                       linestyle="--" if name == "tokens" else "-", linewidth=2.2 if name == "tokens" else 1.4)
         ax.plot(range(1, len(curve) + 1), curve, **style)
         gap_ax.plot(range(1, len(curve) + 1), [max(abs(a - b) / scale, 1e-17) for a, b in zip(curve, ref)], **style)
     ax.plot(range(1, len(ref) + 1), ref, **ONE_DEVICE)
-    loss_axes(ax, f"logged loss per step, B={batch} over W={w}, accumulation {k}")
+    loss_axes(ax, f"logged loss per step, B={batch} over W={w}, accumulation {k}\n(the lines overlap: see the "
+                  "middle panel)")
     gap_ax.axhline(EQUAL, color="green", linestyle="--", linewidth=1, label=f"equal: <= {EQUAL:.0e}")
-    axes(gap_ax, "loss difference from one device (token mean)", ylabel="|loss - one device| / max loss", log=True)
+    axes(gap_ax, "loss difference from one device (token mean)\n(an exact zero is drawn at 1e-17)",
+         ylabel="|loss - one device| / max loss", log=True)
     labels = ["tokens", "avg", "micro-batch\nmeans", "sequence\nmean", "seq. mean,\nown loss"]
     values = [dev["tokens"], dev["avg"], dev["micro_batch_mean"], dev["sequence_mean"], dev_seq]
     deviation_bars(bars, labels, values, [*COLORS.values(), COLORS["sequence_mean"]],

@@ -5,6 +5,10 @@ A model from ``model.name: package.module:function`` is built as ``function(inpu
 **model.kwargs)`` under the same seeded RNG as the built-in ones, then adapted: its BatchNorm layers become
 disttrain's SyncBatchNorm with ``model.norm: syncbn`` (``bn`` and ``none`` leave them as they are), and its
 torch dropout layers become per-sample dropout (randomness.py), whose masks do not depend on the rank.
+
+Its output is the logits, or anything carrying them as ``.logits`` or ``["logits"]`` (a transformers
+``ModelOutput``: no wrapper needed, calling.py); on named inputs (a dataset of dicts, data/named.py) it
+is called by name, ``model(input_ids=..., attention_mask=...)``.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import importlib
 import torch
 from torch import nn
 
-from ..config.schema import ModelConfig
+from ..config.schema import TOKEN_LOSSES, ModelConfig
+from ..data.named import NamedInputs
 from ..errors import ConfigError
 from ..factory import call_factory, is_import_path, one_line
 from ..parallel.syncbn import convert_sync_batchnorm
 from ..randomness import assign_streams, convert_dropout
+from .calling import call_model, logits_of
 from .registry import MODELS
 
 
@@ -52,20 +58,24 @@ def _from_factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: i
     # Before any conversion, in eval mode (no statistics updated, no collectives, dropout off): a forward on
     # two inputs, which also initialises lazy layers, here under the seeded RNG.
     x = example if example is not None else torch.zeros((2, *input_shape), dtype=dtype)
-    tokens = loss == "token_cross_entropy"  # logits per position: (N, T, V)
+    tokens = loss in TOKEN_LOSSES  # logits per position: (N, T, V)
     expected = (len(x), x.shape[1], num_classes) if tokens and x.dim() == 2 else (len(x), num_classes)
+    inputs = f"named inputs {', '.join(x.keys())} of shape" if isinstance(x, NamedInputs) else "inputs of shape"
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x)
+            out = call_model(model, x)
     except Exception as exc:
-        raise ConfigError(f"model.name: {path!r} failed on inputs of shape {tuple(x.shape)}: {one_line(exc)}") from None
+        raise ConfigError(f"model.name: {path!r} failed on {inputs} {tuple(x.shape)}: {one_line(exc)}") from None
     model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"model.name: {path!r} outputs {got} for inputs of shape {tuple(x.shape)}; expected "
-                          f"{expected} (" + (f"logits per token under train.loss=token_cross_entropy, vocabulary "
+    try:
+        out = logits_of(out)
+    except TypeError as exc:
+        raise ConfigError(f"model.name: {path!r} on {inputs} {tuple(x.shape)}: {exc}") from None
+    if tuple(out.shape) != expected:
+        raise ConfigError(f"model.name: {path!r} outputs shape {tuple(out.shape)} for {inputs} {tuple(x.shape)}; "
+                          f"expected {expected} (" + (f"logits per token under train.loss={loss}, vocabulary "
                           f"{num_classes})" if tokens else f"one output per sample and class/target, num_classes="
                           f"{num_classes})"))
     if cfg.norm == "syncbn":

@@ -107,6 +107,9 @@ class StepMetrics:
         return max(1, min(2 * self.interval, self.max_interval, int(fit) if math.isfinite(fit) else self.max_interval))
 
 
+TOKEN_USE_NOTE = 0.5  # below this fraction of real target tokens in a step, a token run says so once
+
+
 class MetricsLogger:
     """Rank 0 appends every step to ``metrics.jsonl`` and prints every ``log_every`` steps; others do nothing.
 
@@ -115,8 +118,11 @@ class MetricsLogger:
     """
 
     def __init__(self, out_dir: Path, env: DistEnv, log_every: int, total_steps: int, console: bool = True,
-                 stream=None, start_step: int = 0, tensorboard: bool = False):
+                 stream=None, start_step: int = 0, tensorboard: bool = False, token_positions: int | None = None,
+                 seq_len: int = 0):
         self.enabled = env.is_main
+        # A token run: target positions per step (global batch x data.seq_len), to say once when most are padding.
+        self.token_positions, self.seq_len = token_positions, seq_len
         self.console = console
         self.log_every = log_every
         self.total_steps = total_steps
@@ -142,6 +148,22 @@ class MetricsLogger:
         if self.progress is not None:
             for record in records:
                 self.progress.update(record)
+        if self.token_positions and self.console and "tokens" in records[0]:
+            self._token_use(records[0]["step"], records[0]["tokens"])
+
+    def _token_use(self, step: int, tokens: int) -> None:
+        """Once per run: a line when less than half of the first step's positions hold a target token (documents
+        far shorter than data.seq_len are padded; each step then computes mostly on padding)."""
+        positions, self.token_positions = self.token_positions, None
+        if tokens < TOKEN_USE_NOTE * positions:
+            line = (f"data: step {step + 1} has {tokens} target tokens in {positions} positions "
+                    f"({tokens / positions:.0%}"
+                    f"): most documents are shorter than data.seq_len={self.seq_len} and the rest is padding; "
+                    "data.pack=true or a smaller data.seq_len uses more of each step")
+            if self.progress is not None:
+                self.progress.note(line)
+            else:
+                print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.tensorboard is not None:

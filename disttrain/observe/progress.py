@@ -34,7 +34,7 @@ class Progress:
         self.total_steps = total_steps
         self.log_every = log_every
         self.lines = lines or sys.stdout
-        terminal = terminal or sys.stderr
+        self.terminal = terminal = terminal or sys.stderr
         self.bar: tqdm | None = None
         if _is_terminal(terminal):
             self.bar = tqdm(total=total_steps, file=terminal, unit="step", desc="train", dynamic_ncols=True,
@@ -51,6 +51,13 @@ class Progress:
                 self.close()
         elif step % self.log_every == 0 or last:
             print(format_line(record, self.total_steps), file=self.lines, flush=True)
+
+    def note(self, line: str) -> None:
+        """A line of its own, above the bar when there is one."""
+        if self.bar is not None:
+            tqdm.write(line, file=self.terminal)
+        else:
+            print(line, file=self.lines, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,7 +17,7 @@ import gc
 import datetime
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,9 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str | None  # None: no process group (single process)
+    # The line saying train.device=auto fell back to the CPU, on the first rank of each node (None elsewhere): the
+    # trainer prints it once the run is built, so that a user error before that stays one line.
+    note: str | None = field(default=None, compare=False)
 
     @property
     def is_distributed(self) -> bool:
@@ -56,7 +59,8 @@ def choose_device(requested: str, local_rank: int, local_world_size: int) -> tup
     """This rank's device for ``train.device=requested``, and a line to print when ``auto`` fell back to the CPU.
 
     ``local_world_size`` ranks run on this node, each on its own GPU (NCCL cannot put two ranks on one GPU). ``auto``
-    takes cuda:LOCAL_RANK when every local rank has a GPU and the CPU (with gloo) otherwise, saying so in one line;
+    takes cuda:LOCAL_RANK when every local rank has a GPU and the CPU (with gloo) otherwise, saying so in one line
+    (also when no GPU is visible at all);
     ``cuda`` with too few GPUs is a :class:`ConfigError` (the CLI raises it before any worker starts).
     """
     available = torch.cuda.is_available()
@@ -74,6 +78,8 @@ def choose_device(requested: str, local_rank: int, local_world_size: int) -> tup
         return torch.device("cpu"), (f"train.device=auto: W={local_world_size} ranks on this node, {gpus} CUDA "
                                      f"device{'s' if gpus != 1 else ''} visible: running on the CPU with gloo "
                                      "(one GPU per rank; train.device=cuda makes this an error)")
+    if requested == "auto":
+        return torch.device("cpu"), "train.device=auto: no CUDA device visible: running on the CPU with gloo"
     return torch.device("cpu"), None
 
 
@@ -201,9 +207,8 @@ def _setup(requested: str, timeout_s: float) -> tuple[DistEnv, bool]:
         device, note = choose_device(requested, local_rank, 1)
     if device.type == "cuda":  # every path: the current device is this rank's (pin threads, meshes, NCCL)
         torch.cuda.set_device(device)
-    if note and local_rank == 0:  # one line per node
-        print(note, flush=True)
-    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
+                  note=note if local_rank == 0 else None)  # one line per node
     return env, created
 
 
@@ -215,3 +220,42 @@ def restart_count() -> int:
     """
     value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return int(value) if value.isdigit() else 0
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_NUM_THREADS")
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a job's share, not the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def worker_threads(local_processes: int) -> int:
+    """Intra-op threads for one of ``local_processes`` processes sharing this machine's cores: cores / processes, at
+    least 1 (the launcher gives each of several workers one, as torchrun does; on 2 cores both rules agree)."""
+    return max(1, machine_cores() // max(1, local_processes))
+
+
+@contextlib.contextmanager
+def threads_of_a_worker(local_processes: int) -> Iterator[int]:
+    """torch's intra-op threads for a one-process run that stands in for ``local_processes`` ranks (verify's
+    reference and twins, step-wise retraining, the demos' one-process runs): what one of those ranks would get,
+    restored on exit. Left alone when the user chose: an ``OMP_NUM_THREADS`` (or MKL/TORCH) variable, or a
+    ``torch.set_num_threads`` that changed torch's default of one thread per core.
+
+    torch's default runs one OpenMP thread per core, and its threads spin at each parallel region's barrier: on a
+    machine busy with other jobs a thread that lost its core keeps the others spinning, and a run slows far beyond its
+    share (measured here: verify's one-process runs 13x slower under load with the default, docs/performance.md).
+    """
+    if any(name in os.environ for name in THREAD_VARIABLES) or torch.get_num_threads() != machine_cores():
+        yield torch.get_num_threads()
+        return
+    previous = torch.get_num_threads()
+    threads = worker_threads(local_processes)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)

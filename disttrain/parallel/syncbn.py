@@ -61,7 +61,12 @@ COLLECTIVES = ("all_gather", "all_reduce")
 
 def default_collective(group: dist.ProcessGroup) -> str:
     """The faster single collective for ``group``'s backend (measured: see the module docstring)."""
-    return "all_gather" if dist.get_backend(group) == "gloo" else "all_reduce"
+    return collective_for(dist.get_backend(group))
+
+
+def collective_for(backend: str) -> str:
+    """The collective SyncBatchNorm chooses on ``backend`` ("gloo", "nccl", ...)."""
+    return "all_gather" if backend == "gloo" else "all_reduce"
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -32,29 +32,50 @@ per-sample loss (exact across ranks, but another objective: a short sequence's t
 
 A global batch without any target token has no mean: its gradient is zero here (the count is clamped to 1, no
 NaN), and the step is named when the metrics are reduced (observe/metrics.py), which ends the run with exit 1.
+
+``causal_lm`` is ``token_cross_entropy`` with Hugging Face's labels: ``labels`` as the data gives them (usually
+``labels = input_ids``, -100 at padding), the logits at position t scored against the label at t + 1
+(:func:`loss_targets`). Everything above then holds for the shifted targets: the count is the number of shifted
+non-ignored targets over all ranks and micro-batches, so a sequence of n labelled tokens contributes n - 1, and
+the step's loss is what transformers' Trainer computes with ``average_tokens_across_devices=True`` when told the
+labels' shift (without it, transformers 5.25 counts the unshifted labels: 125 instead of 109 on one padded batch).
+The model's output may be the logits or anything carrying them as ``.logits`` (a transformers ``ModelOutput``)
+or ``["logits"]`` (models/calling.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..config.schema import TOKEN_LOSSES
+from ..data.named import IGNORE_INDEX
+from ..models.calling import logits_of
 from ..parallel.collectives import global_count
 from ..parallel.sync import GradSync
 
-IGNORE_INDEX = -100  # torch's and Hugging Face's ignore_index: a padded position, no target
-TOKEN_LOSSES = ("token_cross_entropy",)
+
+def loss_targets(kind: str, target: torch.Tensor) -> torch.Tensor:
+    """What the logits at each position are scored against. ``causal_lm``: Hugging Face's unshifted labels
+    (N, T) moved one position left, the last position ignored, so position t predicts label t + 1 and the
+    targets keep the logits' shape (N, T); every other loss: ``target`` itself."""
+    if kind != "causal_lm":
+        return target
+    return F.pad(target[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor, weighting: str = "tokens") -> torch.Tensor:
+def summed_loss(kind: str, output: Any, target: torch.Tensor, weighting: str = "tokens") -> torch.Tensor:
     """The sum over the batch of per-sample losses (``cross_entropy``, ``mse``: a sample is a row of ``target``)
-    or of per-token losses (``token_cross_entropy``: every target that is not -100).
+    or of per-token losses (``token_cross_entropy``: every target that is not -100; ``causal_lm``: every label
+    after the first of its sequence that is not -100, scored by the logits one position earlier).
 
     mse: a sample's loss is the mean squared error over its outputs, so the logged global mean loss
     (sum over samples / samples) is torch's ``mse_loss`` on the global batch.
     """
+    output, target = logits_of(output), loss_targets(kind, target)
     if output.dtype in (torch.float16, torch.bfloat16):  # autocast's output: the loss is summed in float32
         output = output.float()
     if kind == "mse":
@@ -68,9 +89,10 @@ def summed_loss(kind: str, output: torch.Tensor, target: torch.Tensor, weighting
     return F.cross_entropy(output, target, reduction="sum")
 
 
-def target_count(targets: list[torch.Tensor]) -> torch.Tensor:
-    """The number of non-ignored targets in ``targets`` (an int64 tensor on their device: no host sync)."""
-    return sum((y != IGNORE_INDEX).sum() for y in targets)
+def target_count(targets: list[torch.Tensor], kind: str = "token_cross_entropy") -> torch.Tensor:
+    """The number of non-ignored targets of ``kind`` in ``targets`` (``causal_lm``: after the shift) as an int64
+    tensor on their device: no host sync."""
+    return sum((loss_targets(kind, y) != IGNORE_INDEX).sum() for y in targets)
 
 
 class LossDivisor:
@@ -88,10 +110,10 @@ class LossDivisor:
             self._value: torch.Tensor | int = sync.loss_divisor
             self._wait: Callable[[], torch.Tensor] | None = None
             return
-        self.local_count = target_count([y for _, y, *_ in micro_batches])
+        self.local_count = target_count([y for _, y, *_ in micro_batches], kind)
         if weighting == "micro_batch_mean":  # the contrast: each micro-batch's own mean, / k
             k = len(micro_batches)
-            self._per_micro_batch = [target_count([y]).clamp_min(1) * k for _, y, *_ in micro_batches]
+            self._per_micro_batch = [target_count([y], kind).clamp_min(1) * k for _, y, *_ in micro_batches]
         if sync.global_loss_divisor:  # started now, so it travels while the first micro-batch runs forward
             self._wait = global_count(self.local_count, async_op=True)
         else:
@@ -107,4 +129,4 @@ class LossDivisor:
         return self._value
 
 
-__all__ = ["IGNORE_INDEX", "TOKEN_LOSSES", "summed_loss", "target_count", "LossDivisor"]
+__all__ = ["IGNORE_INDEX", "TOKEN_LOSSES", "loss_targets", "summed_loss", "target_count", "LossDivisor"]

@@ -17,6 +17,7 @@ import torch
 from ..optim.clip import should_step
 from ..parallel.sync import GradSync
 from ..config.schema import ClipConfig
+from ..models.calling import call_model
 from .loss import LossDivisor, summed_loss
 from .precision import LossScaler, autocast
 from ..randomness import sample_keys
@@ -49,7 +50,7 @@ def train_step(sync: GradSync, optimizer: torch.optim.Optimizer, micro_batches: 
         with contextlib.nullcontext() if last else sync.no_sync():
             with autocast(precision, x.device.type):
                 with sample_keys(keys[0]) if keys else contextlib.nullcontext():
-                    output = sync.module(x)
+                    output = call_model(sync.module, x)  # by name for named inputs (models/calling.py)
                 micro_loss = summed_loss(loss, output, y, token_weighting)
             # Summed loss over the step's count (the global batch size B, or its target tokens: loss.py), not a
             # per-micro-batch mean divided by k: exact for micro-batches and rank slices of any size. Why before

@@ -11,6 +11,9 @@ later, after the next one (the values are read once, when the bucket is packed, 
 the others did not reduce). The loop then writes a checkpoint at exactly that step (whatever
 ``train.checkpoint_every`` is) and returns; the command prints one line and exits with 128 + the signal number.
 
+Before the loop starts (config, imports, the workers' start, the model, a resume's checkpoint) a stop signal ends the
+command with one line and the same exit code (errors.StartupSignals): there is no step to stop at yet.
+
 A second signal exits at once, with the signal's own default action. The same signal twice within
 :data:`REPEAT_WINDOW_S` counts once: Ctrl-C reaches a worker directly and again through its launcher.
 
@@ -28,19 +31,21 @@ from types import FrameType
 
 import torch
 
+from ..errors import STOP_SIGNALS, StartupSignals
 from ..parallel.collectives import control_buffer
 from .step import StepResult
 from .train import Hook, Trainer
 
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SIGNALS = STOP_SIGNALS
 REPEAT_WINDOW_S = 2.0
 
 
 class GracefulStop(Hook):
     """Installs the signal handlers for the run (main thread only) and stops the loop where the ranks agree."""
 
-    def __init__(self) -> None:
+    def __init__(self, startup: StartupSignals | None = None) -> None:
+        self._startup = startup  # its handlers, which ours replace in on_start, no longer stop a run that has begun
         # [asked, signal number] of this rank, set by the signal handler; made on the compute device in on_start,
         # so that the values travel on the device's own collective (NCCL on CUDA) with the gradients or alone.
         self.request: torch.Tensor | None = None
@@ -52,6 +57,8 @@ class GracefulStop(Hook):
         self._sync = sync = trainer.parts.sync
         self.request = control_buffer(2, trainer.env.device)
         sync.control = self.request  # read when the step's last bucket is packed
+        if self._startup is not None:
+            self._startup.started()
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

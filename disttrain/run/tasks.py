@@ -1,5 +1,6 @@
 """Training as a task on ranks: ``disttrain train`` on one rank (train, stopping on a signal), and the
-``--nproc N`` launches that run it on N local workers (parallel/launch.py starts them).
+``--nproc N`` launches that run it on N local workers (parallel/launch.py starts them; nproc.py is the launcher's
+side of ``disttrain train --nproc N``).
 
 A task is ``fn(env, *args)`` with plain arguments (the resolved config as a dict), so it pickles into spawned
 workers; every rank runs it in the same process group.
@@ -7,19 +8,16 @@ workers; every rank runs it in the same process group.
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
 from typing import Any
 
-from torch.distributed.elastic.multiprocessing.api import SignalException
-
-from ..checkpoint.format import checkpoint_path
+from ..checkpoint.format import checkpoint_at
 from ..config.parse import config_from_dict
 from ..config.schema import Config
+from ..errors import StartupSignals
 from ..parallel.env import DistEnv
 from ..parallel.launch import launch_local_tasks
 from ..verify.drawhook import RecordDraws
+from .nproc import first_signal, launch_training
 from .stop import GracefulStop, signal_name
 from .train import run
 
@@ -30,17 +28,7 @@ def _train_task(env: Any, cfg_dict: dict[str, Any], console: bool, resume: bool 
 
 
 def _train_or_stop_task(env: Any, cfg_dict: dict[str, Any], resume: bool, stop_at: int | None) -> int | None:
-    signum = train_or_stop(config_from_dict(cfg_dict), env, resume=resume, stop_at=stop_at)
-    if signum is not None:
-        # A worker hands its return value to torch's agent through a pipe, then waits for the agent to say it has
-        # read them all. An agent that got the signal itself no longer reads: it would wait out its shutdown timeout
-        # (30 s) and kill the worker. The checkpoint is durable and the value is in the pipe by now, so leave soon.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        timer = threading.Timer(2.0, os._exit, args=(0,))
-        timer.daemon = True
-        timer.start()
-    return signum
+    return train_or_stop(config_from_dict(cfg_dict), env, resume=resume, stop_at=stop_at)
 
 
 def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = False, stop_at: int | None = None,
@@ -56,42 +44,15 @@ def launch_local(cfg: Config, nproc: int, console: bool = True, resume: bool = F
                               cfg.train.out_dir)[0][0]
 
 
-def launch_training(cfg: Config, nproc: int, resume: bool = False, stop_at: int | None = None,
-                    max_restarts: int = 0) -> int | None:
-    """``disttrain train --nproc N``: train with ``nproc`` local workers that stop on a signal (stop.py).
-
-    Returns the signal number the run stopped for, or None. A signal to this process reaches the workers through
-    torch's elastic agent, which forwards it and waits for them to stop (they checkpoint first); then the agent
-    raises SignalException here. A signal to the workers alone (a scheduler signalling the processes of a node)
-    comes back as their result.
-    """
-    task = (_train_or_stop_task, (cfg.to_dict(), resume, stop_at))
-    try:
-        return launch_local_tasks([task], nproc, cfg.train.device, cfg.comm.timeout_s, max_restarts,
-                                  cfg.train.out_dir)[0][0]
-    except SignalException as exc:
-        return first_signal(exc)
-
-
-def first_signal(exc: SignalException) -> int:
-    """The first signal the launcher received (stop.py: the first signal decides). A second one while torch's
-    agent shuts the workers down raises anew inside the handling of the first, which stays its ``__context__``."""
-    signum, link = int(exc.sigval), exc.__context__
-    while link is not None:  # back to the earliest
-        if isinstance(link, SignalException):
-            signum = int(link.sigval)
-        link = link.__context__
-    return signum
-
-
 def train_or_stop(cfg: Config, env: DistEnv, resume: bool = False, stop_at: int | None = None) -> int | None:
     """``disttrain train`` on this rank: train, stopping on a signal (see the module docstring). Returns the
     signal number the run stopped for (rank 0 has printed the line that says where), or None."""
-    stop = GracefulStop()
-    # The first step's random draws: one warning if any is not keyed per sample (verify/draws.py).
-    result = run(cfg, env, resume=resume, stop_at=stop_at, hooks=[stop, RecordDraws(steps=1, warn=env.is_main)])
+    with StartupSignals() as startup:
+        stop = GracefulStop(startup)
+        # The first step's random draws: one warning if any is not keyed per sample (verify/draws.py).
+        result = run(cfg, env, resume=resume, stop_at=stop_at, hooks=[stop, RecordDraws(steps=1, warn=env.is_main)])
     if stop.signum is not None and env.is_main:
-        path = checkpoint_path(cfg.train.out_dir, result.stopped_at)
+        path = checkpoint_at(cfg.train.out_dir, result.stopped_at)
         print(f"stopped by {signal_name(stop.signum)} at step {result.stopped_at}: checkpoint {path}; continue with "
               "--resume", flush=True)
     return stop.signum

@@ -3,9 +3,9 @@
 Data flow: config -> process group (parallel/env.py) -> this rank's slice of the global batch (data/) -> model
 (models/) inside its gradient strategy (parallel/sync.py) -> step (step.py: forward/backward per micro-batch, gradient
 reduction, clipping of the global gradient, optimizer step), next lr (schedule.py) -> metrics reduced over ranks
-(metrics.py) -> checkpoints and final.pt written by rank 0 (checkpoint/). A run may start from a checkpoint
-(resume, elastic restart, another world size): the trajectory after step s depends only on the state at s and
-the config, never on the world size.
+(metrics.py) -> checkpoints (checkpoint/: rank 0's whole state, or every rank's own shards) and final.pt. A run
+may start from a checkpoint (resume, elastic restart, another world size): the trajectory after step s depends
+only on the state at s and the config, never on the world size.
 
 Hooks see the loop without changing it: a :class:`Hook` is told when the run starts, when each step starts and
 ends, and when a checkpoint is written and the run ends, and can ask the loop to stop after a step (with a
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,11 +30,11 @@ from ..checkpoint.writer import Checkpointer
 from ..checkpoint.format import checkpoint_dir, clear_checkpoints, save_final
 from ..checkpoint.format import writing
 from ..config.schema import Config
-from ..config.validate import check_world_size
+from ..config.validate import check_world_size, checkpoint_format
 from ..parallel.env import DistEnv
 from ..observe.metrics import MetricsLogger, StepMetrics
 from ..observe.tensorboard import clear_events
-from ..checkpoint.resume import TENSOR_KEYS, resume_state
+from ..checkpoint.resume import load_training_state, resume_state
 from .step import StepResult, train_step
 
 
@@ -98,18 +99,24 @@ class Trainer:
         start = 0 if state is None else state["step"]
         self._write_run_files(state, start)
         self.parts = parts = build(cfg, env)
+        if self.console and env.note:  # device auto fell back to the CPU: said once the run is built (stderr, so
+            print(env.note, file=sys.stderr, flush=True)  # that stdout stays the run's log lines)
         if state is not None:
-            parts.sync.load_state_dict({k: state[k] for k in TENSOR_KEYS} if env.is_main else None, parts.optimizer)
+            load_training_state(parts.sync, parts.optimizer, state, env.is_main)  # full or sharded
             parts.scheduler.load_state_dict(state["scheduler"])  # the step count: lr_at continues from here
             parts.scaler.load_state_dict(state.get("scaler"))  # fp16: the loss scale, the same on every rank
         self.result = result = TrainResult(model=parts.sync.model, skipped_steps=0 if state is None else
                                            state["skipped"], start_step=start, optimizer=parts.optimizer)
+        tokens = cfg.data.name == "tokens"  # the token format: samples of data.seq_len target positions
         logger = MetricsLogger(Path(t.out_dir), env, t.log_every, t.steps, console=self.console, start_step=start,
-                               tensorboard=t.tensorboard)
+                               tensorboard=t.tensorboard, seq_len=cfg.data.seq_len,
+                               token_positions=t.global_batch_size * cfg.data.seq_len if tokens else None)
         metrics = StepMetrics(logger, env, result.losses)
         if self.flush_seconds is not None:
             metrics.flush_seconds = self.flush_seconds
-        checkpointer = Checkpointer(t.out_dir, t.checkpoint_every, t.keep_checkpoints, t.steps, env.is_main)
+        checkpointer = Checkpointer(t.out_dir, t.checkpoint_every, t.keep_checkpoints, t.steps, env.is_main,
+                                    sharded=checkpoint_format(cfg) == "sharded", background=t.checkpoint_async,
+                                    timeout_s=cfg.comm.timeout_s)
         finished = False
         try:
             self._call("on_start")
@@ -129,6 +136,10 @@ class Trainer:
             final = parts.sync.state_dict()  # every rank: a sharded strategy gathers
             if env.is_main:
                 save_final(Path(t.out_dir) / "final.pt", final["model"], t.steps, cfg.to_dict(), env.world_size)
+                if self.console:  # where the run went, once: the directory a newcomer looks for next
+                    checkpoints = f", checkpoints in {checkpoint_dir(t.out_dir)}" if t.checkpoint_every else ""
+                    print(f"wrote {Path(t.out_dir) / 'final.pt'} (the model after step {t.steps}); the run directory "
+                          f"{t.out_dir} also holds metrics.jsonl and config.yaml{checkpoints}", flush=True)
         return result
 
     def _loop(self, parts: Parts, metrics: StepMetrics, checkpointer: Checkpointer, start: int, stop: int) -> None:

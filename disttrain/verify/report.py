@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.schema import Config
+from .rows import shown_rows, with_gaps
 from .verdict import C, EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, combine
 from .whole import tolerance_key, unclaimed_reason
 
@@ -86,12 +87,15 @@ class StepwiseReport:
     def table(self) -> str:
         lines = [f"{'segment':>17}  {'W':>3}  {'param diff':>10}  {'param noise':>11}  {'loss diff':>9}  "
                  f"{'loss noise':>10}  {'optim diff':>10}  {'floor':>7}  {'diff/bound':>10}"]
-        for s in self.segments:
+        shown = shown_rows([s.ratio for s in self.segments])  # many segments: the ends and the worst
+        rows = []
+        for s in (self.segments[i] for i in shown):
             noise = ["-" if n is None else f"{n:.2e}" for n in (s.param_noise, s.loss_noise)]
             mark = {EQUIVALENT: "", NOT_EQUIVALENT: "  FAIL", INCONCLUSIVE: "  INCONCLUSIVE"}[s.verdict]
-            lines.append(f"{s.start:>8} ->{s.stop:>6}  {s.world_size:>3}  {s.param_rel_diff:>10.2e}  {noise[0]:>11}  "
-                         f"{s.loss_rel_diff:>9.2e}  {noise[1]:>10}  {s.optimizer_rel_diff:>10.2e}  "
-                         f"{s.tolerance:>7.0e}  {s.ratio:>10.3g}{mark}")
+            rows.append(f"{s.start:>8} ->{s.stop:>6}  {s.world_size:>3}  {s.param_rel_diff:>10.2e}  {noise[0]:>11}  "
+                        f"{s.loss_rel_diff:>9.2e}  {noise[1]:>10}  {s.optimizer_rel_diff:>10.2e}  "
+                        f"{s.tolerance:>7.0e}  {s.ratio:>10.3g}{mark}")
+        lines += with_gaps(shown, len(self.segments), rows, "segment", "diff/bound")
         if not self.claimed:
             lines.append(f"note: {self.reason}")
         if self.note:

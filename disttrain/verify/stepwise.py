@@ -73,7 +73,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.format import CheckpointError, checkpoint_dir, checkpoint_path, list_checkpoints, load_checkpoint
+from ..checkpoint.format import CheckpointError, checkpoint_at, checkpoint_dir, list_checkpoints, load_checkpoint
 from ..config.schema import Config
 from ..config.parse import config_from_dict
 from ..parallel.env import DistEnv, resolve_device
@@ -163,7 +163,7 @@ def check_segment(cfg: Config, run_dir: Path, start: int, stop: int, losses: dic
     ``twin``: retrain them once more as the rounding twin (twin.py), whose distance calibrates the verdict (and once
     more as the second twin where the segment is beyond the first one's bound). ``seen``: the mistakes an earlier
     segment told apart (their twins need not run again: the run would have shown them there); grows here."""
-    target = load_checkpoint(checkpoint_path(run_dir, stop))
+    target = load_checkpoint(checkpoint_at(run_dir, stop))
     ranks = int(target["world_size"])  # the segment was trained by as many ranks as its closing checkpoint records
     draws = RecordDraws(steps=1)  # the segment's first step (recording slows a step 2-3x: drawhook.py)
     result = _retrain(cfg, run_dir, start, stop, reference_dtype, env, scratch / "reference", ranks, hooks=(draws,))
@@ -228,7 +228,7 @@ def _retrain(cfg: Config, run_dir: Path, start: int, stop: int, reference_dtype:
     (twin.py): the reference, or a rounding twin (``twin``: twin.RANK_ORDER or twin.SAMPLE_ORDER)."""
     ref_cfg = _reference_config(cfg, str(scratch), reference_dtype, str(env.device.type))
     (scratch / "metrics.jsonl").unlink(missing_ok=True)  # run() would reread the previous segments' records
-    resume = checkpoint_path(run_dir, start) if start > 0 else False
+    resume = checkpoint_at(run_dir, start) if start > 0 else False
     # A float64 reference continues a float32 checkpoint: load_state_dict widens every tensor exactly.
     allow = frozenset({"train.dtype"}) if reference_dtype != cfg.train.dtype else frozenset()
     return run(ref_cfg, env, console=False, resume=resume, stop_at=stop, allow=allow,

@@ -41,12 +41,13 @@ config whose equivalence is not claimed anyway (whole.py unclaimed_reason).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from ..config.schema import Config
-from ..parallel.env import DistEnv
+from ..parallel.env import DistEnv, threads_of_a_worker
 from ..run.train import Hook, TrainResult, Trainer
 from .chunked import chunk_weight_gradients
 
@@ -66,8 +67,11 @@ class AsRanks(Hook):
             raise ValueError(f"twin: {twin!r} is none of {TWINS}")
         self.ranks, self.twin = ranks, twin
         self._dynamic: bool | None = None
+        self._threads = contextlib.ExitStack()
 
     def on_start(self, trainer: Trainer) -> None:
+        # The intra-op threads one of those ranks would have (parallel/env.py), unless the user chose.
+        self._threads.enter_context(threads_of_a_worker(self.ranks))
         if trainer.cfg.train.compile:  # static shapes per slice layout (see the module docstring)
             self._dynamic = torch._dynamo.config.automatic_dynamic_shapes
             torch._dynamo.config.automatic_dynamic_shapes = False
@@ -81,6 +85,7 @@ class AsRanks(Hook):
     def on_end(self, trainer: Trainer) -> None:
         if self._dynamic is not None:
             torch._dynamo.config.automatic_dynamic_shapes, self._dynamic = self._dynamic, None
+        self._threads.close()
 
 
 def train_reference(cfg: Config, env: DistEnv, ranks: int, twin: str | None = None, resume: bool | str | Path = False,

@@ -51,6 +51,7 @@ from .drawhook import RecordDraws
 from .draws import describe
 from .mistakes import mistake_twins
 from .twin import RANK_ORDER, SAMPLE_ORDER, train_reference
+from .rows import shown_rows, with_gaps
 from .verdict import (C, CEILING, EQUIVALENT, FLOOR, INCONCLUSIVE, NOT_EQUIVALENT, Mistake, compare, decided_line,
                       inconclusive_line)
 # Where they were defined before verdicts were calibrated; stepwise.py and users' scripts import them from here.
@@ -119,16 +120,19 @@ class VerifyReport:
     mistakes: list[dict] | None = None  # the mistake twins measured: name, loss, parameters, acted (None: not run)
     wants_mistakes: bool = False  # within the bounds, and the mistake twins have not run yet
     why: str = ""  # the verdict line's reason (INCONCLUSIVE), or which quantity decided (EQUIVALENT)
+    reference_world_size: int = 1  # the run compared against (disttrain.testing may compare W=3 with W=2)
+    no_twin: str = "--uncalibrated: no rounding twin ran"  # why the noise is not measured, in the caller's terms
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def table(self) -> str:
-        w = self.world_size
-        lines = [f"{'step':>5}  {f'loss (W={w})':>20}  {'loss (W=1)':>20}  {'rel diff':>9}"]
-        for s in self.steps:
-            lines.append(f"{s['step']:>5}  {s['loss_distributed']:>20.15f}  {s['loss_reference']:>20.15f}"
-                         f"  {s['rel_diff']:>9.2e}")
+        w, r = self.world_size, self.reference_world_size
+        shown = shown_rows([s["rel_diff"] for s in self.steps])  # a long run: the ends and the worst steps
+        rows = [f"{s['step']:>5}  {s['loss_distributed']:>20.15f}  {s['loss_reference']:>20.15f}  {s['rel_diff']:>9.2e}"
+                for s in (self.steps[i] for i in shown)]
+        lines = [f"{'step':>5}  {f'loss (W={w})':>20}  {f'loss (W={r})':>20}  {'rel diff':>9}",
+                 *with_gaps(shown, len(self.steps), rows, "step")]
         if not self.claimed:
             lines.append(f"note: {self.reason}")
         if self.randomness:
@@ -140,7 +144,7 @@ class VerifyReport:
             f"max relative loss difference:      {self.max_loss_rel_diff:.3e}",
             f"max relative parameter difference: {self.max_param_rel_diff:.3e} ({self.worst_param})",
             ("rounding noise (reference vs twin): " + (f"loss {self.loss_noise:.3e}, parameters {self.param_noise:.3e}"
-             if self.calibrated else "not measured (--uncalibrated: no rounding twin ran)")
+             if self.calibrated else f"not measured ({self.no_twin})")
              + (" (the larger of two twins': the run was beyond the first one's bound)" if self.second_twin else "")),
             f"floor ({self.dtype}): {self.floor:.0e}" + ("" if self.calibrated else " (the fixed tolerance)"),
             (f"bound, max({self.c:g} x noise, floor): " if self.calibrated else "bound, the fixed tolerance: ")
@@ -155,7 +159,8 @@ class VerifyReport:
             if self.why:
                 lines.append(self.why)
             match = self.verdict == EQUIVALENT
-            lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} one process "
+            against = "one process" if r == 1 else f"{r} processes"
+            lines.append(f"verdict: {self.verdict}: {w} processes {'match' if match else 'do not match'} {against} "
                          "on the global batch" + ("" if self.calibrated else
                                                   " (uncalibrated: the fixed floor only, no rounding twin)"))
         return "\n".join(lines)
@@ -194,7 +199,7 @@ def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_sta
                    dist_losses: list[float], ref_losses: list[float], *, dtype: str | None = None,
                    precision: str = "fp32", tf32: bool = False, rtol: float | None = None, reason: str = "",
                    twin: Run | None = None, second_twin: Run | None = None, mistakes: list[Mistake] | None = None,
-                   randomness: str = "") -> VerifyReport:
+                   randomness: str = "", reference_world_size: int = 1) -> VerifyReport:
     """The verdict on two final states and their loss curves (``disttrain verify``, and disttrain.testing's
     assert_equivalent). ``dtype``: the row of the tolerance tables (default: the dtype of the state's first floating
     tensor). With a rounding twin (``twin``: its final state and loss curve, the reference in another summation
@@ -237,7 +242,8 @@ def compare_states(world_size: int, dist_state: dict[str, torch.Tensor], ref_sta
                         wants_second_twin=calibrated and second_twin is None and result.wants_second_twin,
                         randomness=randomness, ceiling=ceiling, why=why,
                         mistakes=None if mistakes is None else [dataclasses.asdict(m) for m in mistakes],
-                        wants_mistakes=not randomness and not reason and result.wants_mistakes)
+                        wants_mistakes=not randomness and not reason and result.wants_mistakes,
+                        reference_world_size=reference_world_size)
 
 
 def unclaimed_reason(cfg: Config) -> str:
