@@ -109,8 +109,8 @@ def test_bench_lists_names_and_rejects_usage_errors(capsys):
         assert done.value.code == 0 and "--json" in capsys.readouterr().out
 
     assert bench_main(["nope"]) == 2
-    assert capsys.readouterr().err == ("disttrain: error: unknown benchmark 'nope' "
-                                       "(choose from step, scaling, allreduce, syncbn, randomness, data, memory, launch, syncs)\n")
+    assert capsys.readouterr().err == ("disttrain: error: unknown benchmark 'nope' (choose from step, scaling, "
+                                       "allreduce, syncbn, randomness, data, memory, launch, checkpoint, syncs)\n")
     assert bench_main(["memory", "--models", "cnn,vgg"]) == 2
     assert capsys.readouterr().err == "disttrain: error: --models: unknown vgg (choose from cnn, resnet)\n"
     with pytest.raises(SystemExit) as done:

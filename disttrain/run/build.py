@@ -51,6 +51,8 @@ def build_data_and_model(cfg: Config, device: torch.device) -> tuple[Source, nn.
     model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, torch_dtype(cfg.train.dtype),
                         device, example=data.example() if is_import_path(cfg.model.name) else None,
                         loss=cfg.train.loss)
+    if cfg.comm.impl == "fsdp" and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"comm.impl=fsdp: the model {cfg.model.name} has no trainable parameters to shard")
     return data, model
 
 
@@ -100,7 +102,5 @@ def preflight(cfg: Config, build_parts: bool) -> None:
     if cfg.train.compile and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
         check_compile(torch.device("cpu"))
     if build_parts and (paths or cfg.data.name in ON_DISK):  # on-disk data: its directory and first sample
-        data, model = build_data_and_model(cfg, torch.device("cpu"))
-        if cfg.comm.impl == "fsdp" and not any(p.requires_grad for p in model.parameters()):
-            raise ConfigError(f"comm.impl=fsdp: the model {cfg.model.name} has no trainable parameters to shard")
+        data, _ = build_data_and_model(cfg, torch.device("cpu"))
         GlobalBatches(data, cfg.train.global_batch_size, cfg.seed, 0, 1)  # the global batch fits the data
