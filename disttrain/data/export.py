@@ -1,5 +1,5 @@
 """``disttrain data export NAME DIR``: ``text`` (files as byte-level tokens: text.py), or ``digits``: scikit-learn's 1,797 8x8 handwritten digits as PNG files in class
-folders (DIR/0/0000.png ... DIR/9/1796.png), a real image folder to train ``data.name: imagefolder`` on.
+folders (DIR/0/0000.png ... DIR/8/1796.png), a real image folder to train ``data.name: imagefolder`` on.
 
 Pixel values 0..16 become grey levels 0..255 (x * 255 // 16); files are named by the sample's index in
 scikit-learn's order, so two exports are byte-identical. Writing over an earlier export is allowed.
