@@ -48,3 +48,14 @@ class Counting:
 def counting(num_samples: int, seed: int, vocab: int = 64, min_len: int = 8, max_len: int = 24) -> Counting:
     """The data factory: ``num_samples`` dict items of token ids below ``vocab`` (data.num_classes)."""
     return Counting(num_samples, seed, vocab, min_len, max_len)
+
+
+def counting_dataset(num_samples: int, seed: int, vocab: int = 64, min_len: int = 8, max_len: int = 24):
+    """The same items as a ``datasets.Dataset`` in torch format, what a tokenized Hugging Face dataset is
+    (``data.name: "examples.hf_gpt2:counting_dataset"``; needs the ``datasets`` package)."""
+    from datasets import Dataset
+
+    data = counting(num_samples, seed, vocab, min_len, max_len)
+    rows = [data[i] for i in range(len(data))]
+    columns = {key: [row[key].tolist() for row in rows] for key in ("input_ids", "attention_mask", "labels")}
+    return Dataset.from_dict(columns).with_format("torch")

@@ -6,8 +6,8 @@ The end-to-end case is one CLI verify at W=3, B=31, float64 on examples/hf_gpt2.
 temporary directory, run from another one), whose per-step losses are checked against the objective of transformers'
 Trainer with ``average_tokens_across_devices=True`` computed here independently: one process, the whole global batch
 padded to its longest, sum of shifted per-token cross entropies / number of shifted non-ignored targets, AdamW.
-(The Trainer itself needs ``accelerate``, which is not installed; ``datasets`` is not either: its items are plain
-dicts of tensors, which is what the dataset below returns.)
+(The dataset below returns plain dicts of tensors, as a ``datasets.Dataset`` in torch format does; the last test
+reads a real one. disttrain check runs the Trainer itself: tests/test_check.py.)
 """
 
 from __future__ import annotations
@@ -250,3 +250,21 @@ def test_unwrapped_gpt2_on_dict_data_is_equivalent_at_3_ranks_through_the_cli(tm
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
                                rtol=1e-12, atol=0)
 
+
+
+def test_a_datasets_dataset_in_torch_format_reads_as_the_same_dicts(tmp_path):
+    """A ``datasets.Dataset`` with torch format, as Hugging Face's examples make it, gives every rank the same
+    slices of every global batch as the plain dataset of dicts it was made from (W=3, B=31, an epoch crossed)."""
+    pytest.importorskip("datasets")
+    from disttrain.data.loader import GlobalBatches
+
+    cfg = load_config(ROOT / "configs" / "hf_gpt2.yaml")
+    plain = build_data(cfg)
+    cfg.data.name = "examples.hf_gpt2:counting_dataset"
+    hub = build_data(cfg)
+    for rank in range(3):
+        a, b = (GlobalBatches(d, 31, cfg.seed, rank, 3) for d in (plain, hub))
+        for (_, ma), (_, mb) in zip(a.steps(0, 18, torch.device("cpu"), 1), b.steps(0, 18, torch.device("cpu"), 1)):
+            (xa, ya), (xb, yb) = ma[0][:2], mb[0][:2]
+            assert set(xa.keys()) == set(xb.keys()) == {"input_ids", "attention_mask"}
+            assert all(torch.equal(xa[k], xb[k]) for k in xa.keys()) and torch.equal(ya, yb)
