@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import multiprocessing
 import os
 import signal
@@ -227,6 +228,10 @@ class LoaderWorkerInit:
         self.user_init = user_init
 
     def __call__(self, worker_id: int) -> None:
+        # A forked worker inherits the rank's uncollected garbage, C++ objects among it (a finished run's process
+        # group or store, whose destructors join threads that do not exist in the child: std::system_error, abort).
+        # Frozen, the child never collects what it inherited: the parent does; its pages also stay shared.
+        gc.freeze()
         torch.set_num_threads(1)
         leave_stop_signals_to_parent()
         if self.user_init is not None:
