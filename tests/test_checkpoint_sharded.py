@@ -144,6 +144,54 @@ def test_an_async_save_writes_its_step_while_training_goes_on(pools, tmp_path):
     assert max_rel_diff(a["model"], b["model"]) > 1e-6
 
 
+def _leftovers_then_save(directory: str, delay: float) -> list:
+    """Every rank saves step 1 into ``directory``, which holds a half-written save of that step; rank 0 arrives
+    ``delay`` s late (as when it builds the marker's contents). The times of rank 0's removal of the leftovers and of
+    every rank's creation of the directory (DCP's FileSystemWriter, while it plans)."""
+    from torch.distributed.checkpoint import filesystem
+
+    from disttrain.checkpoint import sharded
+    from disttrain.parallel.env import distributed
+
+    events: list = []
+    mkdir, remove = filesystem.FileSystem.mkdir, sharded.remove_checkpoint
+
+    def timed_mkdir(self, path):
+        events.append(("mkdir", time.monotonic()))
+        return mkdir(self, path)
+
+    def timed_remove(path):
+        remove(path)
+        events.append(("removed", time.monotonic()))
+
+    filesystem.FileSystem.mkdir, sharded.remove_checkpoint = timed_mkdir, timed_remove
+    try:
+        with distributed("cpu", 30.0) as env:
+            manifest = None
+            if env.rank == 0:
+                time.sleep(delay)
+                manifest = {"step": 1, "scheduler": {}, "skipped": 0, "config": {}, "world_size": env.world_size}
+            state = {"model": {"w": torch.arange(8, dtype=torch.float64)}, "optimizer": {"param_groups": []}}
+            write_sharded(sharded_path(directory, 1), state, manifest, Path(directory), keep=0)
+    finally:
+        filesystem.FileSystem.mkdir, sharded.remove_checkpoint = mkdir, remove
+    return events
+
+
+def test_no_rank_creates_the_directory_before_rank_0_removed_the_leftovers(pools, tmp_path):
+    # A rank ahead of rank 0 used to create the step's directory, which rank 0 then took for leftovers and removed
+    # under it: "File exists (errno 17)" from that rank's mkdir, in a demo run.
+    leftover = sharded_path(tmp_path, 1)
+    leftover.mkdir(parents=True)
+    (leftover / "__0_0.distcp").write_bytes(b"half")
+    events = pools(2).run(_leftovers_then_save, str(tmp_path), 0.5)
+    removed = next(t for name, t in events[0] if name == "removed")
+    mkdirs = [t for rank_events in events for name, t in rank_events if name == "mkdir"]
+    assert mkdirs and all(t > removed for t in mkdirs), events
+    manifest = read_manifest(leftover)
+    assert manifest["step"] == 1 and (leftover / "__0_0.distcp").stat().st_size != 4
+
+
 # --------------------------------------------------------------------------- kill -9 during a save
 
 def _save_forever(directory: str) -> None:  # a forked child, no process group: save sharded checkpoints until killed

@@ -113,9 +113,13 @@ def write_sharded(path: Path, state: dict[str, Any], manifest: dict[str, Any] | 
     """Every rank: write its part of ``state`` into ``path`` through DCP. Rank 0 (``manifest`` given) then writes
     the marker and prunes old checkpoints. Storage errors on any rank: a :class:`StorageError` of one line."""
     if manifest is not None and path.exists():
-        # Leftovers of an interrupted save of this step, or a checkpoint of a run resumed from an earlier step: no
-        # rank writes before DCP's first collective, which waits for this rank.
+        # Leftovers of an interrupted save of this step, or a checkpoint of a run resumed from an earlier step.
         remove_checkpoint(path)
+    if _grouped():
+        # Every rank's FileSystemWriter creates ``path`` while it plans, before DCP's first collective: without this
+        # barrier a rank ahead of rank 0 creates the directory that rank 0 then takes for leftovers and removes
+        # under it (EEXIST from the other rank's mkdir). One barrier per save, on the save's own group.
+        dist.barrier(group=group)
     try:
         with _one_process_is_meant():
             dcp.save(state, storage_writer=FileSystemWriter(path), process_group=group, no_dist=not _grouped())
