@@ -47,6 +47,7 @@ from torch.distributed.tensor import DTensor
 from .files import atomic_save
 from .layout import FORMAT, MARKER, CheckpointError, prune, remove_checkpoint, storage_error
 from ..errors import StorageError
+from ..parallel.collectives import wait_for_every_rank
 
 SHARDED_FORMAT = 1
 _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
@@ -115,11 +116,10 @@ def write_sharded(path: Path, state: dict[str, Any], manifest: dict[str, Any] | 
     if manifest is not None and path.exists():
         # Leftovers of an interrupted save of this step, or a checkpoint of a run resumed from an earlier step.
         remove_checkpoint(path)
-    if _grouped():
-        # Every rank's FileSystemWriter creates ``path`` while it plans, before DCP's first collective: without this
-        # barrier a rank ahead of rank 0 creates the directory that rank 0 then takes for leftovers and removes
-        # under it (EEXIST from the other rank's mkdir). One barrier per save, on the save's own group.
-        dist.barrier(group=group)
+    # Every rank's FileSystemWriter creates ``path`` while it plans, before DCP's first collective: without this
+    # barrier a rank ahead of rank 0 creates the directory that rank 0 then takes for leftovers and removes under
+    # it (EEXIST from the other rank's mkdir). One barrier per save, on the save's own group.
+    wait_for_every_rank(group)
     try:
         with _one_process_is_meant():
             dcp.save(state, storage_writer=FileSystemWriter(path), process_group=group, no_dist=not _grouped())

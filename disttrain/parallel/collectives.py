@@ -39,6 +39,13 @@ def sum_over_ranks(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
+def wait_for_every_rank(group: dist.ProcessGroup | None = None) -> None:
+    """Return once every rank of ``group`` (default: the world) has called this: one barrier, nothing without a
+    process group. For ordering a side effect of one rank (a removal on disk) before the others act on it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
+
+
 def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     """This process's rank and the group's size; (0, 1) without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -174,5 +181,5 @@ def _slots(obj: Any, slots: list[_Slot]) -> None:
             _slots(v, slots)
 
 
-__all__ = ["sum_over_ranks", "rank_and_world_size", "collective_device", "global_count", "broadcast_from_main",
+__all__ = ["sum_over_ranks", "wait_for_every_rank", "rank_and_world_size", "collective_device", "global_count", "broadcast_from_main",
            "broadcast_state_from_main", "control_buffer"]
