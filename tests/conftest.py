@@ -41,3 +41,27 @@ def pools():
     p = Pools()
     yield p
     p.close()
+
+
+@pytest.fixture
+def pooled_launches(pools, monkeypatch):
+    """``--nproc`` and verify's ranks run on the session's pools instead of freshly launched workers.
+
+    For tests of what the ranks compute and how the command reports it (verdicts, tables, a config error found by
+    the ranks' checks), not of the launch itself: each launch otherwise starts W interpreters that import torch and
+    build DDP (~3.5 s of CPU each). The tasks run exactly as in a launched worker (worker.run_tasks, one process
+    group for all of them); a ConfigError comes back as the launcher raises it. Launching, signals, restarts and
+    worker failures stay with the tests that launch for real (test_cli, test_stop, test_resume, test_launch)."""
+    from disttrain.run import nproc, tasks
+    from tests.harness import run_launched_tasks
+
+    def launch(task_list, n, device="auto", timeout_s=300.0, max_restarts=0, log_dir=None):
+        assert max_restarts == 0, "pooled launches do not restart"
+        results = pools(n).run(run_launched_tasks, task_list, device, timeout_s)
+        for status, value in results:
+            if status == "user_error":
+                raise value
+        return [value for _, value in results]
+
+    monkeypatch.setattr(tasks, "launch_local_tasks", launch)
+    monkeypatch.setattr(nproc, "launch_local_tasks", launch)

@@ -155,3 +155,15 @@ def _now() -> float:
     import time
 
     return time.monotonic()
+
+
+def run_launched_tasks(tasks: list, device: str, timeout_s: float) -> tuple[str, Any]:
+    """On a pool rank: what a worker started by ``launch_local_tasks`` runs (parallel/worker.py's ``run_tasks``),
+    with a user error (ConfigError) returned as it is, as the launcher reports it, instead of raised."""
+    from disttrain.errors import ConfigError
+    from disttrain.parallel.worker import run_tasks
+
+    try:
+        return "ok", run_tasks(tasks, device, timeout_s)
+    except ConfigError as exc:
+        return "user_error", exc

@@ -35,7 +35,8 @@ def disttrain_here(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["disttrain", *args], code, out.out, out.err)
 
 
-def test_verify_demo_is_equivalent_and_sum_is_not(tmp_path, capsys):
+def test_verify_demo_is_equivalent_and_sum_is_not(tmp_path, capsys, pooled_launches):
+    # The first verify launches its ranks for real (a subprocess); the second runs them on the pools.
     ok = disttrain("verify", str(DEMO), "--set", f"train.out_dir={tmp_path / 'a'}")
     assert ok.returncode == 0, ok.stderr
     assert "verdict: EQUIVALENT: 2 processes match one process" in ok.stdout
@@ -173,7 +174,7 @@ SCHEDULE_CLIP_ACCUM = ["--set", "schedule.warmup=linear", "--set", "schedule.war
                        "--set", "train.accumulation_steps=2", "--set", "train.steps=12"]
 
 
-def test_verify_with_warmup_clipping_and_accumulation(tmp_path, capsys):
+def test_verify_with_warmup_clipping_and_accumulation(tmp_path, capsys, pooled_launches):
     ok = disttrain_here(capsys, "verify", str(DEMO), "--nproc", "3", "--json", "--set", f"train.out_dir={tmp_path / 'a'}",
                    "--set", "model.norm=none", *SCHEDULE_CLIP_ACCUM)
     assert ok.returncode == 0, ok.stderr
@@ -206,7 +207,7 @@ def test_large_batch_example_logs_lr_and_grad_norm(tmp_path):
     assert all(float(f["grad_norm"]) > 0 for f in fields)
 
 
-def test_verify_syncbn_cnn_uneven_batch_and_per_rank_bn_contrast(tmp_path, capsys):
+def test_verify_syncbn_cnn_uneven_batch_and_per_rank_bn_contrast(tmp_path, capsys, pooled_launches):
     """The demo CNN with SyncBN, W=3, B=31 (slices 11/10/10), float64: equivalent; per-rank BN: not."""
     common = ["--nproc", "3", "--json", "--set", "train.global_batch_size=31", "--set", "train.steps=10"]
     sync = disttrain_here(capsys, "verify", str(DEMO), *common, "--set", f"train.out_dir={tmp_path / 's'}")
