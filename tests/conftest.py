@@ -53,15 +53,8 @@ def pooled_launches(pools, monkeypatch):
     group for all of them); a ConfigError comes back as the launcher raises it. Launching, signals, restarts and
     worker failures stay with the tests that launch for real (test_cli, test_stop, test_resume, test_launch)."""
     from disttrain.run import nproc, tasks
-    from tests.harness import run_launched_tasks
+    from tests.harness import pooled_launch
 
-    def launch(task_list, n, device="auto", timeout_s=300.0, max_restarts=0, log_dir=None):
-        assert max_restarts == 0, "pooled launches do not restart"
-        results = pools(n).run(run_launched_tasks, task_list, device, timeout_s)
-        for status, value in results:
-            if status == "user_error":
-                raise value
-        return [value for _, value in results]
-
+    launch = pooled_launch(pools)
     monkeypatch.setattr(tasks, "launch_local_tasks", launch)
     monkeypatch.setattr(nproc, "launch_local_tasks", launch)

@@ -167,3 +167,18 @@ def run_launched_tasks(tasks: list, device: str, timeout_s: float) -> tuple[str,
         return "ok", run_tasks(tasks, device, timeout_s)
     except ConfigError as exc:
         return "user_error", exc
+
+
+def pooled_launch(pools: Callable[[int], WorkerPool]) -> Callable[..., list[list[Any]]]:
+    """A stand-in for ``disttrain.parallel.launch.launch_local_tasks`` that runs the tasks on ``pools(nproc)``."""
+
+    def launch(tasks: list, nproc: int, device: str = "auto", timeout_s: float = 300.0, max_restarts: int = 0,
+               log_dir: Any = None) -> list[list[Any]]:
+        assert max_restarts == 0, "pooled launches do not restart"
+        results = pools(nproc).run(run_launched_tasks, tasks, device, timeout_s)
+        for status, value in results:
+            if status == "user_error":
+                raise value
+        return [value for _, value in results]
+
+    return launch

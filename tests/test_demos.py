@@ -1,16 +1,16 @@
 """`disttrain demo` and `disttrain plot`: every claim from the demos' own JSON, the report, the plots, user errors.
 
-One `disttrain demo all --quick` subprocess (the real trainer, real worker groups, small settings) feeds the
-tests that read its outputs; the error paths run in-process and start no workers.
+One `disttrain demo all --quick` in this process (the real trainer, real worker groups from the session's pools,
+small settings) feeds the tests that read its outputs; the error paths run in-process and start no workers.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
-import os
 import struct
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from disttrain.cli.main import main
+from tests.harness import pooled_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUAL, DIFFERENT = 1e-10, 1e-3
@@ -31,13 +32,19 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory):
+def demos(tmp_path_factory, pools):
+    """`disttrain demo all --quick --json`, run by the command's own entry point in this process, its W ranks on
+    the session's pools (the demos' worker groups otherwise start W fresh interpreters); the check demo's scripts
+    are launched as they always are."""
+    from disttrain.demos import common
+
     out = tmp_path_factory.mktemp("demos")
-    proc = subprocess.run([sys.executable, "-m", "disttrain", "demo", "all", "--quick", "--json", "--out", str(out)],
-                          capture_output=True, text=True, timeout=420, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads(proc.stdout), out, proc.stderr
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        patch.setattr(common, "launch_local_tasks", pooled_launch(pools))
+        code = main(["demo", "all", "--quick", "--json", "--out", str(out)])
+    assert code == 0, stdout.getvalue()[-2000:] + stderr.getvalue()[-4000:]
+    return json.loads(stdout.getvalue()), out, stderr.getvalue()
 
 
 @pytest.mark.timeout(450)
