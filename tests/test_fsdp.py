@@ -155,8 +155,8 @@ def test_bad_fsdp_config_is_one_line(overrides, message):
         load_config(None, overrides)
 
 
-def test_bad_input_is_one_line_exit_2(capsys, tmp_path):
-    capsys.readouterr()
+def test_bad_input_is_one_line_exit_2(capsys, tmp_path, pooled_launches):
+    capsys.readouterr()  # the ranks' check of the model runs on the pools (a ConfigError comes back as launched)
     (tmp_path / "a.yaml").write_text(config_from_dict(config(tmp_path, "a")).to_yaml())
     code = cli_main(["train", str(tmp_path / "a.yaml"), "--nproc", "2", "--set", "comm.impl=fsdp",
                      "--set", "model.name=tests.factories:no_parameters"])
