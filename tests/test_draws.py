@@ -38,6 +38,8 @@ def test_gpt2_attention_dropout_is_named_with_its_config_key():
     line = describe(draws)
     assert "\n" not in line and "attention dropout" in line and "attn_pdrop=0" in line
     assert "model.transformer.h.0.attn" in line
+    script = describe(draws, script=True)
+    assert "set attn_pdrop=0 in the model's GPT2Config for the check" in script and "disttrain" not in script
 
 
 @needs_transformers
@@ -52,6 +54,10 @@ def test_functional_dropout_and_rand_are_named_by_module():
     draws = _step(random_models.functional_dropout((6,), 3, p=0.25), x)
     assert [(d.module, d.call, d.p, d.count) for d in draws] == [("", "dropout", 0.25, 1)], draws
     assert "dropout(p=0.25)" in describe(draws) and "nn.Dropout" in describe(draws)
+    # A script under `disttrain check` has no per-sample keys: its remedy is to turn the draws off for the check.
+    script = describe(draws, script=True)
+    assert "dropout(p=0.25)" in script and "set the dropout probabilities to 0" in script
+    assert "disttrain" not in script and "nn.Dropout" not in script
     draws = _step(random_models.noisy_input((6,), 3), x)
     assert [(d.module, d.call) for d in draws] == [("", "rand_like")], draws
 

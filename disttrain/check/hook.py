@@ -202,7 +202,7 @@ class _Recorder:
         try:
             self.draws.__exit__(None, None, None)
             found = self.draws.draws
-            self.draw_lines = (describe(found) if found else "", [(d.module, d.op, d.count, d.call, d.p)
+            self.draw_lines = (describe(found, script=True) if found else "", [(d.module, d.op, d.count, d.call, d.p)
                                                                     for d in found])
         except Exception:  # noqa: BLE001
             self.draw_lines = ("", [])

@@ -206,21 +206,32 @@ def _where(draws: list[Draw]) -> Iterator[str]:
         yield f"{what} in {shown}"
 
 
-def describe(draws: list[Draw]) -> str:
-    """One line: what draws from a process generator, where, why that breaks equivalence, and the remedy."""
+def describe(draws: list[Draw], script: bool = False) -> str:
+    """One line: what draws from a process generator, where, why that breaks equivalence, and the remedy.
+
+    ``script``: the draws of a script that ``disttrain check`` runs, which has no per-sample keys of disttrain's:
+    there the remedy is to turn the draws off for the check (nn.Dropout is keyed per sample only by disttrain's
+    own trainer)."""
     if not draws:
         return "no random draws outside disttrain's per-sample keys"
     count = sum(d.count for d in draws)
     ops = ", ".join(dict.fromkeys(d.op for d in draws))
     keys = list(dict.fromkeys(k for d in draws for k in d.config_keys))
     classes = list(dict.fromkeys(d.config_class for d in draws if d.config_keys))
+    where = "; ".join(_where(draws))
+    if script:
+        off = (f"set {', '.join(f'{k}=0' for k in keys)} in the model's {'/'.join(classes)}" if keys
+               else "set the dropout probabilities to 0")
+        return (f"uncontrolled randomness: {where} draws from the process's random generator ({count} draws: {ops}): "
+                f"each rank draws for its own slice and the reference for the whole batch, so they cannot match "
+                f"whatever the seeds; to check the arithmetic, {off} for the check")
     if keys:
         remedy = (f"set {', '.join(f'{k}=0' for k in keys)} in the model's {'/'.join(classes)} (its nn.Dropout "
                   "layers disttrain keys per sample by itself)")
     else:
         remedy = ("draw through nn.Dropout layers (disttrain keys them per sample) or disttrain.randomness.uniform "
                   "instead, or turn the draw off")
-    return (f"uncontrolled randomness: {'; '.join(_where(draws))} draws from the process's random generator "
+    return (f"uncontrolled randomness: {where} draws from the process's random generator "
             f"({count} draws: {ops}), not from disttrain's per-sample keys, so W processes and one process draw "
             f"differently and cannot match; {remedy}")
 
