@@ -169,13 +169,23 @@ def run_launched_tasks(tasks: list, device: str, timeout_s: float) -> tuple[str,
         return "user_error", exc
 
 
+LAUNCH_TIMEOUT_S = 600.0
+
+
 def pooled_launch(pools: Callable[[int], WorkerPool]) -> Callable[..., list[list[Any]]]:
     """A stand-in for ``disttrain.parallel.launch.launch_local_tasks`` that runs the tasks on ``pools(nproc)``."""
 
     def launch(tasks: list, nproc: int, device: str = "auto", timeout_s: float = 300.0, max_restarts: int = 0,
                log_dir: Any = None) -> list[list[Any]]:
         assert max_restarts == 0, "pooled launches do not restart"
-        results = pools(nproc).run(run_launched_tasks, tasks, device, timeout_s)
+        pool = pools(nproc)
+        # One launch may carry many runs (the demos send all of a world size's runs at once): it gets the time a
+        # launched group would, bounded by the test's own timeout, not the pool's per-task default.
+        saved, pool.timeout = pool.timeout, max(pool.timeout, LAUNCH_TIMEOUT_S)
+        try:
+            results = pool.run(run_launched_tasks, tasks, device, timeout_s)
+        finally:
+            pool.timeout = saved
         for status, value in results:
             if status == "user_error":
                 raise value
