@@ -56,7 +56,7 @@ def test_functional_dropout_and_rand_are_named_by_module():
     assert "dropout(p=0.25)" in describe(draws) and "nn.Dropout" in describe(draws)
     # A script under `disttrain check` has no per-sample keys: its remedy is to turn the draws off for the check.
     script = describe(draws, script=True)
-    assert "dropout(p=0.25)" in script and "set the dropout probabilities to 0" in script
+    assert "dropout(p=0.25)" in script and "turn those draws off (a dropout's probability to 0) for the check" in script
     assert "disttrain" not in script and "nn.Dropout" not in script
     draws = _step(random_models.noisy_input((6,), 3), x)
     assert [(d.module, d.call) for d in draws] == [("", "rand_like")], draws

@@ -221,7 +221,7 @@ def describe(draws: list[Draw], script: bool = False) -> str:
     where = "; ".join(_where(draws))
     if script:
         off = (f"set {', '.join(f'{k}=0' for k in keys)} in the model's {'/'.join(classes)}" if keys
-               else "set the dropout probabilities to 0")
+               else "turn those draws off (a dropout's probability to 0)")
         return (f"uncontrolled randomness: {where} draws from the process's random generator ({count} draws: {ops}): "
                 f"each rank draws for its own slice and the reference for the whole batch, so they cannot match "
                 f"whatever the seeds; to check the arithmetic, {off} for the check")
