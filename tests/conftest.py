@@ -32,8 +32,10 @@ class Pools:
         return self._pools[world_size]
 
     def close(self) -> None:
+        # The session is over: nothing the workers hold is needed. Killing them is immediate; a graceful close
+        # (each worker leaves its gloo group and unwinds its interpreter) took 6.5 s at the end of every run.
         for pool in self._pools.values():
-            pool.close()
+            pool.kill()
 
 
 @pytest.fixture(scope="session")

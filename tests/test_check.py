@@ -195,6 +195,20 @@ def test_bad_scripts_fail_in_one_line_and_leave_nothing_running(capsys, tmp_path
     assert check(capsys, "--nproc", "1", "--", str(tmp_path / "short.py")).returncode == 2
 
 
+def test_a_failed_run_waits_only_for_its_own_peers_that_may_still_fail(tmp_path):
+    """After a rank fails, the check waits (a few seconds at most) for the run's peers that have neither ended nor
+    recorded their steps: one of them may have failed first. A peer waiting in the hook's barrier cannot fail any
+    more, and the reference and the twins are not judged once a run failed."""
+    from disttrain.check.launch import Run, _settled
+
+    run = Run("run", ["python", "x.py"], 2, tmp_path, ended=[12.0, None])
+    assert not _settled(run)  # rank 1 still runs: it may be the one that failed first
+    (tmp_path / "rank1").mkdir()
+    (tmp_path / "rank1" / "done").write_text("")
+    assert _settled(run)  # rank 1 recorded its steps and waits for rank 0, which will never come
+    assert _settled(Run("reference", ["python", "x.py"], 1, tmp_path / "ref", ended=[3.0]))
+
+
 def _running(script: Path) -> list[int]:
     """Processes whose command line names ``script``."""
     found = []

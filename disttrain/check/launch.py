@@ -133,10 +133,16 @@ def last_line(path: Path) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+FAILURE_GRACE_S = 5.0  # how long a failed process's peers get to end on their own
+
+
 def watch(runs: list[Run], timeout_s: float, script: str) -> None:
-    """Wait until every process of ``runs`` has ended. A process that fails ends its run's peers (a rank that
-    raised leaves the others inside a collective) after a grace of a few seconds; no new step in ``timeout_s``
-    ends everything. Raises :class:`ScriptError` naming the first process that failed, or the stall."""
+    """Wait until every process of ``runs`` has ended. A process that fails ends everything: its run's peers once
+    each has ended or waits in the hook's barrier, at most a few seconds later (a rank that raised leaves the others
+    inside a collective, and a peer that ended its loop early is told from one that failed by when it ended), the
+    other runs (the reference, a twin: nothing of theirs is judged once a run failed) with them; no new step in
+    ``timeout_s`` ends everything. Raises
+    :class:`ScriptError` naming the first process that failed, or the stall."""
     last_progress, progress = time.monotonic(), -1
     failed: tuple[float, Run, int, int] | None = None
     while True:
@@ -152,7 +158,7 @@ def watch(runs: list[Run], timeout_s: float, script: str) -> None:
                     run.ended[rank] = now
                     if code != 0 and failed is None:
                         failed = (now, run, rank, code)
-        if failed is not None and (alive == 0 or now - failed[0] > 5.0):
+        if failed is not None and (_settled(failed[1]) or now - failed[0] > FAILURE_GRACE_S):
             stop(runs)
             _, run, rank, code = failed
             line = last_line(run.logs[rank]) or f"exit code {code}"
@@ -176,6 +182,12 @@ def watch(runs: list[Run], timeout_s: float, script: str) -> None:
             raise ScriptError(f"{script}: no optimizer step within {timeout_s:g} s ({where}); --timeout S allows "
                               "longer")
         time.sleep(0.05)
+
+
+def _settled(run: Run) -> bool:
+    """Every process of ``run`` has ended, or recorded its steps and waits for its peers (the hook's file barrier),
+    which a failed peer never joins: nothing left to tell the first failure from."""
+    return all(ended is not None or (run.out / f"rank{rank}" / "done").exists() for rank, ended in enumerate(run.ended))
 
 
 def stop(runs: list[Run]) -> None:
