@@ -1,7 +1,8 @@
 """disttrain check: any script at W ranks against one process, through the command line as docs/check.md shows it.
 
 Every check starts W + 1 (+ a twin below float64) Python processes that import torch: a few seconds each on 2
-cores. The cases are few and small (4-layer models, 3 steps, W=2); each test runs several.
+cores. The cases are few and small (4-layer models, 3 steps, W=2); each test runs several. The twins' decision and
+the verdicts' exit codes are also checked on records written by the test, with no process started.
 """
 
 from __future__ import annotations
@@ -139,6 +140,60 @@ def test_lightning_ddp_is_equivalent_and_one_device_with_strategy_auto_reads_oth
                   "--devices 1 --strategy auto --batch 32", "--", *script)
     assert other.returncode == 1, other.stdout + other.stderr
     assert "data:     DIFFER from step 1" in other.stdout and "samples the reference never saw" in other.stdout
+
+
+def _recorded(run, steps: int, offset: float) -> None:
+    """What the hook would have left for ``run``: float32 parameters ``(1 + step) * (1 + offset)`` after each step
+    (a relative distance of ``offset`` from the reference's), each rank's slice of the samples a b c d."""
+    from collections import Counter
+
+    for rank in range(run.nproc):
+        rank_dir = run.out / f"rank{rank}"
+        rank_dir.mkdir(parents=True)
+        mine = list("abcd")[rank * 4 // run.nproc:(rank + 1) * 4 // run.nproc]
+        for step in range(steps + 1):
+            params = {"w": torch.full((4,), (1.0 + step) * (1.0 + (offset if step else 0.0)))}
+            torch.save({"params": params, "samples": [f"{s}{step}" for s in mine] if step else []},
+                       rank_dir / f"o0_s{step}.pt")
+        torch.save({"how": "done", "steps": {0: steps}, "names": {"w": "w"}, "dtypes": ["float32"],
+                    "optimizers": {0: "SGD"}, "group_size": run.nproc if run.nproc > 1 else 0, "draws": "",
+                    "draw_list": [], "autocast": None, "modules": Counter(), "batches_permuted": 0},
+                   rank_dir / "meta.pt")
+
+
+@pytest.mark.parametrize("distance, second_noise, verdict, code", [
+    (5e-7, None, "EQUIVALENT", 0),  # within the first twin's bound (max(4 x 2e-7, 1e-6)): no second twin
+    (3e-6, 1e-6, "EQUIVALENT", 0),  # beyond it; the second twin's larger noise widens the bound to 4e-6
+    (1e-5, 6e-7, "INCONCLUSIVE", 3),  # beyond 4 x 6e-7 but within MARGIN x that: rounding cannot be ruled out
+    (1e-4, 6e-7, "NOT EQUIVALENT", 1),
+])
+def test_a_second_twin_runs_only_beyond_the_first_twins_bound_and_the_larger_noise_decides(
+        capsys, monkeypatch, tmp_path, distance, second_noise, verdict, code):
+    """The twins' decision and the verdict through the command line, on records written here (no process: the
+    launches are replaced by what the hook would have recorded). float32: the first twin is always run."""
+    from disttrain.check import launch, run as check_run
+
+    offsets = {"run": distance, "reference": 0.0, "twin 1": 2e-7, "twin 2": second_noise}
+    started = []
+
+    def start(role, command, nproc, steps, out, permute=None):
+        started.append(role)
+        run = launch.Run(role, command, nproc, out)
+        _recorded(run, steps, offsets[role])
+        return run
+
+    monkeypatch.setattr(check_run, "start", start)
+    script = tmp_path / "train.py"
+    script.write_text("")
+    result = check(capsys, "--nproc", "2", "--steps", "3", "--json", "--", str(script))
+    report = json.loads(result.stdout)
+    assert (report["verdict"], result.returncode) == (verdict, code), result.stdout + result.stderr
+    assert started == ["run", "reference", "twin 1"] + (["twin 2"] if second_noise is not None else [])
+    assert report["twins"] == len(started) - 2 and report["kind"] == "float32"
+    assert report["data_step"] is None and report["replica_step"] is None
+    noise = max(r["noise"] for r in report["rows"][1:])  # the larger twin's, per step (float32 rounds the offsets)
+    assert noise == pytest.approx(max(2e-7, second_noise or 0.0), rel=0.25)
+    assert report["bound"] == pytest.approx(max(4 * noise, 1e-6))
 
 
 BAD = {  # script body -> (check options, the message's part)
