@@ -141,8 +141,7 @@ def watch(runs: list[Run], timeout_s: float, script: str) -> None:
     each has ended or waits in the hook's barrier, at most a few seconds later (a rank that raised leaves the others
     inside a collective, and a peer that ended its loop early is told from one that failed by when it ended), the
     other runs (the reference, a twin: nothing of theirs is judged once a run failed) with them; no new step in
-    ``timeout_s`` ends everything. Raises
-    :class:`ScriptError` naming the first process that failed, or the stall."""
+    ``timeout_s`` ends everything. Raises :class:`ScriptError` naming the first process that failed, or the stall."""
     last_progress, progress = time.monotonic(), -1
     failed: tuple[float, Run, int, int] | None = None
     while True:
