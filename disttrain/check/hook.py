@@ -202,8 +202,8 @@ class _Recorder:
         try:
             self.draws.__exit__(None, None, None)
             found = self.draws.draws
-            self.draw_lines = (describe(found, script=True) if found else "", [(d.module, d.op, d.count, d.call, d.p)
-                                                                    for d in found])
+            self.draw_lines = (describe(found, script=True) if found else "",
+                               [(d.module, d.op, d.count, d.call, d.p) for d in found])
         except Exception:  # noqa: BLE001
             self.draw_lines = ("", [])
         self.draws = False

@@ -181,5 +181,5 @@ def _slots(obj: Any, slots: list[_Slot]) -> None:
             _slots(v, slots)
 
 
-__all__ = ["sum_over_ranks", "wait_for_every_rank", "rank_and_world_size", "collective_device", "global_count", "broadcast_from_main",
-           "broadcast_state_from_main", "control_buffer"]
+__all__ = ["sum_over_ranks", "wait_for_every_rank", "rank_and_world_size", "collective_device", "global_count",
+           "broadcast_from_main", "broadcast_state_from_main", "control_buffer"]
